@@ -1,0 +1,114 @@
+"""Multi-head self-attention along one axis of a feature map, with an optional key/value cache.
+
+Axis letters: b batch, h rows, w columns, n heads, e features per head, t positions along the
+attended axis (the other spatial axis is folded into the batch).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+Axis = Literal["row", "column"]
+
+# CUDA's flash and memory-efficient SDPA kernels put the folded batch (and the heads) on a grid
+# axis limited to 65,535 blocks; past it they fail or fall back to the slow math kernel, depending
+# on the torch version. Attention over the rows of a 64x64 batch of 64 already folds 4,096 x 16
+# heads, so we split the folded batch below the limit.
+MAX_CUDA_FOLDED_BATCH = 65_535
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
+    """`scaled_dot_product_attention` over [N, heads, t, e], chunking N where CUDA needs it."""
+    folded, heads = q.shape[:2]
+    if q.is_cuda and folded * heads > MAX_CUDA_FOLDED_BATCH:
+        step = max(1, MAX_CUDA_FOLDED_BATCH // heads)
+        chunks = zip(q.split(step), k.split(step), v.split(step), strict=True)
+        return torch.cat([F.scaled_dot_product_attention(*c, is_causal=causal) for c in chunks])
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+class KVCache:
+    """Keys and values of the positions decoded so far along one axis, preallocated.
+
+    Buffers are written in place, so a decoding step allocates nothing: at batch 1 the sampler is
+    bound by per-step overhead, not arithmetic.
+    """
+
+    def __init__(
+        self, folded_batch: int, heads: int, max_len: int, head_dim: int, like: Tensor
+    ) -> None:
+        shape = (folded_batch, heads, max_len, head_dim)
+        self.k = like.new_empty(shape)
+        self.v = like.new_empty(shape)
+        self.length = 0
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        end = self.length + k.shape[2]
+        if end > self.k.shape[2]:
+            raise ValueError(f"KV cache holds {self.k.shape[2]} positions; {end} were written")
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+class AxialSelfAttention(nn.Module):
+    """Self-attention along the rows or the columns of a [B, H, W, D] tensor.
+
+    Row attention lets each pixel see its row; column attention its column. `causal=True` masks
+    the future along that axis (lower-triangular, diagonal included: the decoders' shifts make the
+    model strictly causal, paper section 4.2).
+    """
+
+    def __init__(self, dim: int, heads: int, axis: Axis, causal: bool = False) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
+        if axis not in ("row", "column"):
+            raise ValueError(f"axis must be 'row' or 'column', got {axis!r}")
+        self.heads, self.axis, self.causal = heads, axis, causal
+        self.head_dim = dim // heads
+        self.to_qkv = nn.Linear(dim, 3 * dim)  # fused: one matmul instead of three
+        self.to_out = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+        """x: [B, H, W, D] -> [B, H, W, D].
+
+        With a cache, the new positions along the attended axis are appended to it and attend to
+        everything it holds. Once the cache holds anything, one position is decoded per call.
+        """
+        b = x.shape[0]
+        qkv = self.to_qkv(x)  # projections act per pixel, before any folding
+        if self.axis == "row":
+            q, k, v = rearrange(qkv, "b h w (i n e) -> i (b h) n w e", i=3, n=self.heads)
+        else:
+            q, k, v = rearrange(qkv, "b h w (i n e) -> i (b w) n h e", i=3, n=self.heads)
+
+        causal = self.causal
+        if cache is not None:
+            if cache.length and q.shape[2] != 1:
+                raise ValueError("a cached decoding step takes one new position along the axis")
+            if cache.length:
+                # is_causal=True aligns its mask to the top-left: one query against t cached keys
+                # would see only key 0. The cache holds only the past and the present, so attending
+                # to all of it is exactly causal (DESIGN.md section 3).
+                causal = False
+            k, v = cache.append(k, v)
+
+        out = attend(q, k, v, causal)
+        if self.axis == "row":
+            out = rearrange(out, "(b h) n w e -> b h w (n e)", b=b)
+        else:
+            out = rearrange(out, "(b w) n h e -> b h w (n e)", b=b)
+        return self.to_out(out)
+
+    def new_cache(self, folded_batch: int, max_len: int, like: Tensor) -> KVCache:
+        return KVCache(folded_batch, self.heads, max_len, self.head_dim, like)

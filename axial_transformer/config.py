@@ -1,0 +1,85 @@
+"""The model's configuration and its named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass
+class AxialTransformerConfig:
+    # Height and width of the images; non-square images work (rows and columns are separate axes).
+    image_size: tuple[int, int] = (32, 32)
+    # Channels per image, generated one after another (channel-major order, paper section 4.3).
+    channels: int = 3
+    # Model width D. The paper uses 1536 (ImageNet-32) and 2048 (ImageNet-64).
+    dim: int = 256
+    # Attention heads; dim must divide by it. The paper uses 16.
+    heads: int = 8
+    # Unmasked row/column blocks of the channel encoder over the channels already generated.
+    encoder_layers: int = 4
+    # Outer decoder blocks: unmasked row then masked column attention, alternating.
+    outer_layers: int = 4
+    # Inner decoder blocks: masked row attention.
+    inner_layers: int = 4
+    # MLP hidden width as a multiple of dim; the official code uses 1.
+    mlp_ratio: float = 1.0
+    # Dropout on each residual branch (0.04 on ImageNet-32 in the paper, 0 on ImageNet-64).
+    dropout: float = 0.0
+    # Recompute each block's activations in the backward pass: needed to fit the paper's
+    # ImageNet-64 model on one GPU, costs about a third more compute.
+    gradient_checkpointing: bool = False
+    # Values a subpixel takes: 256 for 8-bit images.
+    levels: int = field(default=256)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.image_size, int):
+            self.image_size = (self.image_size, self.image_size)
+        self.image_size = tuple(self.image_size)
+        if len(self.image_size) != 2 or any(int(s) < 1 for s in self.image_size):
+            raise ValueError(f"image_size must be (height, width), got {self.image_size}")
+        for name in ("channels", "dim", "heads", "inner_layers", "levels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.dim % self.heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
+        # The encoder and the outer decoder alternate row and column layers; an odd count would
+        # leave one axis with less receptive field (the official code asserts the same).
+        for name in ("encoder_layers", "outer_layers"):
+            n = getattr(self, name)
+            if n < 2 or n % 2:
+                raise ValueError(f"{name} must be a positive even number (row/column pairs), got {n}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> AxialTransformerConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["image_size"] = list(self.image_size)
+        return d
+
+
+# The paper's models (Ho et al. 2019, table 4 and the official config_imagenet{32,64}.py) and
+# CPU-sized ones. The paper models have about 341M and 606M parameters.
+PRESETS: dict[str, dict] = {
+    "imagenet32": dict(
+        image_size=(32, 32), channels=3, dim=1536, heads=16,
+        encoder_layers=8, outer_layers=8, inner_layers=8, dropout=0.04,
+    ),
+    "imagenet64": dict(
+        image_size=(64, 64), channels=3, dim=2048, heads=16,
+        encoder_layers=8, outer_layers=8, inner_layers=8, dropout=0.0,
+        gradient_checkpointing=True,
+    ),
+    # The benchmark size: width 256, 4/4/4 layers, about 4.7M parameters.
+    "small": dict(dim=256, heads=8, encoder_layers=4, outer_layers=4, inner_layers=4),
+    # Trains a few images per second on two CPU cores.
+    "tiny": dict(dim=64, heads=4, encoder_layers=2, outer_layers=2, inner_layers=2),
+}

@@ -1,0 +1,308 @@
+"""The Axial Transformer (Ho, Kalchbrenner, Weissenborn, Salimans 2019, arXiv 1912.12180).
+
+An image x in {0..255}^(C x H x W) is modelled channel after channel, each channel row after row,
+each row pixel after pixel:  p(x) = prod_c prod_i prod_j p(x[c,i,j] | x[<c], x[c,<i,:], x[c,i,<j]).
+For the channel c being modelled (a "slice"):
+
+  ctx    = channel_encoder(x[<c], c)                 unmasked row/column blocks
+  u      = shift_down(outer_decoder(h + pos + ctx))  row i sees rows < i
+  r      = inner_decoder(shift_right(h) + u + pos + ctx)   pixel j sees pixels < j of its row
+  logits = to_logits(norm(r))
+
+with h = pixel_embedding(x[c]). Axis letters: b batch, c channels, h rows, w columns, d features,
+v the 256 pixel values.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import AxialSelfAttention, Axis, KVCache
+from .config import AxialTransformerConfig
+
+__all__ = ["AxialTransformer", "AxialTransformerConfig", "shift_down", "shift_right"]
+
+
+def shift_down(x: Tensor) -> Tensor:
+    """[B, H, W, D]: row i takes row i-1, a zero row on top; the last row drops out."""
+    return F.pad(x, (0, 0, 0, 0, 1, 0))[:, :-1]
+
+
+def shift_right(x: Tensor) -> Tensor:
+    """[B, H, W, D]: column j takes column j-1, a zero column on the left."""
+    return F.pad(x, (0, 0, 1, 0))[:, :, :-1]
+
+
+class SigmoidGELU(nn.Module):
+    """The GELU approximation x * sigmoid(1.702 x) of the official axial/nn.py."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class AxialBlock(nn.Module):
+    """Pre-LN transformer block whose attention runs along one axis."""
+
+    def __init__(
+        self, dim: int, heads: int, axis: Axis, causal: bool, mlp_ratio: float, dropout: float
+    ) -> None:
+        super().__init__()
+        hidden = max(1, round(dim * mlp_ratio))
+        self.attn_norm = nn.LayerNorm(dim)
+        self.attn = AxialSelfAttention(dim, heads, axis, causal)
+        self.mlp_norm = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), SigmoidGELU(), nn.Linear(hidden, dim))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), cache))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+class AxialStack(nn.Module):
+    """A sequence of axial blocks; `axes` gives each block's (axis, causal)."""
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        axes: list[tuple[Axis, bool]],
+        mlp_ratio: float,
+        dropout: float,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            AxialBlock(dim, heads, axis, causal, mlp_ratio, dropout) for axis, causal in axes
+        )
+        self.gradient_checkpointing = gradient_checkpointing
+
+    def forward(self, x: Tensor, caches: list[KVCache | None] | None = None) -> Tensor:
+        for i, block in enumerate(self.blocks):
+            cache = caches[i] if caches is not None else None
+            if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, cache)
+        return x
+
+    def new_caches(self, folded_batch: int, max_len: int, like: Tensor) -> list[KVCache | None]:
+        """One cache per masked block (the unmasked ones see a whole row or column at once)."""
+        return [
+            b.attn.new_cache(folded_batch, max_len, like) if b.attn.causal else None
+            for b in self.blocks
+        ]
+
+
+class AxialTransformer(nn.Module):
+    def __init__(self, config: AxialTransformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        (height, width), dim = c.image_size, c.dim
+        stack = dict(dim=dim, heads=c.heads, mlp_ratio=c.mlp_ratio, dropout=c.dropout,
+                     gradient_checkpointing=c.gradient_checkpointing)
+
+        # One embedding table shared by every channel (official models.py).
+        self.pixel_embedding = nn.Embedding(c.levels, dim)
+        # Additively factorised learned positions: pos[i, j] = pos_h[i] + pos_w[j].
+        self.pos_h = nn.Parameter(torch.empty(height, 1, dim))
+        self.pos_w = nn.Parameter(torch.empty(1, width, dim))
+
+        # Channel encoder ("exterior" in the official code): previous channels as real values plus
+        # a one-hot plane of the channel being modelled. A 3x3 conv is safe here because those
+        # channels are fully known; it would leak the future inside the decoders.
+        self.encoder_input = nn.Conv2d(2 * c.channels, dim, kernel_size=3, padding=1)
+        self.encoder_pos_h = nn.Parameter(torch.empty(height, 1, dim))
+        self.encoder_pos_w = nn.Parameter(torch.empty(1, width, dim))
+        self.channel_encoder = AxialStack(
+            axes=[("row", False), ("column", False)] * (c.encoder_layers // 2), **stack
+        )
+        self.outer_decoder = AxialStack(
+            axes=[("row", False), ("column", True)] * (c.outer_layers // 2), **stack
+        )
+        self.inner_decoder = AxialStack(axes=[("row", True)] * c.inner_layers, **stack)
+        self.final_norm = nn.LayerNorm(dim)
+        self.to_logits = nn.Linear(dim, c.levels)
+        self.initialize_weights()
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """The official initialisation (axial/nn.py).
+
+        Dense and conv kernels: variance scaling 1/fan_in, truncated normal; biases zero. Pixel
+        embeddings and positions: N(0, (5/sqrt(D))^2) (`emb_init` with scale 5 in transformers.py).
+        Output projections of attention and MLP, and the logits layer: variance scale 1e-10, so
+        every residual block starts as the identity and an untrained model predicts the uniform
+        distribution (8 bits per subpixel).
+        """
+
+        def variance_scaling(weight: Tensor, scale: float) -> None:
+            fan_in = weight[0].numel()
+            # TF's truncated normal keeps +-2 std; 0.8796... restores the intended variance.
+            std = math.sqrt(scale / fan_in) / 0.87962566103423978
+            nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
+
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                variance_scaling(module.weight, 1.0)
+                nn.init.zeros_(module.bias)
+        for block in [*self.channel_encoder.blocks, *self.outer_decoder.blocks,
+                      *self.inner_decoder.blocks]:
+            variance_scaling(block.attn.to_out.weight, 1e-10)
+            variance_scaling(block.mlp[-1].weight, 1e-10)
+        variance_scaling(self.to_logits.weight, 1e-10)
+        std = 5.0 / math.sqrt(self.config.dim)
+        for p in (self.pixel_embedding.weight, self.pos_h, self.pos_w,
+                  self.encoder_pos_h, self.encoder_pos_w):
+            nn.init.normal_(p, std=std)
+
+    # ----------------------------------------------------------------------------------------
+    # The three parts, usable one at a time by the sampler.
+
+    def positions(self) -> Tensor:
+        return self.pos_h + self.pos_w  # (H, W, D)
+
+    def channel_context(self, x: Tensor, channel: Tensor) -> Tensor:
+        """ctx for modelling channel `channel[b]` of image `x[b]`: [B, C, H, W] -> [B, H, W, D]."""
+        planes = torch.arange(self.config.channels, device=x.device)
+        known = (planes[None, :] < channel[:, None])[:, :, None, None]  # channels < c
+        values = (x.to(self.encoder_input.weight.dtype) / 255.0) * known
+        one_hot = (planes[None, :] == channel[:, None])[:, :, None, None].expand_as(values)
+        ctx = self.encoder_input(torch.cat([values, one_hot.to(values.dtype)], dim=1))
+        ctx = rearrange(ctx, "b d h w -> b h w d") + self.encoder_pos_h + self.encoder_pos_w
+        return self.channel_encoder(ctx)
+
+    def decode(self, x_c: Tensor, ctx: Tensor) -> Tensor:
+        """Teacher-forced logits of one channel: x_c [B, H, W], ctx [B, H, W, D] -> [B, H, W, V]."""
+        h = self.pixel_embedding(x_c)
+        pos = self.positions()
+        u = shift_down(self.outer_decoder(h + pos + ctx))
+        r = self.inner_decoder(shift_right(h) + u + pos + ctx)
+        return self.logits(r)
+
+    def logits(self, r: Tensor) -> Tensor:
+        return self.to_logits(self.final_norm(r))
+
+    def slice_logits(self, x: Tensor, channel: Tensor) -> Tensor:
+        """Logits of channel `channel[b]` of each image: [B, C, H, W], [B] -> [B, H, W, V]."""
+        x_c = x.gather(1, channel[:, None, None, None].expand(-1, 1, *x.shape[2:]))[:, 0]
+        return self.decode(x_c, self.channel_context(x, channel))
+
+    # ----------------------------------------------------------------------------------------
+    # Public API.
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits of every subpixel given its past: [B, C, H, W] integers -> [B, C, H, W, 256]."""
+        self.check_images(x)
+        b, c = x.shape[:2]
+        x_rep = repeat(x, "b c h w -> (b k) c h w", k=c)  # one copy per slice
+        channel = torch.arange(c, device=x.device).repeat(b)
+        logits = self.slice_logits(x_rep, channel)
+        return rearrange(logits, "(b c) h w v -> b c h w v", b=b)
+
+    def subpixel_bits(self, x: Tensor) -> Tensor:
+        """-log2 p(x[c,i,j] | past) of every subpixel: [B, C, H, W] -> [B, C, H, W] in fp32."""
+        logits = self(x).float()  # the softmax cross-entropy is always taken in fp32
+        nats = F.cross_entropy(rearrange(logits, "b c h w v -> b v c h w"), x.long(),
+                               reduction="none")
+        return nats / math.log(2)
+
+    def bits_per_dim(self, x: Tensor) -> Tensor:
+        """Exact bits/dim of each image, every channel scored: [B, C, H, W] -> [B]."""
+        return self.subpixel_bits(x).flatten(1).mean(1)
+
+    def loss(
+        self,
+        x: Tensor,
+        objective: str = "random",
+        generator: torch.Generator | None = None,
+        channel: Tensor | None = None,
+    ) -> Tensor:
+        """Mean training loss in bits/dim.
+
+        objective "all" scores every channel. "random" (the official objective) scores ONE
+        channel per image, drawn uniformly (or given as `channel` [B]): an unbiased estimate of
+        bits/dim, since bits/dim is the mean of the channels' bits, at 1/C of the decoder compute.
+        """
+        if objective == "all":
+            return self.subpixel_bits(x).mean()
+        if objective != "random":
+            raise ValueError(f"objective must be 'random' or 'all', got {objective!r}")
+        self.check_images(x)
+        if channel is None:
+            channel = torch.randint(self.config.channels, (x.shape[0],), generator=generator,
+                                    device=generator.device if generator else "cpu")
+        channel = channel.to(x.device)
+        logits = self.slice_logits(x, channel).float()
+        target = x.gather(1, channel[:, None, None, None].expand(-1, 1, *x.shape[2:]))[:, 0]
+        nats = F.cross_entropy(rearrange(logits, "b h w v -> b v h w"), target.long())
+        return nats / math.log(2)
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, **kwargs) -> Tensor:
+        """Draw images row by row with cached decoding; see `axial_transformer.sampling.sample`."""
+        from .sampling import sample
+
+        return sample(self, num_samples, **kwargs)
+
+    def check_images(self, x: Tensor) -> None:
+        c, (h, w) = self.config.channels, self.config.image_size
+        if not isinstance(x, Tensor):
+            raise ValueError(f"expected a torch.Tensor of pixel values, got {type(x).__name__}")
+        if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+            raise ValueError(
+                f"expected integer pixel values 0..255 (e.g. uint8), got a {x.dtype} tensor; "
+                "the model is discrete: pass the raw pixels, not normalised floats"
+            )
+        if x.ndim != 4 or tuple(x.shape[1:]) != (c, h, w):
+            raise ValueError(f"expected images of shape [B, {c}, {h}, {w}], got {list(x.shape)}")
+        if x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.config.levels):
+            raise ValueError(
+                f"pixel values must lie in 0..{self.config.levels - 1}, "
+                f"got {int(x.min())}..{int(x.max())}"
+            )
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ----------------------------------------------------------------------------------------
+    # Inference export: safetensors weights + JSON config, never a pickle.
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        from .io import atomic_write, atomic_write_text
+
+        directory = Path(directory)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        atomic_write(directory / "model.safetensors", lambda tmp: save_file(state, tmp))
+        atomic_write_text(directory / "config.json", json.dumps(self.config.to_dict(), indent=2))
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, map_location: str | torch.device = "cpu"
+    ) -> AxialTransformer:
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        for name in ("config.json", "model.safetensors"):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory / name} not found: expected a directory "
+                                        "written by AxialTransformer.save_pretrained")
+        config = AxialTransformerConfig(**json.loads((directory / "config.json").read_text()))
+        model = cls(config)
+        state = load_file(directory / "model.safetensors", device=str(map_location))
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise ValueError(f"{directory}: weights do not match its config.json: {e}") from None
+        return model.to(map_location)
