@@ -41,6 +41,11 @@ def shift_right(x: Tensor) -> Tensor:
     return F.pad(x, (0, 0, 1, 0))[:, :, :-1]
 
 
+def at_least_fp32(logits: Tensor) -> Tensor:
+    """The softmax cross-entropy is taken in fp32 (or fp64) even when the logits come in bf16."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 class SigmoidGELU(nn.Module):
     """The GELU approximation x * sigmoid(1.702 x) of the official axial/nn.py."""
 
@@ -183,7 +188,7 @@ class AxialTransformer(nn.Module):
 
     def decode(self, x_c: Tensor, ctx: Tensor) -> Tensor:
         """Teacher-forced logits of one channel: x_c [B, H, W], ctx [B, H, W, D] -> [B, H, W, V]."""
-        h = self.pixel_embedding(x_c)
+        h = self.pixel_embedding(x_c.long())
         pos = self.positions()
         u = shift_down(self.outer_decoder(h + pos + ctx))
         r = self.inner_decoder(shift_right(h) + u + pos + ctx)
@@ -210,8 +215,8 @@ class AxialTransformer(nn.Module):
         return rearrange(logits, "(b c) h w v -> b c h w v", b=b)
 
     def subpixel_bits(self, x: Tensor) -> Tensor:
-        """-log2 p(x[c,i,j] | past) of every subpixel: [B, C, H, W] -> [B, C, H, W] in fp32."""
-        logits = self(x).float()  # the softmax cross-entropy is always taken in fp32
+        """-log2 p(x[c,i,j] | past) of every subpixel: [B, C, H, W] -> [B, C, H, W], fp32 or more."""
+        logits = at_least_fp32(self(x))
         nats = F.cross_entropy(rearrange(logits, "b c h w v -> b v c h w"), x.long(),
                                reduction="none")
         return nats / math.log(2)
@@ -242,7 +247,7 @@ class AxialTransformer(nn.Module):
             channel = torch.randint(self.config.channels, (x.shape[0],), generator=generator,
                                     device=generator.device if generator else "cpu")
         channel = channel.to(x.device)
-        logits = self.slice_logits(x, channel).float()
+        logits = at_least_fp32(self.slice_logits(x, channel))
         target = x.gather(1, channel[:, None, None, None].expand(-1, 1, *x.shape[2:]))[:, 0]
         nats = F.cross_entropy(rearrange(logits, "b h w v -> b v h w"), target.long())
         return nats / math.log(2)
