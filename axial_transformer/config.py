@@ -48,7 +48,9 @@ class AxialTransformerConfig:
         for name in ("encoder_layers", "outer_layers"):
             n = getattr(self, name)
             if n < 2 or n % 2:
-                raise ValueError(f"{name} must be a positive even number (row/column pairs), got {n}")
+                raise ValueError(
+                    f"{name} must be a positive even number (row/column pairs), got {n}"
+                )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.mlp_ratio <= 0:

@@ -215,7 +215,7 @@ class AxialTransformer(nn.Module):
         return rearrange(logits, "(b c) h w v -> b c h w v", b=b)
 
     def subpixel_bits(self, x: Tensor) -> Tensor:
-        """-log2 p(x[c,i,j] | past) of every subpixel: [B, C, H, W] -> [B, C, H, W], fp32 or more."""
+        """-log2 p(x[c,i,j] | past) of each subpixel: [B, C, H, W] -> [B, C, H, W], fp32 or more."""
         logits = at_least_fp32(self(x))
         nats = F.cross_entropy(rearrange(logits, "b c h w v -> b v c h w"), x.long(),
                                reduction="none")
