@@ -1,0 +1,271 @@
+"""Axial attention as a drop-in layer for CNN feature maps and any N-d tensor.
+
+Axial attention (Ho et al. 2019, section 3) attends along one spatial axis at a time: for an
+[H, W] map that is H*W*(H+W) scores instead of (H*W)^2. These layers take tensors as a CNN holds
+them, channels first ([B, C, H, W], video [B, C, T, H, W]) or channels last (`dim_index=-1`),
+and return the same layout.
+
+Axis letters: b batch, s0 s1 ... the spatial axes, n heads, e features per head, i which of
+query/key/value, d features (channels).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from .attention import MAX_CUDA_FOLDED_BATCH, attend
+
+__all__ = [
+    "AxialAttention",
+    "AxialAttentionBlock",
+    "AxialPositionalEmbedding",
+    "AxisAttention",
+    "ChannelAttention",
+]
+
+
+def feature_axis(dim_index: int, num_dimensions: int) -> int:
+    """The feature axis of a [B, ...] tensor with `num_dimensions` spatial axes, as a positive
+    index; it may be any axis but the batch."""
+    total = num_dimensions + 2
+    if not -total < dim_index < total or dim_index % total == 0:
+        raise ValueError(
+            f"dim_index must name a non-batch axis of a {total}-d tensor (1..{total - 1} or "
+            f"-{total - 1}..-1), got {dim_index}"
+        )
+    return dim_index % total
+
+
+def causal_per_axis(causal: bool | Sequence[bool], num_dimensions: int) -> tuple[bool, ...]:
+    """`causal` as one flag per spatial axis: a bool applies to every axis."""
+    if isinstance(causal, bool):
+        return (causal,) * num_dimensions
+    causal = tuple(causal)
+    if len(causal) != num_dimensions or not all(isinstance(c, bool) for c in causal):
+        raise ValueError(
+            f"causal must be a bool or {num_dimensions} bools (one per spatial axis), got {causal}"
+        )
+    return causal
+
+
+def check_input(x: Tensor, dim: int, dim_index: int, num_dimensions: int) -> None:
+    if x.ndim != num_dimensions + 2:
+        raise ValueError(
+            f"expected a {num_dimensions + 2}-d tensor (batch, features and {num_dimensions} "
+            f"spatial axes), got shape {tuple(x.shape)}"
+        )
+    if x.shape[dim_index] != dim:
+        raise ValueError(
+            f"expected {dim} features on axis {dim_index}, got shape {tuple(x.shape)}"
+        )
+
+
+class AxisAttention(nn.Module):
+    """Multi-head self-attention along spatial axis `axis` of a channels-last [B, *S, D] tensor.
+
+    The attended axis goes next to the features and the other axes fold into the batch. The
+    fused QKV projection lays its features out as (heads, q/k/v, head features), so that folding
+    is a view for every axis: the axes before `axis` fold into SDPA's batch, the axes after it and
+    the heads into SDPA's head axis. On the CPU the fused SDPA kernel reads those strides as they
+    are and writes its output back in [B, *S, heads, e] order, so neither side copies.
+    """
+
+    def __init__(
+        self, dim: int, heads: int, axis: int, num_dimensions: int = 2, causal: bool = False
+    ) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
+        if not 0 <= axis < num_dimensions:
+            raise ValueError(f"axis must be in 0..{num_dimensions - 1}, got {axis}")
+        self.heads, self.axis, self.causal = heads, axis, causal
+        self.to_qkv = nn.Linear(dim, 3 * dim)  # fused: one matmul instead of three
+        self.to_out = nn.Linear(dim, dim)
+
+        spatial = [f"s{a}" for a in range(num_dimensions)]
+        before, t, after = spatial[:axis], spatial[axis], spatial[axis + 1 :]
+        folded = f"({' '.join(['b', *before])}) ({' '.join([*after, 'n'])}) {t} e"
+        self.fold = f"b {' '.join(spatial)} (n i e) -> i {folded}"
+        self.unfold = f"{folded} -> b {' '.join(spatial)} (n e)"
+        self.names = ["b", *spatial]
+        self.kept = ["b", *before, *after]  # axis lengths that `unfold` needs
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [B, *S, D] -> [B, *S, D]."""
+        sizes = dict(zip(self.names, x.shape[:-1], strict=True))
+        q, k, v = rearrange(self.to_qkv(x), self.fold, i=3, n=self.heads)  # (B s<a), (s>a n), t, e
+        folded = q.shape[:2]
+        if q.is_cuda and folded[1] > MAX_CUDA_FOLDED_BATCH:
+            # attend() splits only the first fold under the CUDA grid limit; move all of it there
+            q, k, v = (z.flatten(0, 1).unsqueeze(1) for z in (q, k, v))
+        out = attend(q, k, v, self.causal).reshape(*folded, *q.shape[2:])
+        out = rearrange(out, self.unfold, n=self.heads, **{a: sizes[a] for a in self.kept})
+        return self.to_out(out)
+
+
+class AxialAttention(nn.Module):
+    """Self-attention along each spatial axis of an N-d tensor, one set of weights per axis.
+
+    `sum_axes=True` runs the axes in parallel on the same input and sums them (the outputs of
+    row and column attention of an image); `sum_axes=False` applies them in sequence, each to
+    the previous one's output. Both return the attention output only: the caller adds the
+    residual (`AxialAttentionBlock` does). `causal` masks the future along an axis (a bool for
+    every axis or one per spatial axis), lower-triangular with the diagonal included.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        num_dimensions: int = 2,
+        dim_index: int = 1,
+        causal: bool | Sequence[bool] = False,
+        sum_axes: bool = True,
+    ) -> None:
+        super().__init__()
+        if num_dimensions < 1:
+            raise ValueError(f"num_dimensions must be at least 1, got {num_dimensions}")
+        self.dim, self.num_dimensions, self.sum_axes = dim, num_dimensions, sum_axes
+        self.dim_index = feature_axis(dim_index, num_dimensions)
+        self.causal = causal_per_axis(causal, num_dimensions)
+        self.axes = nn.ModuleList(
+            AxisAttention(dim, heads, axis, num_dimensions, c) for axis, c in enumerate(self.causal)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [B, ...] with `dim` features on axis `dim_index` -> the same shape and layout."""
+        check_input(x, self.dim, self.dim_index, self.num_dimensions)
+        # One copy to channels last, where the projections act per position; none per axis.
+        h = x.movedim(self.dim_index, -1).contiguous()
+        if self.sum_axes:
+            out = self.axes[0](h)
+            for axis_attention in self.axes[1:]:
+                out = out + axis_attention(h)
+        else:
+            out = h
+            for axis_attention in self.axes:
+                out = axis_attention(out)
+        return out.movedim(-1, self.dim_index).contiguous()
+
+
+class AxialPositionalEmbedding(nn.Module):
+    """Learned positions, additively factorised: one [S_a, D] table per spatial axis, their
+    broadcast sum added to the input (Ho et al. 2019 use pos_h + pos_w).
+
+    `shape` is the spatial shape the input must have. Tables start at N(0, (5/sqrt(D))^2), the
+    official `emb_init` (axial/transformers.py).
+    """
+
+    def __init__(self, dim: int, shape: Sequence[int], dim_index: int = 1) -> None:
+        super().__init__()
+        shape = tuple(shape)
+        if not shape or any(s < 1 for s in shape):
+            raise ValueError(f"shape must be the positive spatial sizes, got {shape}")
+        self.dim, self.shape = dim, shape
+        self.dim_index = feature_axis(dim_index, len(shape))
+        spatial_axes = [a for a in range(1, len(shape) + 2) if a != self.dim_index]
+        self.tables = nn.ParameterList()
+        for size, axis in zip(shape, spatial_axes, strict=True):
+            table_shape = [1] * (len(shape) + 2)
+            table_shape[self.dim_index], table_shape[axis] = dim, size
+            self.tables.append(nn.Parameter(torch.randn(table_shape) * (5 / math.sqrt(dim))))
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input(x, self.dim, self.dim_index, len(self.shape))
+        spatial = tuple(s for a, s in enumerate(x.shape[1:], 1) if a != self.dim_index)
+        if spatial != self.shape:
+            raise ValueError(f"expected spatial shape {self.shape}, got {spatial}")
+        for table in self.tables:
+            x = x + table
+        return x
+
+
+class ChannelAttention(nn.Module):
+    """The channel attention module of DANet (Fu et al. 2019, section 3.3), for any N-d tensor.
+
+    Each channel's whole feature map A_c (flattened) is compared with every other's:
+    X = softmax_rows(A A^T) is a [C, C] affinity matrix, and every position mixes its channels
+    with it: out = beta * X A + A, with beta learned and starting at 0 (so the module starts as
+    the identity). This follows the paper's equation (3); the official code feeds the softmax
+    max(E) - E instead, which favours the least similar channels. No projections: the maps are
+    compared as they are, so the scores grow with the number of positions and the softmax
+    sharpens on large maps, as in DANet. It pools over every position: never use it in a causal
+    model.
+    """
+
+    def __init__(self, dim: int, num_dimensions: int = 2, dim_index: int = 1) -> None:
+        super().__init__()
+        self.dim, self.num_dimensions = dim, num_dimensions
+        self.dim_index = feature_axis(dim_index, num_dimensions)
+        self.beta = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [B, ...] with `dim` features on axis `dim_index` -> the same shape."""
+        check_input(x, self.dim, self.dim_index, self.num_dimensions)
+        a = x.movedim(self.dim_index, -1).flatten(1, -2)  # (B, positions, C)
+        affinity = torch.softmax(a.transpose(1, 2) @ a, dim=-1)  # (B, C, C), rows sum to 1
+        mixed = (a @ affinity.transpose(1, 2)).view(x.movedim(self.dim_index, -1).shape)
+        return x + self.beta * mixed.movedim(-1, self.dim_index)
+
+
+class AxialAttentionBlock(nn.Module):
+    """A pre-norm transformer block with axial attention, for use between conv stages.
+
+    Takes and returns the CNN's own layout ([B, C, H, W] by default):
+        x = x + attn(norm(x))          sum_axes=True: every axis in parallel, one residual
+        x = x + attn_a(norm_a(x))      sum_axes=False: one residual per axis, in sequence
+        x = channel_attention(x)       channel_attention=True (its own learned residual)
+        x = x + mlp(norm(x))
+    LayerNorm is over channels at each position (not BatchNorm), so a causal block stays causal
+    along its masked axes.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        num_dimensions: int = 2,
+        dim_index: int = 1,
+        causal: bool | Sequence[bool] = False,
+        sum_axes: bool = True,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        channel_attention: bool = False,
+    ) -> None:
+        super().__init__()
+        causal = causal_per_axis(causal, num_dimensions)
+        if channel_attention and any(causal):
+            raise ValueError("channel attention pools over every position: it cannot be causal")
+        self.dim, self.num_dimensions = dim, num_dimensions
+        self.dim_index = feature_axis(dim_index, num_dimensions)
+        # Inside the block the features are last; the block moves them once on the way in and out.
+        self.attn = AxialAttention(dim, heads, num_dimensions, -1, causal, sum_axes)
+        self.attn_norms = nn.ModuleList(
+            nn.LayerNorm(dim) for _ in range(1 if sum_axes else num_dimensions)
+        )
+        self.channel_attention = (
+            ChannelAttention(dim, num_dimensions, -1) if channel_attention else None
+        )
+        hidden = max(1, round(dim * mlp_ratio))
+        self.mlp_norm = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [B, ...] with `dim` features on axis `dim_index` -> the same shape and layout."""
+        check_input(x, self.dim, self.dim_index, self.num_dimensions)
+        x = x.movedim(self.dim_index, -1).contiguous()  # (B, *S, D)
+        if self.attn.sum_axes:
+            x = x + self.dropout(self.attn(self.attn_norms[0](x)))
+        else:
+            for norm, axis_attention in zip(self.attn_norms, self.attn.axes, strict=True):
+                x = x + self.dropout(axis_attention(norm(x)))
+        if self.channel_attention is not None:
+            x = self.channel_attention(x)
+        x = x + self.dropout(self.mlp(self.mlp_norm(x)))
+        return x.movedim(-1, self.dim_index).contiguous()
