@@ -390,3 +390,29 @@ def codec_baselines(test_set, max_images: int = 0) -> dict:
     images = np.stack([test_set[i].permute(1, 2, 0).numpy() for i in range(n)])  # (N, H, W, C)
     return {"baseline/png_bpd": lossless_bits_per_dim(images, "png"),
             "baseline/webp_bpd": lossless_bits_per_dim(images, "webp")}
+
+
+def load_trained_model(path: str | Path) -> tuple[AxialTransformer, RunConfig | None]:
+    """The EMA model of a run directory, one of its checkpoints, or an export directory, with
+    the run's config when there is one (for its data spec)."""
+    path = Path(path)
+
+    def run_config(run_dir: Path) -> RunConfig | None:
+        saved = run_dir / "config.yaml"
+        return config_from_dict(yaml.safe_load(saved.read_text())) if saved.is_file() else None
+
+    if (path / "config.json").is_file():  # an export: RUN/export or a copy of one
+        return AxialTransformer.from_pretrained(path), run_config(path.parent)
+    if (path / "trainer_state.json").is_file():  # RUN/checkpoints/step_NNNNNNN
+        cfg = run_config(path.parent.parent)
+        if cfg is None:
+            raise FileNotFoundError(f"{path.parent.parent / 'config.yaml'} not found: a "
+                                    "checkpoint is read with its run's config")
+        ema = EMA(AxialTransformer(cfg.model), cfg.train.ema_decay)
+        ema.load(path / "ema.safetensors")
+        return ema.model, cfg
+    if (path / "export" / "config.json").is_file():  # a run directory
+        return AxialTransformer.from_pretrained(path / "export"), run_config(path)
+    raise FileNotFoundError(f"{path}: expected a run directory, one of its checkpoints "
+                            "(checkpoints/step_NNNNNNN) or an export (config.json + "
+                            "model.safetensors)")

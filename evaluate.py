@@ -1,0 +1,84 @@
+"""Exact test bits/dim of a trained model over a whole test split.
+
+    python evaluate.py --checkpoint runs/demo                      # the run's EMA export
+    python evaluate.py --checkpoint runs/in32/checkpoints/step_0100000 --heatmap bits.png
+    python evaluate.py --checkpoint runs/in32/export --data data/imagenet32 --baselines
+    torchrun --standalone --nproc_per_node 8 evaluate.py --checkpoint runs/in64
+
+--checkpoint takes a run directory, one of its checkpoints or an export directory; the data
+defaults to the run's own (data.spec in its config.yaml). Evaluation runs in fp32 unless --bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from axial_transformer.evaluation import channel_names, evaluate, save_heatmap
+from axial_transformer.training import codec_baselines, load_trained_model
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True,
+                        help="run directory, checkpoint directory or export directory")
+    parser.add_argument("--data", help="data spec: builtin, a .npy file or a directory with "
+                        "test.npy (default: the run's data.spec)")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    parser.add_argument("--max-images", type=int, default=0,
+                        help="score only the first N images (0: the whole split)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast instead of fp32")
+    parser.add_argument("--heatmap", metavar="PNG", help="write the bits-per-pixel heatmap here")
+    parser.add_argument("--baselines", action="store_true",
+                        help="also print the bits/dim of PNG and WebP lossless")
+    parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    args = parser.parse_args(argv)
+
+    from accelerate import Accelerator
+
+    from axial_transformer.data import open_split
+
+    try:
+        model, cfg = load_trained_model(args.checkpoint)
+        spec = args.data or (cfg.data.spec if cfg else None)
+        if spec is None:
+            raise ValueError(f"{args.checkpoint} has no run config to take the data from; "
+                             "pass --data")
+        if args.batch_size < 1 or args.max_images < 0:
+            raise ValueError("--batch-size must be >= 1 and --max-images >= 0")
+        c = model.config
+        dataset = open_split(spec, args.split, c.image_size, c.channels)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    accelerator = Accelerator()
+    model.to(accelerator.device)
+    metrics, heatmap = evaluate(model, dataset, accelerator, args.batch_size, args.max_images,
+                                args.bf16, per_pixel=args.heatmap is not None)
+    if not accelerator.is_main_process:
+        return 0
+    if args.baselines:
+        metrics.update(codec_baselines(dataset, args.max_images))
+    if heatmap is not None:
+        save_heatmap(heatmap, args.heatmap)
+    if args.json:
+        print(json.dumps(metrics))
+        return 0
+    names = channel_names(c.channels)
+    per_channel = ", ".join(f"{n} {b:.4f}" for n, b in zip(names, metrics["bpd_channel"],
+                                                           strict=True))
+    print(f"{args.split} bits/dim {metrics['bpd']:.4f} over {metrics['images']} images of {spec} "
+          f"({per_channel}){' [bf16]' if args.bf16 else ''}")
+    for codec in ("webp", "png"):
+        if f"baseline/{codec}_bpd" in metrics:
+            print(f"  {codec} lossless: {metrics[f'baseline/{codec}_bpd']:.4f} bits/dim")
+    if heatmap is not None:
+        print(f"heatmap: {args.heatmap}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
