@@ -5,9 +5,9 @@ an iterator of records `(index, name, payload)`. The payload is the encoded byte
 (decoded, checked and possibly skipped by `prepare`) or an already-decoded uint8 array [H, W, C].
 `index` is the image's place in the output, so the order never depends on how a source is read.
 
-Nothing here unpickles: `.npy`/`.npz` load with allow_pickle=False, and CIFAR-10's python
-version goes through an unpickler that admits only plain containers, numbers, strings, bytes and
-numpy arrays.
+Nothing here can run a pickle's code: `.npy`/`.npz` load with allow_pickle=False, and CIFAR-10's
+python version goes through an unpickler that admits only plain containers, numbers, strings,
+bytes and numpy arrays.
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ VAN_DEN_OORD_NAME = re.compile(r"^(train|valid)_(32x32|64x64)(\.tar)?$")
 VAN_DEN_OORD_COUNTS = {"train": 1_281_149, "valid": 49_999}
 
 CHRABASZCZ_NOTE = (
-    "{path} is Chrabaszcz et al.'s Imagenet32/64 (npz batches), a different downsampling of "
-    "ImageNet from van den Oord et al.'s (the train_32x32.tar / valid_32x32.tar files) that the "
-    "Axial Transformer paper reports: bits/dim on it are not comparable with the paper's numbers"
+    "{path} is Chrabaszcz et al.'s Imagenet32/64 (npz batches), not the van den Oord et al. "
+    "downsampled ImageNet (train_32x32.tar, valid_32x32.tar, ...) on which the Axial Transformer "
+    "paper reports bits/dim: numbers on it are not comparable with the paper's"
 )
 
 
@@ -138,7 +138,11 @@ def read_tar(path: Path, split: str) -> Source:
     def records() -> Iterator[Record]:
         with tarfile.open(path, "r|*") as tar:  # streaming: reads the archive front to back
             for k, member in enumerate(tar_members(path, tar)):
-                yield int(rank[k]), member.name, tar.extractfile(member).read()
+                try:
+                    data = tar.extractfile(member).read()
+                except tarfile.TarError as e:
+                    raise ValueError(f"{path}: cannot read member {member.name} ({e})") from None
+                yield int(rank[k]), member.name, data
 
     return Source("tar", path, len(names), records(), expected_count=van_den_oord_count(path))
 
