@@ -168,6 +168,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     error = ValueError(f"{key}: expected {_type_name(tp)}, got {value!r} "
                        f"({type(value).__name__})")
     if origin is Literal:
+        # YAML 1.1 reads a bare `no` as False: give it back as the word when that is a choice.
+        if isinstance(value, bool) and {False: "no", True: "yes"}[value] in args:
+            value = {False: "no", True: "yes"}[value]
         if value not in args:
             raise error
         return value

@@ -4,9 +4,10 @@ The recipe is the paper's (official config_imagenet32.py): Adam(0.9, 0.999), lin
 a constant learning rate, gradient clipping at 1.0, the random-channel objective, and an EMA of
 the weights that is what gets evaluated and sampled.
 
-Resuming is exact: the learning rate, the channel drawn for each image and the data order are
-pure functions of the step (and the seed); the weights, Adam moments, EMA and RNG states are in
-the checkpoint. A run continued from a checkpoint takes the same steps it would have taken.
+Resuming is exact: the learning rate, the data order, the channel drawn for each image and the
+dropout masks are pure functions of the step (and the seed); the weights, Adam moments and EMA
+are in the checkpoint. A run continued from a checkpoint takes the same steps, bit for bit, that
+it would have taken without the interruption.
 """
 
 from __future__ import annotations
@@ -61,11 +62,12 @@ class Objective(nn.Module):
         return self.model.loss(x, self.objective, channel=channel)
 
 
-def channel_generator(seed: int, micro_batch: int, rank: int) -> torch.Generator:
-    """The generator that picks the random channels of one micro-batch on one process: a pure
-    function of its position, so a resumed run draws the same channels."""
-    entropy = np.random.SeedSequence([seed, micro_batch, rank]).generate_state(1)[0]
-    return torch.Generator().manual_seed(int(entropy))
+def position_seed(seed: int, micro_batch: int, rank: int) -> int:
+    """The seed of one micro-batch on one process. The channels it draws and its dropout masks
+    come from this seed, so they are a pure function of the position in the run: a resumed run
+    draws the same ones, whatever else consumed random numbers in between (a DataLoader draws a
+    seed from the global generator each time an iterator starts, e.g. after a resume)."""
+    return int(np.random.SeedSequence([seed, micro_batch, rank]).generate_state(1)[0])
 
 
 def training_batches(loader: DataLoader, accelerator, position: int) -> Iterator[Tensor]:
@@ -291,7 +293,6 @@ def train(cfg: RunConfig) -> dict:
     objective, optimizer, loader = accelerator.prepare(Objective(model, t.objective), optimizer,
                                                        loader)
     ema.model.to(accelerator.device)
-    set_seed(t.seed, device_specific=True)  # different dropout masks on each process
     step = load_checkpoint(accelerator, ema, resume_from) if resume_from else 0
 
     bar = tqdm(total=t.steps, initial=step, unit="step", dynamic_ncols=True,
@@ -318,8 +319,10 @@ def train(cfg: RunConfig) -> dict:
             group["lr"] = lr
         for k in range(t.grad_accumulation):
             x = next(batches)
-            g = channel_generator(t.seed, step * t.grad_accumulation + k,
-                                  accelerator.process_index)
+            micro_seed = position_seed(t.seed, step * t.grad_accumulation + k,
+                                       accelerator.process_index)
+            torch.manual_seed(micro_seed)  # dropout
+            g = torch.Generator().manual_seed(micro_seed + 1)
             channel = torch.randint(mc.channels, (x.shape[0],), generator=g)
             with accelerator.accumulate(objective):
                 loss = objective(x, channel.to(x.device))

@@ -1,0 +1,295 @@
+"""Training: LR schedule, EMA warm-up, exact evaluation, codec baselines, and end-to-end runs
+(train -> checkpoint -> exact resume -> evaluate; two processes with torchrun) in subprocesses,
+since Accelerate keeps process-wide state (DESIGN.md section 7)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import randomize_
+from safetensors.torch import load_file
+
+from axial_transformer import AxialTransformer, AxialTransformerConfig
+from axial_transformer.data import ImageArrayDataset
+from axial_transformer.ema import EMA, ema_decay_at
+from axial_transformer.evaluation import (
+    bit_sums,
+    heatmap_image,
+    lossless_bits_per_dim,
+    shard_indices,
+    summarize,
+)
+from axial_transformer.train_config import OptimConfig
+from axial_transformer.training import learning_rate, weights_fingerprint
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+
+
+def tiny_model(seed: int = 0) -> AxialTransformer:
+    cfg = AxialTransformerConfig(image_size=(4, 5), channels=3, dim=16, heads=2,
+                                 encoder_layers=2, outer_layers=2, inner_layers=1)
+    torch.manual_seed(seed)
+    return randomize_(AxialTransformer(cfg), seed=seed)
+
+
+def structured_images(n: int, h: int, w: int, seed: int) -> np.ndarray:
+    """Smooth gradients plus noise: learnable in a few steps, unlike uniform noise."""
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 200, w)[None, None, :, None] * rng.uniform(0.5, 1, (n, 1, 1, 3))
+    noise = rng.integers(0, 40, (n, h, w, 3))
+    return (ramp + noise).clip(0, 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure functions.
+
+
+def test_learning_rate_warmup_then_constant_or_cosine():
+    cfg = OptimConfig(steps=100, lr=1e-3, warmup_steps=10, schedule="constant")
+    lrs = [learning_rate(s, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(b > a for a, b in zip(lrs[:10], lrs[1:10], strict=False))  # linear ramp
+    assert all(lr == 1e-3 for lr in lrs[10:])
+    cos = OptimConfig(steps=100, lr=1e-3, warmup_steps=10, schedule="cosine", min_lr=1e-5)
+    lrs = [learning_rate(s, cos) for s in range(100)]
+    assert lrs[10] == pytest.approx(1e-3) and lrs[99] == pytest.approx(1e-5)
+    assert lrs[55] == pytest.approx((1e-3 + 1e-5) / 2, rel=0.05)
+    assert all(b <= a for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    assert learning_rate(0, OptimConfig(lr=3e-4, warmup_steps=0)) == 3e-4
+
+
+def test_ema_warms_up():
+    assert ema_decay_at(0, 0.99995) == pytest.approx(0.1)
+    assert ema_decay_at(90, 0.99995) == pytest.approx(91 / 100)
+    assert ema_decay_at(10**7, 0.99995) == 0.99995
+
+    live = torch.nn.Linear(3, 3)
+    ema = EMA(live, decay=0.99995)
+    start = ema.model.weight.clone()
+    with torch.no_grad():
+        live.weight.add_(1.0)
+    ema.update(live, step=0)  # decay 0.1: 90% of the way to the live weights at once
+    assert torch.allclose(ema.model.weight, 0.1 * start + 0.9 * live.weight)
+    for step in range(1, 200):
+        ema.update(live, step)
+    assert torch.allclose(ema.model.weight, live.weight, atol=1e-5)
+    # Negative control: the fixed paper decay would still be at the init after 200 steps.
+    fixed = start.clone()
+    for _ in range(200):
+        fixed.lerp_(live.weight, 1 - 0.99995)
+    assert (fixed - live.weight).abs().max() > 0.9
+
+
+def test_weights_fingerprint_sees_a_tiny_change():
+    model = tiny_model()
+    before = weights_fingerprint(model)
+    with torch.no_grad():
+        model.to_logits.bias[3] += 1e-6
+    assert not torch.equal(before, weights_fingerprint(model))
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation.
+
+
+def test_evaluation_counts_each_image_once_across_processes():
+    """Sharded sums over 3 simulated processes equal one process's, with no remainder dropped
+    (10 images, 3 processes, batch 2: neither divides)."""
+    model = tiny_model()
+    images = torch.randint(0, 256, (10, 3, 4, 5), dtype=torch.uint8)
+    dataset = ImageArrayDataset(images.permute(0, 2, 3, 1).numpy())
+    whole = bit_sums(model, dataset, range(10), batch_size=4, per_pixel=True)
+    shares = [bit_sums(model, dataset, shard_indices(10, r, 3), batch_size=2, per_pixel=True)
+              for r in range(3)]
+    total = shares[0] + shares[1] + shares[2]
+    assert total.images == whole.images == 10
+    assert torch.allclose(total.channel_bits, whole.channel_bits, rtol=1e-10)
+    assert torch.allclose(total.pixel_bits, whole.pixel_bits, rtol=1e-10)
+    metrics = summarize(total, (4, 5))
+    with torch.no_grad():
+        direct = model.bits_per_dim(images).double().mean().item()
+    assert metrics["bpd"] == pytest.approx(direct, rel=1e-6)
+    assert np.mean(metrics["bpd_channel"]) == pytest.approx(metrics["bpd"])
+    # Negative control: a drop-last split (each process takes 10 // 3 images) loses one image,
+    # and the sums notice.
+    dropped = sum((bit_sums(model, dataset, range(3 * r, 3 * r + 3), 2) for r in range(1, 3)),
+                  bit_sums(model, dataset, range(0, 3), 2))
+    assert dropped.images == 9
+    assert not torch.allclose(dropped.channel_bits, whole.channel_bits)
+
+
+def test_heatmap_has_a_panel_per_channel_plus_mean():
+    image = heatmap_image(torch.rand(3, 4, 5) * 8)
+    assert image.mode == "RGB" and image.width > 4 * image.height // 2
+
+
+def test_lossless_baselines_count_file_bytes():
+    flat = np.full((4, 16, 16, 3), 128, np.uint8)
+    noise = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    for codec in ("png", "webp"):
+        assert lossless_bits_per_dim(flat, codec) < 1.0  # a flat image costs almost nothing
+        assert lossless_bits_per_dim(noise, codec) > 7.9  # noise cannot be compressed
+    gray = noise[..., :1]
+    from io import BytesIO
+
+    from PIL import Image
+
+    buffer = BytesIO()
+    Image.fromarray(gray[0, ..., 0]).save(buffer, format="PNG", optimize=True, compress_level=9)
+    assert lossless_bits_per_dim(gray[:1], "png") == 8 * buffer.tell() / (16 * 16)
+    with pytest.raises(ValueError, match="uint8 images"):
+        lossless_bits_per_dim(noise.astype(np.int32), "png")
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end, in subprocesses.
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """40 training images and 13 test images of 6 x 7: 13 is not a multiple of any batch."""
+    root = tmp_path_factory.mktemp("data")
+    np.save(root / "train.npy", structured_images(40, 6, 7, seed=0))
+    np.save(root / "test.npy", structured_images(13, 6, 7, seed=1))
+    return root
+
+
+def run_args(data_dir: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["--config", str(ROOT / "configs" / "demo.yaml"),
+            f"data.spec={data_dir}", f"run_dir={run_dir}", "model.image_size=[6, 7]",
+            "model.dim=16", "model.heads=2", "model.inner_layers=1", "model.dropout=0.1",
+            "train.batch_size=8", "train.lr=3e-3", "train.warmup_steps=2",
+            "train.schedule=constant", "train.mixed_precision=no", "train.ema_decay=0.9",
+            "eval.batch_size=4", "eval.heatmap=false", "eval.baselines=false",
+            "log.every=1", "log.sample_every=0", "checkpoint.every=2", "resume=", *extra]
+
+
+def train(data_dir: Path, run_dir: Path, *extra: str, launcher: tuple = ()) -> dict:
+    """Run train.py; return the last record of each kind in metrics.jsonl."""
+    command = [*(launcher or (sys.executable,)), str(ROOT / "train.py"),
+               *run_args(data_dir, run_dir, *extra)]
+    done = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last = {}
+    for record in records:
+        last.update(record)
+    return last
+
+
+def export_weights(run_dir: Path) -> dict:
+    return load_file(run_dir / "export" / "model.safetensors")
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_checkpoint_resume_evaluate(data_dir, tmp_path):
+    """Stopping at step 3 and resuming to step 5 gives bit-identical weights to training 5 steps
+    straight (data order, random channels, dropout, Adam and EMA all restored), with gradient
+    accumulation over 2 micro-batches."""
+    extra = ("train.grad_accumulation=2",)
+    straight = train(data_dir, tmp_path / "straight", "train.steps=5", *extra)
+    assert straight["train/loss_bpd"] < 8.0 and straight["eval/images"] == 13
+    assert straight["replicas_in_sync"] is True
+
+    run = tmp_path / "resumed"
+    train(data_dir, run, "train.steps=3", *extra)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000003"]
+    resumed = train(data_dir, run, "train.steps=5", "resume=auto", *extra)
+    assert same_weights(export_weights(run), export_weights(tmp_path / "straight"))
+    assert resumed["eval/bpd"] == straight["eval/bpd"]
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert kept == ["step_0000005"]  # checkpoint.keep=1 in the demo config
+
+    # Negative control: resuming with a different data/channel seed takes different steps.
+    other = tmp_path / "other"
+    train(data_dir, other, "train.steps=3", *extra)
+    train(data_dir, other, "train.steps=5", "resume=auto", "train.seed=1", *extra)
+    assert not same_weights(export_weights(other), export_weights(tmp_path / "straight"))
+
+    # The standalone evaluation of the export and of the checkpoint reproduces the final eval.
+    for target in (run, run / "export", run / "checkpoints" / "step_0000005"):
+        done = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--checkpoint",
+                               str(target), "--json", "--heatmap", str(tmp_path / "h.png")],
+                              cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-3000:]
+        metrics = json.loads(done.stdout.strip().splitlines()[-1])
+        assert metrics["images"] == 13
+        assert metrics["bpd"] == pytest.approx(resumed["eval/bpd"], rel=1e-9)
+    assert (tmp_path / "h.png").stat().st_size > 0
+    assert AxialTransformer.from_pretrained(run / "export").config.image_size == (6, 7)
+
+
+def test_fresh_run_refuses_a_used_run_dir(data_dir, tmp_path):
+    run = tmp_path / "run"
+    train(data_dir, run, "train.steps=1")
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"),
+                           *run_args(data_dir, run, "train.steps=2")],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "resume=auto" in done.stderr
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"),
+                           *run_args(data_dir, run, "resume=auto", "model.dim=32")],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "same model settings" in done.stderr
+
+
+def test_two_processes_count_each_test_image_once(data_dir, tmp_path):
+    """torchrun with 2 CPU processes (gloo): 13 test images over 2 processes x batch 4 are each
+    scored once, and the replicas end with bit-identical weights."""
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node", "2")
+    run = tmp_path / "ddp"
+    final = train(data_dir, run, "train.steps=3", "train.objective=all", launcher=launcher)
+    assert final["eval/images"] == 13
+    assert final["replicas_in_sync"] is True
+    assert final["train/loss_bpd"] < 8.0
+    done = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--checkpoint", str(run),
+                           "--json", "--batch-size", "5"],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    single = json.loads(done.stdout.strip().splitlines()[-1])
+    assert single["images"] == 13
+    assert final["eval/bpd"] == pytest.approx(single["bpd"], rel=1e-6)
+
+
+def test_demo_smoke_prints_codec_comparison_and_samples(tmp_path):
+    """The demo config end to end on the built-in data, a few steps: bits/dim beside PNG and
+    WebP, a heatmap and a sample grid."""
+    run = tmp_path / "demo"
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), "train.steps=2",
+                           "eval.max_images=6", "log.sample_every=2", "log.num_samples=2",
+                           "model.image_size=[8, 8]", f"run_dir={run}"],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "WebP lossless" in done.stdout and "PNG" in done.stdout
+    assert (run / "heatmap.png").is_file()
+    assert [p.name for p in (run / "samples").iterdir()] == ["step_0000002.png"]
+    assert (run / "config.yaml").is_file() and (run / "export" / "config.json").is_file()
+
+
+def test_wandb_that_cannot_start_fails_at_startup(data_dir, tmp_path):
+    env = {**ENV, "WANDB_MODE": "no-such-mode"}
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"),
+                           *run_args(data_dir, tmp_path / "run", "log.wandb=true")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "wandb could not start" in done.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(data_dir, tmp_path):
+    eager = train(data_dir, tmp_path / "eager", "train.steps=2", "model.dropout=0.0")
+    compiled = train(data_dir, tmp_path / "compiled", "train.steps=2", "model.dropout=0.0",
+                     "train.compile=true")
+    assert math.isclose(compiled["train/loss_bpd"], eager["train/loss_bpd"], rel_tol=1e-4)
