@@ -1,0 +1,188 @@
+"""Sampling speed: the naive sampler, the official code's scheme and the cached sampler.
+
+    python bench/sample_bench.py                 # "small" preset, 16x16 and 32x32 RGB, batch 1, 64
+    python bench/sample_bench.py --quick         # a tiny model, a few seconds; checks agreement
+    python bench/sample_bench.py --threads 8 --device cuda
+
+Seconds per image for
+  naive     one teacher-forced forward pass per subpixel (`sampling.sample_naive`);
+  official  the official code's scheme: the outer decoder recomputed over the whole image once per
+            row, the inner decoder over the whole row once per pixel, no caches;
+  ours      `sampling.sample`: channel encoder once per channel, outer decoder one row at a time,
+            inner decoder one pixel at a time, both with key/value caches;
+and ours divided by one teacher-forced forward pass over every slice of the same batch (1.0 is
+the compute bound: sampling does the same arithmetic). Naive and official are timed over their
+first steps and multiplied out to the whole image (marked *): every one of their steps costs the
+same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import time
+from collections.abc import Callable
+
+import torch
+
+from axial_transformer import AxialTransformer, AxialTransformerConfig
+from axial_transformer.model import shift_down, shift_right
+from axial_transformer.sampling import sample, sample_naive
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def clock(fn: Callable[[], object], device: torch.device, repeats: int = 1) -> float:
+    """Best wall time of `repeats` calls, in seconds."""
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@torch.inference_mode()
+def sample_official(
+    model: AxialTransformer, num_samples: int, noise: torch.Tensor | None = None,
+    max_rows: int | None = None,
+) -> torch.Tensor:
+    """The official code's sampling scheme, no caches, stopping after `max_rows` rows if given.
+
+    Per channel the channel encoder runs once; per row the outer decoder runs over the whole
+    image; per pixel the inner decoder runs over the whole row. Draws by Gumbel-max from `noise`
+    [B, C, H, W, V] or fresh noise.
+    """
+    c, (h, w), levels = model.config.channels, model.config.image_size, model.config.levels
+    device = next(model.parameters()).device
+    x = torch.zeros((num_samples, c, h, w), dtype=torch.long, device=device)
+    pos, rows = model.positions(), 0
+    for ci in range(c):
+        ctx = model.channel_context(x, torch.full((num_samples,), ci, device=device))
+        for i in range(h):
+            if rows == max_rows:
+                return x
+            h_all = model.pixel_embedding(x[:, ci])
+            u = shift_down(model.outer_decoder(h_all + pos + ctx))
+            for j in range(w):
+                h_row = model.pixel_embedding(x[:, ci, i : i + 1])
+                r = model.inner_decoder(shift_right(h_row) + u[:, i : i + 1] + pos[i : i + 1]
+                                        + ctx[:, i : i + 1])
+                logits = model.logits(r[:, 0, j])
+                logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+                if noise is None:
+                    u01 = torch.rand((num_samples, levels), device=device).clamp_(min=1e-30)
+                    gumbel = -torch.log(-torch.log(u01))
+                else:
+                    gumbel = noise[:, ci, i, j].to(logits)
+                x[:, ci, i, j] = (logits + gumbel).argmax(-1)
+            rows += 1
+    return x
+
+
+class StopSampling(Exception):
+    pass
+
+
+def naive_seconds_per_step(model: AxialTransformer, batch: int, steps: int,
+                           device: torch.device) -> float:
+    """Steady-state seconds per subpixel of `sample_naive`, from its first `steps` steps."""
+    stamps: list[float] = []
+
+    def stamp(*_):
+        sync(device)
+        stamps.append(time.perf_counter())
+        if len(stamps) > steps:
+            raise StopSampling
+
+    try:
+        sample_naive(model, batch, on_logits=stamp)
+    except StopSampling:
+        pass
+    return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+
+
+def check_agreement(model: AxialTransformer, device: torch.device) -> None:
+    """The three samplers are the same distribution: identical images from the same noise
+    (float64, so that no near-tie flips)."""
+    c, (h, w) = model.config.channels, model.config.image_size
+    shape = (2, c, h, w, model.config.levels)
+    noise = -torch.log(-torch.log(torch.rand(shape, device=device, dtype=torch.float64)))
+    ours = sample(model, 2, noise=noise, autocast=False).long()
+    naive = sample_naive(model, 2, noise=noise, autocast=False).long()
+    official = sample_official(model, 2, noise=noise)
+    agree = torch.equal(ours, naive) and torch.equal(ours, official)
+    verdict = "identical" if agree else "DIFFERENT"
+    print(f"# agreement check (same noise, float64): the three samplers give {verdict} images")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model and sizes, seconds")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+
+    if args.quick:
+        preset, sizes, batches, naive_steps, official_rows = "tiny", (4, 6), (1, 4), 3, 1
+    else:
+        preset, sizes, batches, naive_steps, official_rows = "small", (16, 32), (1, 64), 4, 2
+    autocast = device.type == "cuda"  # what `sample` does by default
+
+    if args.quick:
+        tiny = AxialTransformerConfig.from_preset(preset, image_size=(sizes[0], sizes[0] + 1))
+        check_agreement(AxialTransformer(tiny).to(device).double().eval(), device)
+    print(f"# Sampling benchmark, {datetime.datetime.now().isoformat(timespec='seconds')}")
+    print(f"# {cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"device {device}{' (bf16 autocast)' if autocast else ''}, preset {preset!r}")
+    print("# seconds per image; * = timed over the first steps and multiplied out\n")
+    print("| image    | batch | naive     | official  | ours     | vs naive | vs official "
+          "| ours / forward |")
+    print("|----------|------:|----------:|----------:|---------:|---------:|------------:"
+          "|---------------:|")
+    for size in sizes:
+        cfg = AxialTransformerConfig.from_preset(preset, image_size=(size, size), channels=3)
+        model = AxialTransformer(cfg).to(device).eval()
+        subpixels, rows = 3 * size * size, 3 * size
+        for batch in batches:
+            x = torch.randint(0, 256, (batch, 3, size, size), device=device)
+            with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16,
+                                                        enabled=autocast):
+                forward = clock(lambda: model(x), device, repeats=2)  # noqa: B023
+                naive = naive_seconds_per_step(model, batch, naive_steps, device) * subpixels
+                # Row 0 also runs the channel encoder: time it alone, then the rows after it.
+                first = clock(lambda: sample_official(model, batch, max_rows=1),  # noqa: B023
+                              device, repeats=2)
+                more = clock(lambda: sample_official(model, batch,  # noqa: B023
+                                                     max_rows=1 + official_rows), device)
+                per_row = (more - first) / official_rows
+                official = 3 * (first - per_row) + rows * per_row
+            ours = clock(lambda: sample(model, batch), device)  # noqa: B023
+            print(f"| {f'{size}x{size}x3':8} | {batch:5d} | {naive / batch:8.3f}* | "
+                  f"{official / batch:8.3f}* | {ours / batch:8.4f} | {naive / ours:7.0f}x | "
+                  f"{official / ours:10.1f}x | {ours / forward:14.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
