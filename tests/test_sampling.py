@@ -63,6 +63,23 @@ def test_fast_sampler_equals_naive_sampler(channels, with_known):
     assert len(fast.unique()) > 10  # real draws, not a constant image
 
 
+@pytest.mark.parametrize("size", [(1, 3), (3, 1)])
+def test_fast_sampler_equals_naive_sampler_on_thin_images(size):
+    model = tiny_model(2, size=size)
+    noise = gumbel_noise((2, 2, *size, 256))
+    assert torch.equal(sample(model, 2, noise=noise), sample_naive(model, 2, noise=noise))
+
+
+def test_bf16_autocast_logits_stay_close_to_fp32():
+    model = tiny_model(3, dtype=torch.float32)
+    images, logits = recorded_logits(sample, model, 2, generator=torch.Generator().manual_seed(0),
+                                     autocast=True)
+    with torch.no_grad():
+        teacher = model(images).double()
+    assert images.dtype == torch.uint8
+    torch.testing.assert_close(logits, teacher, atol=0.05, rtol=0)
+
+
 def test_same_seed_gives_same_images_in_both_samplers():
     model = tiny_model(3)
     fast = sample(model, 2, temperature=0.8, generator=torch.Generator().manual_seed(5))
