@@ -1,0 +1,478 @@
+"""Training-step speed and memory of the Axial Transformer against full causal self-attention.
+
+    python bench/model_bench.py                   # the full table: minutes, on a quiet machine
+    python bench/model_bench.py --quick           # tiny sizes: checks that the script runs
+    python bench/model_bench.py --threads 8 --sizes 16 32
+
+Both models are the "small" preset's size (width 256, 8 heads, 12 blocks, MLP ratio 1) and score
+EVERY channel of RGB images (`loss(x, "all")`), so at equal batch they see the same number of
+subpixels per step. It prints:
+
+1. training steps (forward + backward + Adam) of the Axial Transformer and of a GPT-style baseline
+   over the C*H*W subpixels flattened in the model's (c, i, j) order: median step time, peak memory
+   (`ru_maxrss` of a fresh subprocess per case), model FLOPs and their rate as a fraction of a
+   matmul peak measured in the same run, in fp32 and in bf16 autocast;
+2. the growth exponent of the step time per image against the pixel count (log-log least squares);
+3. our row + column attention against `AxialAttention` of the `axial-attention` package.
+
+Each step case runs as `python bench/model_bench.py --case step ...` and prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+from axial_transformer import AxialTransformer, AxialTransformerConfig
+from axial_transformer.attention import AxialSelfAttention
+from axial_transformer.model import SigmoidGELU
+
+CHANNELS = 3
+PRESET = "small"
+# Default batch: batch x H x W is held at this many pixels (batch 16 at 16x16, 4 at 32x32, 1 at
+# 64x64), so the dense FLOPs per step stay equal across sizes and the 64x64 baseline (12,288
+# tokens) runs at batch 1.
+PIXELS_PER_STEP = 4096
+QUICK_PIXELS_PER_STEP = 64
+
+
+# ------------------------------------------------------------------------------------------------
+# The baseline: a plain GPT-style decoder over the flattened subpixels.
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.to_qkv = nn.Linear(dim, 3 * dim)
+        self.to_out = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, k, v = rearrange(self.to_qkv(x), "b t (i n e) -> i b n t e", i=3, n=self.heads)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        return self.to_out(rearrange(out, "b n t e -> b t (n e)"))
+
+
+class GPTBlock(nn.Module):
+    """Pre-LN block with the same MLP (width and activation) as the Axial Transformer's."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        hidden = max(1, round(dim * mlp_ratio))
+        self.attn_norm = nn.LayerNorm(dim)
+        self.attn = CausalSelfAttention(dim, heads)
+        self.mlp_norm = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), SigmoidGELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.attn_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class PixelGPT(nn.Module):
+    """Full causal self-attention over the C*H*W subpixels in (c, i, j) order.
+
+    Positions are learned and additively factorised (channel + row + column), like the Axial
+    Transformer's: a full table would add C*H*W*D parameters (3.1M at 64x64x3, two thirds of the
+    model) that cost no compute but would break the parameter match.
+    """
+
+    def __init__(self, config: AxialTransformerConfig) -> None:
+        super().__init__()
+        c = config
+        (height, width), dim = c.image_size, c.dim
+        depth = c.encoder_layers + c.outer_layers + c.inner_layers
+        self.token_embedding = nn.Embedding(c.levels, dim)
+        self.start = nn.Parameter(torch.zeros(dim))  # input at position 0, which has no past
+        self.pos_c = nn.Parameter(0.02 * torch.randn(c.channels, 1, 1, dim))
+        self.pos_h = nn.Parameter(0.02 * torch.randn(1, height, 1, dim))
+        self.pos_w = nn.Parameter(0.02 * torch.randn(1, 1, width, dim))
+        self.blocks = nn.ModuleList(GPTBlock(dim, c.heads, c.mlp_ratio) for _ in range(depth))
+        self.final_norm = nn.LayerNorm(dim)
+        self.to_logits = nn.Linear(dim, c.levels)
+
+    def loss(self, x: Tensor) -> Tensor:
+        """Mean bits/dim over every subpixel: x [B, C, H, W] integers."""
+        tokens = rearrange(x, "b c h w -> b (c h w)").long()
+        h = self.token_embedding(tokens[:, :-1])  # teacher forcing: token t sees tokens < t
+        h = torch.cat([self.start.expand(h.shape[0], 1, -1), h], dim=1)
+        h = h + rearrange(self.pos_c + self.pos_h + self.pos_w, "c h w d -> (c h w) d")
+        for block in self.blocks:
+            h = block(h)
+        logits = self.to_logits(self.final_norm(h)).float()  # cross-entropy in fp32
+        nats = F.cross_entropy(rearrange(logits, "b t v -> b v t"), tokens)
+        return nats / math.log(2)
+
+
+def build_model(name: str, size: int) -> tuple[nn.Module, Callable[[Tensor], Tensor]]:
+    config = AxialTransformerConfig.from_preset(PRESET, image_size=(size, size),
+                                                channels=CHANNELS)
+    if name == "axial":
+        model = AxialTransformer(config)
+        return model, lambda x: model.loss(x, "all")
+    model = PixelGPT(config)
+    return model, model.loss
+
+
+# ------------------------------------------------------------------------------------------------
+# FLOPs.
+#
+# FlopCounterMode counts the matmuls, convolutions and attention kernels that actually run
+# (2 FLOPs per multiply-add; layer norms, softmax, GELU and Adam are left out). For a dense layer
+# that is 6 * weights * tokens per training step; attention adds 4 * t * t * D per layer forward
+# (scores and values) and twice that backward, over the attended axis length t. Its table has no
+# entry for the CPU flash kernel, which is what SDPA runs here, so we add one; a causal kernel
+# computes only the t(t+1)/2 query-key pairs on and below the diagonal, so it counts that share.
+
+
+def _causal_share(seq_len: int, is_causal: bool) -> float:
+    return (seq_len + 1) / (2 * seq_len) if is_causal else 1.0
+
+
+def _cpu_flash_flop(query, key, value, dropout_p=0.0, is_causal=False, *args, out_shape=None,
+                    **kwargs) -> int:
+    full = sdpa_flop_count(query, key, value)
+    return round(full * _causal_share(query[2], is_causal))
+
+
+def _cpu_flash_backward_flop(grad_out, query, key, value, out, logsumexp, dropout_p=0.0,
+                             is_causal=False, *args, out_shape=None, **kwargs) -> int:
+    full = sdpa_backward_flop_count(grad_out, query, key, value)
+    return round(full * _causal_share(query[2], is_causal))
+
+
+CPU_FLASH_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_flop,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward_flop,
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# Timing.
+
+
+def median_seconds(fn: Callable[[], object], warmup: int, repeats: int, budget_s: float) -> float:
+    """Median wall time of `fn` after `warmup` calls; stops early (after 3) past `budget_s`."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < repeats and (len(times) < 3 or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def run_step_case(args: argparse.Namespace) -> dict:
+    """One training-step case, in this (fresh) process."""
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (args.batch, CHANNELS, args.size, args.size), dtype=torch.uint8)
+    base_rss = rss_mib()
+    model, loss_fn = build_model(args.model, args.size)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    bf16 = args.precision == "bf16"
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn(x)
+        loss.backward()
+        optimizer.step()
+
+    # The counted step doubles as the first warm-up step.
+    counter = FlopCounterMode(display=False, custom_mapping=CPU_FLASH_FLOPS)
+    with counter:
+        step()
+    seconds = median_seconds(step, args.warmup, args.repeats, args.budget)
+    return dict(model=args.model, precision=args.precision, size=args.size, batch=args.batch,
+                params=sum(p.numel() for p in model.parameters()), seconds=seconds,
+                flops=counter.get_total_flops(), rss_base_mib=base_rss, rss_peak_mib=rss_mib(),
+                threads=torch.get_num_threads())
+
+
+def matmul_peak(n: int, dtype: torch.dtype, repeats: int) -> float:
+    """FLOP/s of an n x n @ n x n matmul: the best of `repeats`, since it is a peak."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    out = torch.empty(n, n, dtype=dtype)
+    for _ in range(2):
+        torch.mm(a, b, out=out)
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def attention_seconds(size: int, batch: int, warmup: int, repeats: int, budget: float) -> dict:
+    """Forward + backward of unmasked row + column attention, ours and the package's."""
+    from axial_attention import AxialAttention
+
+    dim, heads = 256, 8
+    torch.manual_seed(0)
+    row = AxialSelfAttention(dim, heads, "row")
+    column = AxialSelfAttention(dim, heads, "column")
+    # sum_axial_out=True: row and column attention of the same input, summed, as below.
+    package = AxialAttention(dim=dim, heads=heads, dim_index=-1, sum_axial_out=True)
+    x = torch.randn(batch, size, size, dim, requires_grad=True)  # channels last [B, H, W, D]
+    grad = torch.randn_like(x)
+
+    def fwd_bwd(forward: Callable[[Tensor], Tensor], params: list[nn.Parameter]) -> None:
+        x.grad = None
+        for p in params:
+            p.grad = None
+        forward(x).backward(grad)
+
+    ours_params = [*row.parameters(), *column.parameters()]
+    ours = median_seconds(lambda: fwd_bwd(lambda t: row(t) + column(t), ours_params),
+                          warmup, repeats, budget)
+    theirs = median_seconds(lambda: fwd_bwd(package, list(package.parameters())),
+                            warmup, repeats, budget)
+    return dict(size=size, batch=batch, ours=ours, package=theirs)
+
+
+# ------------------------------------------------------------------------------------------------
+# The driver: machine info, subprocess per step case, tables.
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def spawn_step_case(model: str, precision: str, size: int, batch: int,
+                    args: argparse.Namespace) -> dict:
+    command = [sys.executable, os.path.abspath(__file__), "--case", "step", "--model", model,
+               "--precision", precision, "--size", str(size), "--batch", str(batch),
+               "--threads", str(args.threads), "--warmup", str(args.warmup),
+               "--repeats", str(args.repeats), "--budget", str(args.budget)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    label = f"{model} {precision} {size}x{size}x{CHANNELS} batch {batch}"
+    print(f"running {label} ...", file=sys.stderr, flush=True)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, env=env,
+                              timeout=args.case_timeout)
+    except subprocess.TimeoutExpired:
+        return dict(error=f"did not finish in {args.case_timeout:.0f} s")
+    if done.returncode != 0:
+        if done.returncode == -9:
+            return dict(error="killed (out of memory?)")
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return dict(error=f"failed: {last[:120]}")
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    return json.loads(lines[-1])
+
+
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    fmt = lambda r: "| " + " | ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) + " |"
+    print(fmt(header))
+    print("|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|")
+    for r in rows:
+        print(fmt(r))
+
+
+def growth_exponent(points: list[tuple[int, float]]) -> float | None:
+    """Slope of log(seconds per image) against log(pixels), least squares."""
+    if len(points) < 2:
+        return None
+    fit = statistics.linear_regression([math.log(p) for p, _ in points],
+                                       [math.log(s) for _, s in points])
+    return fit.slope
+
+
+def run_bench(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    pixels_per_step = QUICK_PIXELS_PER_STEP if args.quick else PIXELS_PER_STEP
+    batches = {s: args.batch or max(1, pixels_per_step // (s * s)) for s in args.sizes}
+
+    print(f"# Axial Transformer training-step benchmark, {datetime.datetime.now():%Y-%m-%d %H:%M}")
+    print(f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs), load average "
+          f"{os.getloadavg()[0]:.2f}")
+    print(f"torch {torch.__version__}, {args.threads} threads, python {platform.python_version()}")
+    print(f"model: preset {PRESET!r} (width 256, 8 heads, 4/4/4 layers), RGB, every channel "
+          f"scored; median of up to {args.repeats} steps after {args.warmup + 1} warm-up"
+          + (" (--quick: tiny sizes, numbers mean nothing)" if args.quick else ""))
+    print()
+
+    n = 512 if args.quick else 2048
+    peak = {"fp32": matmul_peak(n, torch.float32, 3 if args.quick else 10),
+            "bf16": matmul_peak(n, torch.bfloat16, 3 if args.quick else 10)}
+    print(f"matmul peak ({n}x{n} @ {n}x{n}, best of repeats): fp32 {peak['fp32'] / 1e9:.0f} "
+          f"GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s")
+    print()
+
+    cases = [(m, p) for m, p in [("axial", "fp32"), ("axial", "bf16"), ("baseline", "fp32")]
+             if p in args.precisions]
+    results: dict[tuple[str, str, int], dict] = {}
+    for size in args.sizes:
+        for model, precision in cases:
+            results[model, precision, size] = spawn_step_case(model, precision, size,
+                                                              batches[size], args)
+
+    print("## Training step (forward + backward + Adam)")
+    print("axial = AxialTransformer; baseline = GPT over C*H*W tokens, full causal attention "
+          "(SDPA is_causal); both with 12 blocks")
+    header = ["model", "prec", "image", "batch", "params", "step ms", "ms/image", "peak MiB",
+              "GFLOP/step", "GFLOP/s", "% matmul peak"]
+    rows = []
+    for (model, precision, size), r in results.items():
+        image = f"{size}x{size}x{CHANNELS}"
+        if "error" in r:
+            rows.append([model, precision, image, str(batches[size]), "-", r["error"], *[""] * 5])
+            continue
+        rate = r["flops"] / r["seconds"]
+        rows.append([model, precision, image, str(r["batch"]), f"{r['params']:,}",
+                     f"{1e3 * r['seconds']:.1f}", f"{1e3 * r['seconds'] / r['batch']:.1f}",
+                     f"{r['rss_peak_mib']:.0f}", f"{r['flops'] / 1e9:.1f}",
+                     f"{rate / 1e9:.1f}", f"{100 * rate / peak[precision]:.0f}%"])
+    print_table(header, rows)
+    base_rss = [r["rss_base_mib"] for r in results.values() if "rss_base_mib" in r]
+    if base_rss:
+        print(f"peak MiB is ru_maxrss of the case's process, which holds about "
+              f"{statistics.median(base_rss):.0f} MiB before the model is built")
+    print("FLOPs: torch.utils.flop_counter (matmuls, convs, attention; causal attention counts "
+          "the pairs at or below the diagonal)")
+    print()
+
+    attention = compare_attention(args, batches)
+
+    ok = lambda *keys: all(k in results and "error" not in results[k] for k in keys)
+    per_image = lambda k: results[k]["seconds"] / results[k]["batch"]
+    verdict = lambda met: "met" if met else "NOT met"
+    print("## Summary (targets are for a quiet machine)")
+    for model, precision in cases:
+        points = [(s * s, per_image((model, precision, s))) for s in args.sizes
+                  if ok((model, precision, s))]
+        slope = growth_exponent(points)
+        if slope is not None:
+            print(f"growth exponent of step time per image vs pixels, {model} {precision}: "
+                  f"{slope:.2f}")
+    for size in args.sizes:
+        image = f"{size}x{size}x{CHANNELS}"
+        if ok(("axial", "fp32", size), ("baseline", "fp32", size)):
+            ratio = per_image(("baseline", "fp32", size)) / per_image(("axial", "fp32", size))
+            target = f" (target at 64x64x3: >= 4x, {verdict(ratio >= 4)})" if size == 64 else ""
+            print(f"{image}: axial step {ratio:.2f}x faster than the baseline (fp32, per "
+                  f"image){target}")
+        if ok(("axial", "fp32", size)):
+            r = results["axial", "fp32", size]
+            share = r["flops"] / r["seconds"] / peak["fp32"]
+            print(f"{image}: axial fp32 step at {100 * share:.0f}% of the fp32 matmul peak "
+                  f"(target >= 65%, {verdict(share >= 0.65)})")
+        if ok(("axial", "fp32", size), ("axial", "bf16", size)):
+            ratio = per_image(("axial", "fp32", size)) / per_image(("axial", "bf16", size))
+            print(f"{image}: axial bf16 step {ratio:.2f}x faster than fp32 "
+                  f"(target >= 2x, {verdict(ratio >= 2)})")
+        if size in attention:
+            ratio = attention[size]["package"] / attention[size]["ours"]
+            print(f"{image}: our row + column attention {ratio:.2f}x faster than axial-attention's "
+                  f"(target > 1x, {verdict(ratio > 1)})")
+
+
+def compare_attention(args: argparse.Namespace, batches: dict[int, int]) -> dict[int, dict]:
+    """Prints the attention-layer table; returns its timings by image size."""
+    try:
+        import axial_attention  # noqa: F401
+    except ImportError:
+        print("## Attention layer: skipped (pip install axial-attention to compare)")
+        print()
+        return {}
+    print("## Attention layer: unmasked row + column, width 256, 8 heads, forward + backward")
+    print("ours = two axial_transformer.attention.AxialSelfAttention (row, column), summed; "
+          "package = axial_attention.AxialAttention(dim=256, heads=8, dim_index=-1, "
+          "sum_axial_out=True); input [B, H, W, 256], fp32")
+    timings, rows = {}, []
+    for size in args.sizes:
+        # B = step batch x channels: what one attention layer of the model sees in a step.
+        r = attention_seconds(size, batches[size] * CHANNELS, args.warmup, args.repeats,
+                              args.budget)
+        timings[size] = r
+        rows.append([f"{r['batch']}x{size}x{size}x256", f"{1e3 * r['ours']:.2f}",
+                     f"{1e3 * r['package']:.2f}", f"{r['package'] / r['ours']:.2f}x"])
+    print_table(["input", "ours ms", "package ms", "ours faster by"], rows)
+    print()
+    return timings
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes and few repeats: seconds, to check the script runs")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="intra-op threads (default: torch's, i.e. OMP_NUM_THREADS)")
+    parser.add_argument("--sizes", type=int, nargs="+",
+                        help="square image sizes (default 16 32 64; --quick: 4 8)")
+    parser.add_argument("--batch", type=int,
+                        help=f"batch at every size (default: {PIXELS_PER_STEP} pixels per step)")
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"],
+                        choices=["fp32", "bf16"], help="bf16 = torch.autocast('cpu', bfloat16)")
+    parser.add_argument("--warmup", type=int, help="warm-up steps after the FLOP-counted one")
+    parser.add_argument("--repeats", type=int, help="timed steps (median reported)")
+    parser.add_argument("--budget", type=float, default=60.0,
+                        help="seconds of timing per case before stopping at 3 repeats")
+    parser.add_argument("--case-timeout", type=float, default=1200.0,
+                        help="seconds before a case counts as not fitting in time")
+    # Internal: one case in a fresh process (peak memory is per process).
+    parser.add_argument("--case", choices=["step"], help=argparse.SUPPRESS)
+    parser.add_argument("--model", choices=["axial", "baseline"], help=argparse.SUPPRESS)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    args.sizes = args.sizes or ([4, 8] if args.quick else [16, 32, 64])
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    args.repeats = args.repeats or (2 if args.quick else 7)
+    for name in ("threads", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.batch is not None and args.batch < 1:
+        parser.error(f"--batch must be at least 1, got {args.batch}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be 0 or more, got {args.warmup}")
+    if any(s < 1 for s in args.sizes):
+        parser.error(f"--sizes must be positive, got {args.sizes}")
+    if args.case == "step" and None in (args.model, args.precision, args.size, args.batch):
+        parser.error("--case step needs --model, --precision, --size and --batch")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.case == "step":
+        torch.set_num_threads(args.threads)
+        print(json.dumps(run_step_case(args)))
+    else:
+        run_bench(args)
+
+
+if __name__ == "__main__":
+    main()
