@@ -81,10 +81,7 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], epilog=COMPLETION_CAVEAT,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True,
                         help="run directory, checkpoint directory or export directory")
     parser.add_argument("--num-samples", type=int, default=None,
