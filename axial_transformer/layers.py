@@ -66,13 +66,15 @@ def check_input(x: Tensor, dim: int, dim_index: int, num_dimensions: int) -> Non
 
 
 class AxisAttention(nn.Module):
-    """Multi-head self-attention along spatial axis `axis` of a channels-last [B, *S, D] tensor.
+    """Multi-head self-attention along spatial axis `axis` of a [B, *S, D] tensor (channels
+    last) or a [B, D, *S] tensor (`channels_first=True`).
 
-    The attended axis goes next to the features and the other axes fold into the batch. The
-    fused QKV projection lays its features out as (heads, q/k/v, head features), so that folding
-    is a view for every axis: the axes before `axis` fold into SDPA's batch, the axes after it and
-    the heads into SDPA's head axis. On the CPU the fused SDPA kernel reads those strides as they
-    are and writes its output back in [B, *S, heads, e] order, so neither side copies.
+    The attended axis goes next to the features and the other axes fold into the batch, without
+    a copy: the fused QKV projection writes [B, *S, heads, q/k/v, e], so the axes before `axis`
+    fold into SDPA's batch and the axes after it, with the heads, into SDPA's head axis, as views.
+    On the CPU the fused SDPA kernel reads those strides as they are and writes its output in
+    [B, *S, heads, e] order, so unfolding is a view too. Channels-first maps are projected by
+    batched matmuls that read and write them transposed, instead of transposing them.
     """
 
     def __init__(
@@ -90,22 +92,41 @@ class AxisAttention(nn.Module):
         spatial = [f"s{a}" for a in range(num_dimensions)]
         before, t, after = spatial[:axis], spatial[axis], spatial[axis + 1 :]
         folded = f"({' '.join(['b', *before])}) ({' '.join([*after, 'n'])}) {t} e"
-        self.fold = f"b {' '.join(spatial)} (n i e) -> i {folded}"
+        self.fold = f"b {' '.join(spatial)} n e -> {folded}"
         self.unfold = f"{folded} -> b {' '.join(spatial)} (n e)"
-        self.names = ["b", *spatial]
         self.kept = ["b", *before, *after]  # axis lengths that `unfold` needs
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x: [B, *S, D] -> [B, *S, D]."""
-        sizes = dict(zip(self.names, x.shape[:-1], strict=True))
-        q, k, v = rearrange(self.to_qkv(x), self.fold, i=3, n=self.heads)  # (B s<a), (s>a n), t, e
+    def forward(self, x: Tensor, channels_first: bool = False) -> Tensor:
+        """x: [B, *S, D] -> [B, *S, D], or [B, D, *S] -> [B, D, *S] with `channels_first`."""
+        b, *spatial = x.shape[:1] + (x.shape[2:] if channels_first else x.shape[1:-1])
+        positions = math.prod(spatial)
+        if channels_first:
+            flat = x.flatten(2)  # (B, D, N)
+            qkv = torch.baddbmm(
+                self.to_qkv.bias.expand(b, positions, -1),
+                flat.mT,
+                self.to_qkv.weight.T.expand(b, -1, -1),
+            )  # (B, N, 3D)
+        else:
+            qkv = self.to_qkv(x)
+        # Unbind before folding: backward then assembles the three gradients with one stack.
+        qkv = qkv.view(b, *spatial, self.heads, 3, -1).unbind(-2)
+        q, k, v = (rearrange(z, self.fold) for z in qkv)  # (B s<a), (s>a n), t, e
         folded = q.shape[:2]
         if q.is_cuda and folded[1] > MAX_CUDA_FOLDED_BATCH:
             # attend() splits only the first fold under the CUDA grid limit; move all of it there
             q, k, v = (z.flatten(0, 1).unsqueeze(1) for z in (q, k, v))
         out = attend(q, k, v, self.causal).reshape(*folded, *q.shape[2:])
+        sizes = {"b": b, **{f"s{a}": size for a, size in enumerate(spatial)}}
         out = rearrange(out, self.unfold, n=self.heads, **{a: sizes[a] for a in self.kept})
-        return self.to_out(out)
+        if not channels_first:
+            return self.to_out(out)
+        out = torch.baddbmm(
+            self.to_out.bias[:, None].expand(b, -1, positions),
+            self.to_out.weight.expand(b, -1, -1),
+            out.flatten(1, -2).mT,
+        )  # (B, D, N)
+        return out.view(x.shape)
 
 
 class AxialAttention(nn.Module):
@@ -140,17 +161,19 @@ class AxialAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: [B, ...] with `dim` features on axis `dim_index` -> the same shape and layout."""
         check_input(x, self.dim, self.dim_index, self.num_dimensions)
-        # One copy to channels last, where the projections act per position; none per axis.
-        h = x.movedim(self.dim_index, -1).contiguous()
+        # Channels first and channels last run as they are; features anywhere else move last.
+        channels_first = self.dim_index == 1
+        as_is = channels_first or self.dim_index == x.ndim - 1
+        h = x if as_is else x.movedim(self.dim_index, -1)
         if self.sum_axes:
-            out = self.axes[0](h)
+            out = self.axes[0](h, channels_first)
             for axis_attention in self.axes[1:]:
-                out = out + axis_attention(h)
+                out = out + axis_attention(h, channels_first)
         else:
             out = h
             for axis_attention in self.axes:
-                out = axis_attention(out)
-        return out.movedim(-1, self.dim_index).contiguous()
+                out = axis_attention(out, channels_first)
+        return out if as_is else out.movedim(-1, self.dim_index).contiguous()
 
 
 class AxialPositionalEmbedding(nn.Module):

@@ -21,8 +21,8 @@ from axial_transformer.layers import (
 README = Path(__file__).resolve().parents[1] / "README.md"
 README_SECTION = "## Axial attention in your CNN"
 
-# (spatial shape, dim_index): 2-D and 3-D, channels first and channels last
-LAYOUTS = [((4, 5), 1), ((4, 5), -1), ((3, 4, 5), 1), ((3, 4, 5), -1)]
+# (spatial shape, dim_index): 2-D and 3-D, channels first, channels last and in between
+LAYOUTS = [((4, 5), 1), ((4, 5), -1), ((3, 4, 5), 1), ((3, 4, 5), -1), ((3, 4, 5), 2)]
 
 
 def feature_map(shape: tuple[int, ...], dim: int, dim_index: int, seed: int = 0) -> torch.Tensor:
