@@ -119,14 +119,10 @@ class AxisAttention(nn.Module):
         out = attend(q, k, v, self.causal).reshape(*folded, *q.shape[2:])
         sizes = {"b": b, **{f"s{a}": size for a, size in enumerate(spatial)}}
         out = rearrange(out, self.unfold, n=self.heads, **{a: sizes[a] for a in self.kept})
-        if not channels_first:
-            return self.to_out(out)
-        out = torch.baddbmm(
-            self.to_out.bias[:, None].expand(b, -1, positions),
-            self.to_out.weight.expand(b, -1, -1),
-            out.flatten(1, -2).mT,
-        )  # (B, D, N)
-        return out.view(x.shape)
+        out = self.to_out(out)  # (B, *S, D)
+        # Channels first: a transposed view; its gradient then reaches SDPA channels last, the
+        # order the fused kernel's backward reads without a copy.
+        return out.movedim(-1, 1) if channels_first else out
 
 
 class AxialAttention(nn.Module):
@@ -173,7 +169,7 @@ class AxialAttention(nn.Module):
             out = h
             for axis_attention in self.axes:
                 out = axis_attention(out, channels_first)
-        return out if as_is else out.movedim(-1, self.dim_index).contiguous()
+        return out.contiguous() if as_is else out.movedim(-1, self.dim_index).contiguous()
 
 
 class AxialPositionalEmbedding(nn.Module):
