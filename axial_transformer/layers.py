@@ -73,8 +73,9 @@ class AxisAttention(nn.Module):
     a copy: the fused QKV projection writes [B, *S, heads, q/k/v, e], so the axes before `axis`
     fold into SDPA's batch and the axes after it, with the heads, into SDPA's head axis, as views.
     On the CPU the fused SDPA kernel reads those strides as they are and writes its output in
-    [B, *S, heads, e] order, so unfolding is a view too. Channels-first maps are projected by
-    batched matmuls that read and write them transposed, instead of transposing them.
+    [B, *S, heads, e] order, so unfolding is a view too. A channels-first map is read by a
+    batched matmul that takes it transposed, and the output is a channels-first view of a
+    channels-last result: the map itself is never transposed here.
     """
 
     def __init__(
