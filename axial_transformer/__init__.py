@@ -1,7 +1,23 @@
 """Autoregressive image density models with the Axial Transformer (Ho et al. 2019)."""
 
 from .config import PRESETS, AxialTransformerConfig
+from .layers import (
+    AxialAttention,
+    AxialAttentionBlock,
+    AxialPositionalEmbedding,
+    AxisAttention,
+    ChannelAttention,
+)
 from .model import AxialTransformer
 
-__all__ = ["PRESETS", "AxialTransformer", "AxialTransformerConfig"]
+__all__ = [
+    "PRESETS",
+    "AxialAttention",
+    "AxialAttentionBlock",
+    "AxialPositionalEmbedding",
+    "AxialTransformer",
+    "AxialTransformerConfig",
+    "AxisAttention",
+    "ChannelAttention",
+]
 __version__ = "0.1.0"
