@@ -16,7 +16,7 @@ import json
 import sys
 
 from axial_transformer.evaluation import channel_names, evaluate, save_heatmap
-from axial_transformer.training import codec_baselines, load_trained_model
+from axial_transformer.training import codec_baselines, cpu_only, load_trained_model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,10 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=cpu_only())
     model.to(accelerator.device)
     metrics, heatmap = evaluate(model, dataset, accelerator, args.batch_size, args.max_images,
                                 args.bf16, per_pixel=args.heatmap is not None)
+    accelerator.end_training()  # closes the process group cleanly before the processes exit
     if not accelerator.is_main_process:
         return 0
     if args.baselines:

@@ -140,7 +140,9 @@ def heatmap_image(pixel_bits: Tensor | np.ndarray, min_side: int = 128) -> Image
                       dtype=np.float64)  # (C, H, W)
     panels = [*bits, bits.mean(axis=0)]
     labels = [*channel_names(bits.shape[0]), "mean"]
-    low, high = float(bits.min()), float(bits.max())
+    # The first pixel of each channel costs ~8 bits (nothing to condition on); a scale that
+    # ends at the 99th percentile keeps that one pixel from washing out the others.
+    low, high = float(bits.min()), float(np.percentile(bits, 99))
     h, w = bits.shape[1:]
     scale = max(1, math.ceil(min_side / max(h, w)))
     pad, text = 4, 14
@@ -153,7 +155,7 @@ def heatmap_image(pixel_bits: Tensor | np.ndarray, min_side: int = 128) -> Image
                                                                   Image.NEAREST)
         canvas.paste(tile, (x0, text))
         draw.text((x0, 1), f"{label}: {panel.mean():.3f} bits/dim", fill="black")
-    draw.text((pad, text + h * scale + 1), f"scale: {low:.2f} (dark) to {high:.2f} (yellow) "
+    draw.text((pad, text + h * scale + 1), f"scale: {low:.2f} (dark) to {high:.2f}+ (yellow) "
               "bits per subpixel", fill="black")
     return canvas
 

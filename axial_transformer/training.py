@@ -150,23 +150,19 @@ class MetricsLog:
         self.path = path
         self.bar = bar
 
-    def __call__(self, step: int, metrics: dict) -> None:
+    def __call__(self, step: int, metrics: dict, echo: bool = True) -> None:
         if not self.accelerator.is_main_process:
             return
         record = {"step": step, **metrics}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        self.bar.write(" ".join(f"{k} {_fmt(v)}" for k, v in record.items()))
-        self.accelerator.log({k: v for k, v in metrics.items() if not isinstance(v, list)},
-                             step=step)
+        if echo:
+            self.bar.write(" ".join(f"{k} {_fmt(v)}" for k, v in record.items()))
+        self.accelerator.log(metrics, step=step)
 
 
 def _fmt(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, list):
-        return "[" + ", ".join(_fmt(v) for v in value) + "]"
-    return str(value)
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def eval_metrics(metrics: dict, channels: int) -> dict:
@@ -191,7 +187,10 @@ def save_samples(accelerator, ema: EMA, cfg: RunConfig, step: int) -> Path | Non
     images = ema.model.sample(cfg.log.num_samples, generator=g).cpu()  # (N, C, H, W) uint8
     nrow = math.ceil(math.sqrt(len(images)))
     grid = make_grid(images, nrow=nrow, padding=2, pad_value=255).permute(1, 2, 0).numpy()
-    picture = Image.fromarray(grid)
+    # Enlarged (nearest neighbour, pixels stay exact squares) so 32 x 32 samples are visible.
+    zoom = max(1, 256 // grid.shape[1])
+    picture = Image.fromarray(grid).resize((grid.shape[1] * zoom, grid.shape[0] * zoom),
+                                           Image.NEAREST)
     path = Path(cfg.run_dir) / "samples" / f"step_{step:07d}.png"
     atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
     if cfg.log.wandb:
@@ -203,12 +202,21 @@ def save_samples(accelerator, ema: EMA, cfg: RunConfig, step: int) -> Path | Non
 # The run.
 
 
+def cpu_only() -> bool:
+    """No GPU (or other accelerator): Accelerate must be told, or under torchrun it runs every
+    process as a separate single-process job instead of one gloo group."""
+    if hasattr(torch, "accelerator"):
+        return not torch.accelerator.is_available()
+    return not torch.cuda.is_available()
+
+
 def build_accelerator(cfg: RunConfig):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
 
     try:
         return Accelerator(
+            cpu=cpu_only(),
             mixed_precision=cfg.train.mixed_precision,
             # Sync every `grad_accumulation` micro-batches, not at epoch ends: an optimizer step is
             # always the same number of images, which keeps the data position a function of step.
@@ -259,6 +267,32 @@ def prepare_run_dir(cfg: RunConfig, resuming: bool) -> None:
     save_config(cfg, saved)
 
 
+def optimizer_step(
+    accelerator, objective: nn.Module, optimizer, batches: Iterator[Tensor], step: int,
+    lr: float, t: OptimConfig,
+) -> tuple[Tensor, Tensor]:
+    """One optimizer step over `t.grad_accumulation` micro-batches -> (mean loss, grad norm)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    channels = accelerator.unwrap_model(objective).model.config.channels
+    loss_sum, grad_norm = 0.0, torch.zeros(())
+    for k in range(t.grad_accumulation):
+        x = next(batches)
+        seed = position_seed(t.seed, step * t.grad_accumulation + k, accelerator.process_index)
+        torch.manual_seed(seed)  # dropout
+        channel = torch.randint(channels, (x.shape[0],),
+                                generator=torch.Generator().manual_seed(seed + 1))
+        with accelerator.accumulate(objective):  # syncs gradients on the last micro-batch
+            loss = objective(x, channel.to(x.device))
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and t.grad_clip > 0:
+                grad_norm = accelerator.clip_grad_norm_(objective.parameters(), t.grad_clip)
+            optimizer.step()  # a no-op until the gradients are synced
+            optimizer.zero_grad(set_to_none=True)
+        loss_sum = loss_sum + loss.detach() / t.grad_accumulation
+    return loss_sum, grad_norm
+
+
 def train(cfg: RunConfig) -> dict:
     """Train, evaluate, checkpoint and export as `cfg` says; returns the final eval metrics."""
     from accelerate.utils import set_seed
@@ -301,9 +335,11 @@ def train(cfg: RunConfig) -> dict:
     if accelerator.is_main_process:
         where = f"resuming from {resume_from}" if resume_from else "starting"
         bar.write(f"{where}: {model.num_parameters():,} parameters, {len(train_set)} train / "
-                  f"{len(test_set)} test images, {accelerator.num_processes} process(es) on "
-                  f"{accelerator.device}, batch {t.batch_size} = {micro} x "
-                  f"{accelerator.num_processes} process(es) x {t.grad_accumulation} accumulation")
+                  f"{len(test_set)} test images on {accelerator.device}, batch {t.batch_size} = "
+                  f"{micro} x {accelerator.num_processes} process(es) x {t.grad_accumulation} "
+                  "accumulation")
+    log(step, {"parameters": model.num_parameters(), "processes": accelerator.num_processes,
+               "train_images": len(train_set), "test_images": len(test_set)}, echo=False)
 
     def run_eval(per_pixel: bool = False):
         return evaluate(ema.model, test_set, accelerator, cfg.eval.batch_size,
@@ -311,27 +347,11 @@ def train(cfg: RunConfig) -> dict:
 
     batches = training_batches(loader, accelerator, step * t.grad_accumulation)
     loss_sum = torch.zeros((), device=accelerator.device)
-    grad_norm = torch.zeros((), device=accelerator.device)
     interval_steps, interval_start = 0, time.perf_counter()
     while step < t.steps:
         lr = learning_rate(step, t)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        for k in range(t.grad_accumulation):
-            x = next(batches)
-            micro_seed = position_seed(t.seed, step * t.grad_accumulation + k,
-                                       accelerator.process_index)
-            torch.manual_seed(micro_seed)  # dropout
-            g = torch.Generator().manual_seed(micro_seed + 1)
-            channel = torch.randint(mc.channels, (x.shape[0],), generator=g)
-            with accelerator.accumulate(objective):
-                loss = objective(x, channel.to(x.device))
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and t.grad_clip > 0:
-                    grad_norm = accelerator.clip_grad_norm_(objective.parameters(), t.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach() / t.grad_accumulation
+        loss, grad_norm = optimizer_step(accelerator, objective, optimizer, batches, step, lr, t)
+        loss_sum += loss
         ema.update(model, step)
         step += 1
         interval_steps += 1

@@ -250,7 +250,7 @@ def test_two_processes_count_each_test_image_once(data_dir, tmp_path):
                 "--nproc_per_node", "2")
     run = tmp_path / "ddp"
     final = train(data_dir, run, "train.steps=3", "train.objective=all", launcher=launcher)
-    assert final["eval/images"] == 13
+    assert final["processes"] == 2 and final["eval/images"] == 13
     assert final["replicas_in_sync"] is True
     assert final["train/loss_bpd"] < 8.0
     done = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--checkpoint", str(run),
