@@ -161,6 +161,17 @@ class MetricsLog:
         self.accelerator.log(metrics, step=step)
 
 
+def drop_metrics_after(path: Path, step: int) -> None:
+    """Forget the records an interrupted run wrote after its last checkpoint: the resumed run
+    logs those steps again."""
+    if not path.is_file():
+        return
+    from .io import atomic_write_text
+
+    lines = path.read_text().splitlines(keepends=True)
+    atomic_write_text(path, "".join(line for line in lines if json.loads(line)["step"] <= step))
+
+
 def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
@@ -328,6 +339,8 @@ def train(cfg: RunConfig) -> dict:
                                                        loader)
     ema.model.to(accelerator.device)
     step = load_checkpoint(accelerator, ema, resume_from) if resume_from else 0
+    if resume_from and accelerator.is_main_process:
+        drop_metrics_after(run_dir / "metrics.jsonl", step)
 
     bar = tqdm(total=t.steps, initial=step, unit="step", dynamic_ncols=True,
                disable=not accelerator.is_main_process)

@@ -205,8 +205,14 @@ def test_train_checkpoint_resume_evaluate(data_dir, tmp_path):
     run = tmp_path / "resumed"
     train(data_dir, run, "train.steps=3", *extra)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000003"]
+    # An interrupted run may have logged past its last checkpoint; those records are dropped.
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 4, "train/loss_bpd": -1.0}) + "\n")
     resumed = train(data_dir, run, "train.steps=5", "resume=auto", *extra)
     assert same_weights(export_weights(run), export_weights(tmp_path / "straight"))
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if "train/loss_bpd" in line]
+    assert steps == [1, 2, 3, 4, 5]
     assert resumed["eval/bpd"] == straight["eval/bpd"]
     kept = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert kept == ["step_0000005"]  # checkpoint.keep=1 in the demo config
