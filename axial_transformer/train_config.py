@@ -10,7 +10,6 @@ type, so a typo or a wrong type fails at start-up with the key's name instead of
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,13 +179,6 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise error
         return tuple(_coerce(key, v, a) for v, a in zip(value, args, strict=True))
-    if origin in (typing.Union, types.UnionType):
-        for a in args:
-            try:
-                return _coerce(key, value, a)
-            except ValueError:
-                pass
-        raise error
     if tp is bool:
         if not isinstance(value, bool):
             raise error
