@@ -250,12 +250,13 @@ def test_fresh_run_refuses_a_used_run_dir(data_dir, tmp_path):
 
 
 def test_two_processes_count_each_test_image_once(data_dir, tmp_path):
-    """torchrun with 2 CPU processes (gloo): 13 test images over 2 processes x batch 4 are each
-    scored once, and the replicas end with bit-identical weights."""
+    """torchrun with 2 CPU processes (gloo) and gradient accumulation: 13 test images over
+    2 processes x batch 4 are each scored once, and the replicas end with identical weights."""
     launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone",
                 "--nproc_per_node", "2")
     run = tmp_path / "ddp"
-    final = train(data_dir, run, "train.steps=3", "train.objective=all", launcher=launcher)
+    final = train(data_dir, run, "train.steps=3", "train.objective=all",
+                  "train.grad_accumulation=2", launcher=launcher)
     assert final["processes"] == 2 and final["eval/images"] == 13
     assert final["replicas_in_sync"] is True
     assert final["train/loss_bpd"] < 8.0
