@@ -1,7 +1,7 @@
 """Training-step speed and memory of the Axial Transformer against full causal self-attention.
 
-    python bench/model_bench.py                   # the full table: minutes, on a quiet machine
-    python bench/model_bench.py --quick           # tiny sizes: checks that the script runs
+    python bench/model_bench.py                   # the full table: ~10 min on 2 quiet cores
+    python bench/model_bench.py --quick           # tiny sizes, ~30 s: checks that the script runs
     python bench/model_bench.py --threads 8 --sizes 16 32
 
 Both models are the "small" preset's size (width 256, 8 heads, 12 blocks, MLP ratio 1) and score
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from axial_transformer import AxialTransformer, AxialTransformerConfig
 from axial_transformer.attention import AxialSelfAttention
@@ -135,10 +135,11 @@ def build_model(name: str, size: int) -> tuple[nn.Module, Callable[[Tensor], Ten
 #
 # FlopCounterMode counts the matmuls, convolutions and attention kernels that actually run
 # (2 FLOPs per multiply-add; layer norms, softmax, GELU and Adam are left out). For a dense layer
-# that is 6 * weights * tokens per training step; attention adds 4 * t * t * D per layer forward
-# (scores and values) and twice that backward, over the attended axis length t. Its table has no
-# entry for the CPU flash kernel, which is what SDPA runs here, so we add one; a causal kernel
-# computes only the t(t+1)/2 query-key pairs on and below the diagonal, so it counts that share.
+# that is 6 * weights * tokens per training step; attention adds 4 * t * D per token and layer
+# forward (scores and values over the attended axis of length t) and twice that backward. Its
+# table has no entry for the CPU flash kernel, which is what SDPA runs here, so we add one. A
+# causal kernel computes only the t(t+1)/2 query-key pairs on and below the diagonal, so it counts
+# that share; the backward's recomputation of the scores is not counted (model FLOPs).
 
 
 def _causal_share(seq_len: int, is_causal: bool) -> float:
@@ -153,7 +154,7 @@ def _cpu_flash_flop(query, key, value, dropout_p=0.0, is_causal=False, *args, ou
 
 def _cpu_flash_backward_flop(grad_out, query, key, value, out, logsumexp, dropout_p=0.0,
                              is_causal=False, *args, out_shape=None, **kwargs) -> int:
-    full = sdpa_backward_flop_count(grad_out, query, key, value)
+    full = 2 * sdpa_flop_count(query, key, value)  # grads of both operands of both matmuls
     return round(full * _causal_share(query[2], is_causal))
 
 
@@ -339,7 +340,11 @@ def run_bench(args: argparse.Namespace) -> None:
 
     print("## Training step (forward + backward + Adam)")
     print("axial = AxialTransformer; baseline = GPT over C*H*W tokens, full causal attention "
-          "(SDPA is_causal); both with 12 blocks")
+          "(SDPA is_causal); both with 12 blocks and the same batch at each size")
+    for size, batch in batches.items():
+        if batch == 1:
+            print(f"{size}x{size}x{CHANNELS} runs at batch 1: the baseline attends over "
+                  f"{CHANNELS * size * size:,} tokens")
     header = ["model", "prec", "image", "batch", "params", "step ms", "ms/image", "peak MiB",
               "GFLOP/step", "GFLOP/s", "% matmul peak"]
     rows = []
@@ -380,7 +385,7 @@ def run_bench(args: argparse.Namespace) -> None:
         if ok(("axial", "fp32", size), ("baseline", "fp32", size)):
             ratio = per_image(("baseline", "fp32", size)) / per_image(("axial", "fp32", size))
             target = f" (target at 64x64x3: >= 4x, {verdict(ratio >= 4)})" if size == 64 else ""
-            print(f"{image}: axial step {ratio:.2f}x faster than the baseline (fp32, per "
+            print(f"{image}: axial step speed-up over the baseline {ratio:.2f}x (fp32, per "
                   f"image){target}")
         if ok(("axial", "fp32", size)):
             r = results["axial", "fp32", size]
@@ -389,12 +394,12 @@ def run_bench(args: argparse.Namespace) -> None:
                   f"(target >= 65%, {verdict(share >= 0.65)})")
         if ok(("axial", "fp32", size), ("axial", "bf16", size)):
             ratio = per_image(("axial", "fp32", size)) / per_image(("axial", "bf16", size))
-            print(f"{image}: axial bf16 step {ratio:.2f}x faster than fp32 "
+            print(f"{image}: axial bf16 step speed-up over fp32 {ratio:.2f}x "
                   f"(target >= 2x, {verdict(ratio >= 2)})")
         if size in attention:
             ratio = attention[size]["package"] / attention[size]["ours"]
-            print(f"{image}: our row + column attention {ratio:.2f}x faster than axial-attention's "
-                  f"(target > 1x, {verdict(ratio > 1)})")
+            print(f"{image}: our row + column attention's speed-up over axial-attention's "
+                  f"{ratio:.2f}x (target > 1x, {verdict(ratio > 1)})")
 
 
 def compare_attention(args: argparse.Namespace, batches: dict[int, int]) -> dict[int, dict]:
@@ -417,7 +422,7 @@ def compare_attention(args: argparse.Namespace, batches: dict[int, int]) -> dict
         timings[size] = r
         rows.append([f"{r['batch']}x{size}x{size}x256", f"{1e3 * r['ours']:.2f}",
                      f"{1e3 * r['package']:.2f}", f"{r['package'] / r['ours']:.2f}x"])
-    print_table(["input", "ours ms", "package ms", "ours faster by"], rows)
+    print_table(["input", "ours ms", "package ms", "speed-up"], rows)
     print()
     return timings
 
@@ -426,7 +431,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="tiny sizes and few repeats: seconds, to check the script runs")
+                        help="tiny sizes and few repeats, to check that the script runs")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="intra-op threads (default: torch's, i.e. OMP_NUM_THREADS)")
     parser.add_argument("--sizes", type=int, nargs="+",
