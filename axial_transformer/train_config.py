@@ -10,6 +10,7 @@ type, so a typo or a wrong type fails at start-up with the key's name instead of
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,9 @@ class OptimConfig:
     objective: Literal["random", "all"] = "random"
     # Micro-batches whose gradients are summed per optimizer step.
     grad_accumulation: int = 1
+    # A step whose loss or gradient is not finite (NaN, inf) is skipped on every process; this
+    # many skipped in a row stop the run (the model has diverged; a lower lr is needed).
+    max_skipped_steps: int = 10
     # "bf16" autocast (GPU, and CPUs with fast bf16 matmuls) or "no" for fp32.
     mixed_precision: Literal["no", "bf16"] = "no"
     # torch.compile the training forward pass (pays off on GPU for long runs).
@@ -98,8 +102,24 @@ class LogConfig:
 class CheckpointConfig:
     # Save a resumable checkpoint and the EMA export every this many steps (0: only at the end).
     every: int = 1000
-    # Checkpoints to keep; older ones are deleted.
+    # Checkpoints to keep; older ones are deleted (never the only complete one).
     keep: int = 2
+
+
+@dataclass
+class DebugConfig:
+    # Fault injection for the tests of preemption, resume and divergence; all off by default.
+    # Steps count from 1 as in metrics.jsonl; the faults hit process `rank` (-1: every process).
+    rank: int = -1
+    # Kill the process with SIGKILL right after this step (0: never), as a preemption without
+    # warning would.
+    kill_at_step: int = 0
+    # Send SIGTERM to the process right after this step (0: never), as a scheduler would.
+    sigterm_at_step: int = 0
+    # Make the loss NaN at these steps.
+    nan_at_steps: tuple[int, ...] = ()
+    # Pretend the disk holding run_dir has this many bytes free (-1: ask the disk).
+    free_bytes: int = -1
 
 
 @dataclass
@@ -110,6 +130,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
     # Everything the run writes goes here (config.yaml, metrics.jsonl, checkpoints/, export/).
     run_dir: str = "runs/default"
     # "" starts a fresh run, "auto" continues from the latest checkpoint in run_dir if there is
@@ -138,7 +159,8 @@ _MINIMUMS = {
     "train.warmup_steps": 0, "data.workers": 0,
     "eval.every": 0, "eval.batch_size": 1, "eval.max_images": 0,
     "log.every": 1, "log.sample_every": 0, "log.num_samples": 1,
-    "checkpoint.every": 0, "checkpoint.keep": 1,
+    "checkpoint.every": 0, "checkpoint.keep": 1, "train.max_skipped_steps": 1,
+    "debug.kill_at_step": 0, "debug.sigterm_at_step": 0,
 }
 
 
@@ -173,6 +195,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if value not in args:
             raise error
         return value
+    if origin is tuple and args[-1:] == (Ellipsis,):  # tuple[int, ...]: any length
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return tuple(_coerce(key, v, args[0]) for v in value)
     if origin is tuple:
         if isinstance(value, int) and not isinstance(value, bool) and set(args) == {int}:
             value = [value] * len(args)  # image_size=32 means 32 x 32
@@ -204,6 +230,12 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise TypeError(f"{key}: unsupported field type {tp}")
 
 
+def _suggest(name: str, choices: list[str] | set[str], prefix: str = "") -> str:
+    """" (did you mean PREFIX+X?)" when `name` looks like a typo of X in `choices`, else ""."""
+    close = difflib.get_close_matches(name, sorted(choices), n=1, cutoff=0.6)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
 def _build(cls: type, values: dict, prefix: str = "") -> Any:
     """Instantiate dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
     if not isinstance(values, dict):
@@ -214,7 +246,8 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
     kwargs = {}
     for key, value in values.items():
         if key not in names:
-            raise ValueError(f"unknown config key {prefix}{key!s}; "
+            raise ValueError(f"unknown config key {prefix}{key!s}"
+                             f"{_suggest(str(key), names, prefix)}; "
                              f"{prefix.rstrip('.') or 'the top level'} has {', '.join(names)}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
@@ -237,7 +270,8 @@ def _set_dotted(tree: dict, cls: type, dotted: str, raw: str) -> None:
         names = {f.name for f in dataclasses.fields(node_cls)}
         where = ".".join(parts[:i]) or "the top level"
         if part not in names:
-            raise ValueError(f"unknown config key {dotted!r}: {where} has "
+            hint = _suggest(part, names, "".join(f"{p}." for p in parts[:i]))
+            raise ValueError(f"unknown config key {dotted!r}{hint}: {where} has "
                              f"{', '.join(sorted(names))}")
         tp = typing.get_type_hints(node_cls)[part]
         if i == len(parts) - 1:
