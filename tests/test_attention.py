@@ -1,0 +1,71 @@
+"""Axial self-attention: the explicit bf16 path, chunking, and cached decoding."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from axial_transformer.attention import AxialSelfAttention, chunked_sdpa, explicit_attention
+
+
+def qkv(t_q: int = 6, t_k: int = 6, dtype=torch.float64):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(5, 2, t, 8, generator=g, dtype=dtype) for t in (t_q, t_k, t_k)]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_explicit_attention_matches_sdpa(causal):
+    q, k, v = qkv()
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    assert torch.allclose(explicit_attention(q, k, v, causal), expected, atol=1e-12)
+
+
+def test_explicit_attention_in_bf16_is_close_to_fp32():
+    q, k, v = qkv(dtype=torch.float32)
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    out = explicit_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), True)
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), expected, atol=5e-2)
+
+
+def test_chunked_sdpa_matches_one_call():
+    q, k, v = qkv()
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert torch.allclose(chunked_sdpa(q, k, v, True, max_folded=4), expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("axis", ["row", "column"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_cached_decoding_equals_full_attention(axis, dtype):
+    torch.manual_seed(0)
+    attn = AxialSelfAttention(16, 2, axis, causal=True).to(dtype)
+    x = torch.randn(2, 5, 5, 16, dtype=dtype)
+    full = attn(x)
+    cache = attn.new_cache(2 * 5, 5, x)
+    steps = []
+    for t in range(5):
+        step = x[:, :, t : t + 1] if axis == "row" else x[:, t : t + 1]
+        steps.append(attn(step, cache))
+    cached = torch.cat(steps, dim=2 if axis == "row" else 1)
+    tol = 1e-12 if dtype == torch.float64 else 2e-2
+    assert torch.allclose(cached.double(), full.double(), atol=tol)
+
+
+def test_is_causal_against_a_cache_would_be_wrong():
+    # The reason cached steps attend to the whole cache: SDPA's is_causal aligns its mask to the
+    # top-left, so one query against t keys would see only key 0.
+    q, k, v = qkv(t_q=1, t_k=6)
+    whole_cache = F.scaled_dot_product_attention(q, k, v)
+    assert torch.allclose(explicit_attention(q, k, v, causal=True), whole_cache, atol=1e-12)
+    top_left = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert not torch.allclose(top_left, whole_cache, atol=1e-3)
+
+
+def test_cache_overflow_and_multi_position_steps_are_rejected():
+    attn = AxialSelfAttention(16, 2, "row", causal=True)
+    x = torch.randn(1, 1, 2, 16)
+    cache = attn.new_cache(1, 2, x)
+    attn(x, cache)  # a prefill of both positions
+    with pytest.raises(ValueError, match="one new position"):
+        attn(x, cache)
+    with pytest.raises(ValueError, match="holds 2 positions"):
+        attn(x[:, :, :1], cache)
