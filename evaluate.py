@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from axial_transformer.evaluation import channel_names, evaluate, save_heatmap
@@ -21,6 +22,9 @@ from axial_transformer.training import codec_baselines, cpu_only, load_trained_m
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--debug", action="store_true",
+                        default=os.environ.get("AXIAL_DEBUG") == "1",
+                        help="show the traceback of an error (also AXIAL_DEBUG=1)")
     parser.add_argument("--checkpoint", required=True,
                         help="run directory, checkpoint directory or export directory")
     parser.add_argument("--data", help="data spec: builtin, a .npy file or a directory with "
@@ -51,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         c = model.config
         dataset = open_split(spec, args.split, c.image_size, c.channels)
     except (ValueError, FileNotFoundError) as e:
+        if args.debug:
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
 

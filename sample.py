@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -82,6 +83,9 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--debug", action="store_true",
+                        default=os.environ.get("AXIAL_DEBUG") == "1",
+                        help="show the traceback of an error (also AXIAL_DEBUG=1)")
     parser.add_argument("--checkpoint", required=True,
                         help="run directory, checkpoint directory or export directory")
     parser.add_argument("--num-samples", type=int, default=None,
@@ -141,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             known_mask = torch.zeros((1, c, h, w), dtype=torch.bool)
             known_mask[:, :, : args.rows_given] = True
     except (ValueError, FileNotFoundError) as e:
+        if args.debug:
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import signal
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +30,21 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .checkpoint import (
+    CHECKPOINT_PREFIX,
+    check_disk_space,
+    check_shapes,
+    check_writable,
+    checkpoint_dirs,
+    checkpoint_problem,
+    latest_checkpoint,
+    prune_checkpoints,
+    seal,
+)
 from .ema import EMA
 from .evaluation import evaluate, lossless_bits_per_dim, save_heatmap
 from .model import AxialTransformer
-from .train_config import OptimConfig, RunConfig, config_from_dict, save_config
-
-CHECKPOINT_PREFIX = "step_"
+from .train_config import DebugConfig, OptimConfig, RunConfig, config_from_dict, save_config
 
 
 class SetupError(RuntimeError):
@@ -84,38 +97,53 @@ def training_batches(loader: DataLoader, accelerator, position: int) -> Iterator
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints: RUN/checkpoints/step_NNNNNNN/, written under a temporary name and renamed.
+# Checkpoints: RUN/checkpoints/step_NNNNNNN/, sealed with a marker and renamed (checkpoint.py).
 
 
-def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (a partial one keeps its temporary name)."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
-                  and p.name[len(CHECKPOINT_PREFIX):].isdigit())
+class TrainingError(RuntimeError):
+    """The run cannot go on (it diverged); the message says what to change."""
 
 
-def resume_checkpoint(cfg: RunConfig) -> Path | None:
+def resume_checkpoint(cfg: RunConfig, warn: bool = True) -> Path | None:
     """The checkpoint to continue from, or None for a fresh run."""
-    existing = checkpoint_dirs(cfg.run_dir)
     if cfg.resume == "auto":
-        return existing[-1] if existing else None
+        return latest_checkpoint(cfg.run_dir, warn)
     if cfg.resume:
         path = Path(cfg.resume)
         if not (path / "trainer_state.json").is_file():
             raise SetupError(f"resume={cfg.resume}: not a checkpoint directory "
                              f"(expected {Path(cfg.run_dir) / 'checkpoints' / 'step_NNNNNNN'})")
+        problem = checkpoint_problem(path)
+        if problem:
+            raise SetupError(f"resume={cfg.resume}: {problem}")
         return path
+    existing = checkpoint_dirs(cfg.run_dir)
     if existing:
         raise SetupError(f"{cfg.run_dir} already holds checkpoints ({existing[-1].name}); pass "
                          "resume=auto to continue that run, or choose another run_dir")
     return None
 
 
-def save_checkpoint(accelerator, ema: EMA, step: int, run_dir: Path, keep: int) -> Path:
+def nonfinite_parameter(model: nn.Module) -> str | None:
+    """The name of the first parameter holding a NaN or inf, or None."""
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            return name
+    return None
+
+
+def save_checkpoint(
+    accelerator, model: nn.Module, ema: EMA, state: dict, run_dir: Path, keep: int,
+) -> Path:
+    """Write RUN/checkpoints/step_NNNNNNN (state["step"]) under a temporary name, seal it with
+    its marker, rename it, prune the old ones and refresh the EMA export."""
+    for what, weights in (("weights", model), ("EMA weights", ema.model)):
+        bad = nonfinite_parameter(weights)
+        if bad:  # never replace a good checkpoint with a poisoned one
+            raise TrainingError(f"the {what} hold NaN or inf ({bad}) at step {state['step']}; "
+                                "not saving a checkpoint")
     root = run_dir / "checkpoints"
-    final = root / f"{CHECKPOINT_PREFIX}{step:07d}"
+    final = root / f"{CHECKPOINT_PREFIX}{state['step']:07d}"
     tmp = root / f".{final.name}.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -124,20 +152,27 @@ def save_checkpoint(accelerator, ema: EMA, step: int, run_dir: Path, keep: int) 
     accelerator.save_state(str(tmp))  # model, Adam moments, RNG state of every process
     if accelerator.is_main_process:
         ema.save(tmp / "ema.safetensors")
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+        (tmp / "trainer_state.json").write_text(json.dumps(state))
+        seal(tmp)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        for old in checkpoint_dirs(run_dir)[:-keep]:
-            shutil.rmtree(old)
+        prune_checkpoints(run_dir, keep)
         ema.model.save_pretrained(run_dir / "export")
     accelerator.wait_for_everyone()
     return final
 
 
-def load_checkpoint(accelerator, ema: EMA, path: Path) -> int:
+def load_checkpoint(accelerator, objective: nn.Module, ema: EMA, path: Path) -> dict:
+    """Restore a checkpoint after checking every tensor's shape; returns its trainer state."""
+    def shapes(module: nn.Module) -> dict:
+        return {k.replace("_orig_mod.", ""): tuple(v.shape)
+                for k, v in module.state_dict().items()}
+
+    check_shapes(path / "model.safetensors", shapes(accelerator.unwrap_model(objective)))
+    check_shapes(path / "ema.safetensors", shapes(ema.model))
     accelerator.load_state(str(path))  # accelerate reads with torch.load(weights_only=True)
     ema.load(path / "ema.safetensors")
-    return int(json.loads((path / "trainer_state.json").read_text())["step"])
+    return json.loads((path / "trainer_state.json").read_text())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,15 +313,35 @@ def prepare_run_dir(cfg: RunConfig, resuming: bool) -> None:
     save_config(cfg, saved)
 
 
+@dataclass
+class StepResult:
+    loss: Tensor  # mean loss of the step's micro-batches on this process
+    grad_norm: Tensor  # global gradient norm before clipping
+    skipped: bool  # the loss or a gradient was not finite on some process: no update
+    stop: bool  # some process was asked to stop (SIGTERM / SIGINT)
+
+
+def agree(accelerator, *flags: bool) -> list[bool]:
+    """Each flag becomes True on every process if it is True on any: one small all-reduce, so
+    that all processes skip the same steps and stop at the same step (none waits forever)."""
+    if accelerator.num_processes == 1:
+        return list(flags)
+    votes = torch.tensor([float(f) for f in flags], device=accelerator.device)
+    return [bool(v > 0) for v in accelerator.reduce(votes, "sum")]
+
+
 def optimizer_step(
     accelerator, objective: nn.Module, optimizer, batches: Iterator[Tensor], step: int,
-    lr: float, t: OptimConfig,
-) -> tuple[Tensor, Tensor]:
-    """One optimizer step over `t.grad_accumulation` micro-batches -> (mean loss, grad norm)."""
+    lr: float, t: OptimConfig, debug: DebugConfig, stop_requested: Callable[[], bool],
+) -> StepResult:
+    """One optimizer step over `t.grad_accumulation` micro-batches, skipped (no update) when the
+    loss or the gradient is not finite on any process."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     channels = accelerator.unwrap_model(objective).model.config.channels
-    loss_sum, grad_norm = 0.0, torch.zeros(())
+    poisoned = step + 1 in debug.nan_at_steps and debug.rank in (-1, accelerator.process_index)
+    loss_sum, grad_norm = torch.zeros((), device=accelerator.device), torch.zeros(())
+    skipped = stop = False
     for k in range(t.grad_accumulation):
         x = next(batches)
         seed = position_seed(t.seed, step * t.grad_accumulation + k, accelerator.process_index)
@@ -295,34 +350,90 @@ def optimizer_step(
                                 generator=torch.Generator().manual_seed(seed + 1))
         with accelerator.accumulate(objective):  # syncs gradients on the last micro-batch
             loss = objective(x, channel.to(x.device))
+            if poisoned:
+                loss = loss * math.nan
             accelerator.backward(loss)
-            if accelerator.sync_gradients and t.grad_clip > 0:
-                grad_norm = accelerator.clip_grad_norm_(objective.parameters(), t.grad_clip)
-            optimizer.step()  # a no-op until the gradients are synced
+            loss_sum = loss_sum + loss.detach() / t.grad_accumulation
+            if accelerator.sync_gradients:
+                # An infinite max_norm clips nothing but still gives the norm to check.
+                max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
+                grad_norm = accelerator.clip_grad_norm_(objective.parameters(), max_norm)
+                finite = bool(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
+                skipped, stop = agree(accelerator, not finite, stop_requested())
+                if not skipped:
+                    optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        loss_sum = loss_sum + loss.detach() / t.grad_accumulation
-    return loss_sum, grad_norm
+    return StepResult(loss_sum, grad_norm, skipped, stop)
+
+
+class Preemption:
+    """SIGTERM or SIGINT asks the run to checkpoint at the next step boundary and exit; a second
+    signal ends the process at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self.previous: dict = {}
+
+    def __enter__(self) -> Preemption:
+        if threading.current_thread() is threading.main_thread():  # signals go to the main one
+            self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+        return self
+
+    def handle(self, signum: int, frame) -> None:
+        if self.received is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def inject_faults(debug: DebugConfig, step: int, rank: int) -> None:
+    """The debug section's kill and SIGTERM, right after step `step` (tests of resume)."""
+    if debug.rank not in (-1, rank):
+        return
+    if step == debug.kill_at_step:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if step == debug.sigterm_at_step:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def preflight(cfg: RunConfig):
+    """Everything that can be checked before hours are spent, on every process alike (so that
+    all of them stop, not one): the data, a writable run_dir with room for a checkpoint.
+    Returns the train and test splits."""
+    from .data import open_split
+
+    mc = cfg.model
+    train_set = open_split(cfg.data.spec, "train", mc.image_size, mc.channels)
+    test_set = open_split(cfg.data.spec, "test", mc.image_size, mc.channels)
+    check_writable(cfg.run_dir)
+    with torch.device("meta"):  # the parameter count without allocating the weights
+        num_parameters = AxialTransformer(mc).num_parameters()
+    check_disk_space(cfg.run_dir, num_parameters, cfg.debug.free_bytes)
+    return train_set, test_set
 
 
 def train(cfg: RunConfig) -> dict:
-    """Train, evaluate, checkpoint and export as `cfg` says; returns the final eval metrics."""
+    """Train, evaluate, checkpoint and export as `cfg` says; returns the final eval metrics, or
+    {"preempted": signal name, "step", "checkpoint"} when SIGTERM / SIGINT stopped the run."""
     from accelerate.utils import set_seed
 
-    from .data import open_split
-
+    train_set, test_set = preflight(cfg)
     accelerator = build_accelerator(cfg)
     run_dir = Path(cfg.run_dir)
-    resume_from = resume_checkpoint(cfg)
+    resume_from = resume_checkpoint(cfg, warn=accelerator.is_main_process)
     micro = micro_batch_size(cfg, accelerator.num_processes)
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
         prepare_run_dir(cfg, resume_from is not None)
     accelerator.wait_for_everyone()
     init_trackers(accelerator, cfg)
 
     mc = cfg.model
-    train_set = open_split(cfg.data.spec, "train", mc.image_size, mc.channels)
-    test_set = open_split(cfg.data.spec, "test", mc.image_size, mc.channels)
     if len(train_set) < micro * accelerator.num_processes:
         raise SetupError(f"the train split has {len(train_set)} images, fewer than one batch "
                          f"({micro} per process x {accelerator.num_processes})")
@@ -338,7 +449,10 @@ def train(cfg: RunConfig) -> dict:
     objective, optimizer, loader = accelerator.prepare(Objective(model, t.objective), optimizer,
                                                        loader)
     ema.model.to(accelerator.device)
-    step = load_checkpoint(accelerator, ema, resume_from) if resume_from else 0
+    state = {"step": 0, "skipped_steps": 0, "skipped_in_row": 0}
+    if resume_from:
+        state.update(load_checkpoint(accelerator, objective, ema, resume_from))
+    step = state["step"]
     if resume_from and accelerator.is_main_process:
         drop_metrics_after(run_dir / "metrics.jsonl", step)
 
@@ -351,47 +465,82 @@ def train(cfg: RunConfig) -> dict:
                   f"{len(test_set)} test images on {accelerator.device}, batch {t.batch_size} = "
                   f"{micro} x {accelerator.num_processes} process(es) x {t.grad_accumulation} "
                   "accumulation")
+    # The thread count is logged because CPU results are bit-identical only under the same one.
     log(step, {"parameters": model.num_parameters(), "processes": accelerator.num_processes,
-               "train_images": len(train_set), "test_images": len(test_set)}, echo=False)
+               "threads": torch.get_num_threads(), "train_images": len(train_set),
+               "test_images": len(test_set)}, echo=False)
 
     def run_eval(per_pixel: bool = False):
         return evaluate(ema.model, test_set, accelerator, cfg.eval.batch_size,
                         cfg.eval.max_images, cfg.eval.bf16, per_pixel, cfg.data.workers)
 
+    def checkpoint() -> Path:
+        state["step"] = step
+        return save_checkpoint(accelerator, model, ema, state, run_dir, cfg.checkpoint.keep)
+
     batches = training_batches(loader, accelerator, step * t.grad_accumulation)
     loss_sum = torch.zeros((), device=accelerator.device)
-    interval_steps, interval_start = 0, time.perf_counter()
-    while step < t.steps:
-        lr = learning_rate(step, t)
-        loss, grad_norm = optimizer_step(accelerator, objective, optimizer, batches, step, lr, t)
-        loss_sum += loss
-        ema.update(model, step)
-        step += 1
-        interval_steps += 1
-        bar.update(1)
+    interval_steps, good_steps, interval_start = 0, 0, time.perf_counter()
+    saved_at = step if resume_from else None
+    with Preemption() as preemption:
+        while step < t.steps:
+            lr = learning_rate(step, t)
+            result = optimizer_step(accelerator, objective, optimizer, batches, step, lr, t,
+                                    cfg.debug, lambda: preemption.received is not None)
+            if result.skipped:
+                state["skipped_steps"] += 1
+                state["skipped_in_row"] += 1
+                if accelerator.is_main_process:
+                    bar.write(f"step {step + 1}: non-finite loss or gradient, no update "
+                              f"({state['skipped_in_row']} in a row)")
+                if state["skipped_in_row"] >= t.max_skipped_steps:
+                    raise TrainingError(
+                        f"{state['skipped_in_row']} steps in a row (up to step {step + 1}) had a "
+                        "non-finite loss or gradient: the run diverged. Resume from the last "
+                        "checkpoint with a lower train.lr, or raise train.max_skipped_steps")
+            else:
+                state["skipped_in_row"] = 0
+                ema.update(model, step)
+                loss_sum += result.loss
+                good_steps += 1
+            step += 1
+            interval_steps += 1
+            bar.update(1)
 
-        if step % cfg.log.every == 0 or step == t.steps:
-            elapsed = time.perf_counter() - interval_start
-            loss_bpd = accelerator.reduce(loss_sum, "mean").item() / interval_steps
-            images_per_s = interval_steps * t.batch_size / elapsed
-            metrics = {"train/loss_bpd": loss_bpd, "train/lr": lr,
-                       "train/images_per_s": images_per_s}
-            if t.grad_clip > 0:
-                metrics["train/grad_norm"] = float(grad_norm)
-            bar.set_postfix_str(f"loss {loss_bpd:.3f} bpd, {images_per_s:.1f} img/s")
-            log(step, metrics)
-            loss_sum.zero_()
-            interval_steps, interval_start = 0, time.perf_counter()
-        if cfg.eval.every and step % cfg.eval.every == 0 and step < t.steps:
-            log(step, eval_metrics(run_eval()[0], mc.channels))
-        if cfg.log.sample_every and step % cfg.log.sample_every == 0 and step < t.steps:
-            save_samples(accelerator, ema, cfg, step)
-        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < t.steps:
-            save_checkpoint(accelerator, ema, step, run_dir, cfg.checkpoint.keep)
+            if step % cfg.log.every == 0 or step == t.steps or result.stop:
+                elapsed = time.perf_counter() - interval_start
+                loss_bpd = accelerator.reduce(loss_sum, "mean").item() / max(1, good_steps)
+                images_per_s = interval_steps * t.batch_size / elapsed
+                metrics = {"train/loss_bpd": loss_bpd if good_steps else None, "train/lr": lr,
+                           "train/images_per_s": images_per_s,
+                           "train/skipped_steps": state["skipped_steps"]}
+                if t.grad_clip > 0:  # null when not finite: metrics.jsonl stays strict JSON
+                    norm = float(result.grad_norm)
+                    metrics["train/grad_norm"] = norm if math.isfinite(norm) else None
+                bar.set_postfix_str(f"loss {loss_bpd:.3f} bpd, {images_per_s:.1f} img/s")
+                log(step, metrics)
+                loss_sum.zero_()
+                interval_steps, good_steps, interval_start = 0, 0, time.perf_counter()
+            if result.stop:
+                path = checkpoint() if saved_at != step else run_dir / "checkpoints" / (
+                    f"{CHECKPOINT_PREFIX}{step:07d}")
+                reason = preemption.received or "a signal to another process"
+                log(step, {"preempted": reason})
+                bar.close()
+                accelerator.end_training()
+                return {"preempted": reason, "step": step, "checkpoint": str(path)}
+            if cfg.eval.every and step % cfg.eval.every == 0 and step < t.steps:
+                log(step, eval_metrics(run_eval()[0], mc.channels))
+            if cfg.log.sample_every and step % cfg.log.sample_every == 0 and step < t.steps:
+                save_samples(accelerator, ema, cfg, step)
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < t.steps:
+                checkpoint()
+                saved_at = step
+            inject_faults(cfg.debug, step, accelerator.process_index)
     bar.close()
 
-    if not (resume_from and resume_from.name == f"{CHECKPOINT_PREFIX}{step:07d}"):
-        save_checkpoint(accelerator, ema, step, run_dir, cfg.checkpoint.keep)
+    if saved_at != step:
+        checkpoint()
     metrics, heatmap = run_eval(per_pixel=cfg.eval.heatmap)
     final = {**eval_metrics(metrics, mc.channels), "replicas_in_sync": replicas_in_sync(
         accelerator, model)}
@@ -445,6 +594,8 @@ def load_trained_model(path: str | Path) -> tuple[AxialTransformer, RunConfig | 
             raise FileNotFoundError(f"{path.parent.parent / 'config.yaml'} not found: a "
                                     "checkpoint is read with its run's config")
         ema = EMA(AxialTransformer(cfg.model), cfg.train.ema_decay)
+        check_shapes(path / "ema.safetensors",
+                     {k: tuple(v.shape) for k, v in ema.model.state_dict().items()})
         ema.load(path / "ema.safetensors")
         return ema.model, cfg
     if (path / "export" / "config.json").is_file():  # a run directory
