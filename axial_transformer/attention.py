@@ -112,11 +112,12 @@ class AxialSelfAttention(nn.Module):
         everything it holds. Once the cache holds anything, one position is decoded per call.
         """
         b = x.shape[0]
-        qkv = self.to_qkv(x)  # projections act per pixel, before any folding
-        if self.axis == "row":
-            q, k, v = rearrange(qkv, "b h w (i n e) -> i (b h) n w e", i=3, n=self.heads)
-        else:
-            q, k, v = rearrange(qkv, "b h w (i n e) -> i (b w) n h e", i=3, n=self.heads)
+        # Projections act per pixel, before any folding. Splitting q, k, v before folding lets
+        # the backward stack their gradients straight into the projection's layout (folding the
+        # fused tensor costs a concatenation plus a permuting copy, ~10% of a training step).
+        qkv = self.to_qkv(x).unflatten(-1, (3, self.heads, self.head_dim)).unbind(-3)
+        fold = "b h w n e -> (b h) n w e" if self.axis == "row" else "b h w n e -> (b w) n h e"
+        q, k, v = (rearrange(t, fold) for t in qkv)
 
         causal = self.causal
         if cache is not None:
