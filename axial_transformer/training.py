@@ -494,6 +494,7 @@ def train(cfg: RunConfig) -> dict:
                     bar.write(f"step {step + 1}: non-finite loss or gradient, no update "
                               f"({state['skipped_in_row']} in a row)")
                 if state["skipped_in_row"] >= t.max_skipped_steps:
+                    bar.close()  # the error starts its own line
                     raise TrainingError(
                         f"{state['skipped_in_row']} steps in a row (up to step {step + 1}) had a "
                         "non-finite loss or gradient: the run diverged. Resume from the last "
