@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +123,20 @@ def test_sigkill_then_resume_is_bit_identical(data_dir, straight, killed, tmp_pa
     assert losses(other)[:4] == losses(straight)[:4]
     assert losses(other)[4:] != losses(straight)[4:]
     assert not same(final_weights(other)[0], straight_model)
+
+    # Negative control: a resume that restarts the data order from the top of the run (the
+    # position in the epoch not restored) is caught too.
+    forgetful = Path(shutil.copytree(killed, tmp_path / "forgetful"))
+    patch = ("import sys; sys.argv[0] = 'train.py'; import axial_transformer.training as T; "
+             "restart = T.training_batches; "
+             "T.training_batches = lambda loader, acc, position: restart(loader, acc, 0); "
+             "import train; sys.exit(train.main(sys.argv[1:]))")
+    done = subprocess.run([sys.executable, "-c", patch,
+                           *run_args(data_dir, forgetful, *RUN, "resume=auto")],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert losses(forgetful)[:4] == losses(straight)[:4]
+    assert losses(forgetful)[4:] != losses(straight)[4:]
 
 
 def test_corrupt_latest_checkpoint_is_named_and_the_previous_one_used(
@@ -294,3 +309,32 @@ def test_checkpoint_from_another_configuration_names_the_parameter(data_dir, str
     done = launch(data_dir, tmp_path / "wider", f"resume={checkpoint}", "model.dim=32")
     one_line_error(done, "parameter model.")
     assert "[6, 1, 16]" in done.stderr and "[6, 1, 32]" in done.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_torchrun_agent_checkpoints_every_worker(data_dir, tmp_path):
+    """A scheduler signals the launcher: torchrun forwards SIGTERM to both workers, which
+    checkpoint at the same step and exit; the launcher itself then exits with code 1."""
+    run = tmp_path / "ddp"
+    command = [*TORCHRUN, str(ROOT / "train.py"),
+               *run_args(data_dir, run, *RUN, "train.steps=100000", "checkpoint.every=0")]
+    agent = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        log = run / "metrics.jsonl"
+        while not log.is_file() or "train/loss_bpd" not in log.read_text():  # training began
+            assert time.monotonic() < deadline and agent.poll() is None
+            time.sleep(0.2)
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(timeout=60)
+    finally:
+        agent.kill()
+    preempted = [r for r in records(run) if "preempted" in r]
+    assert len(preempted) == 1
+    checkpoint = run / "checkpoints" / f"step_{preempted[0]['step']:07d}"
+    assert checkpoint_problem(checkpoint) is None
+    step = preempted[0]["step"]
+    done = launch(data_dir, run, f"train.steps={step + 1}", "resume=auto", launcher=TORCHRUN)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert records(run)[-1]["replicas_in_sync"] is True
