@@ -297,6 +297,50 @@ def test_start_up_errors_are_one_line(data_dir, tmp_path, capsys):
         run_main(capsys, "--debug", *run_args(data_dir, tmp_path / "r", "data.spec=/no/such/data"))
 
 
+def test_prepare_errors_are_one_line(tmp_path, capsys):
+    """Corrupt image in a tar (fatal with --on-error raise), an image of the wrong size in a
+    folder, an npz without its key and one holding pickled objects: one line each, naming the
+    file and what was expected, and no output left behind."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from axial_transformer.data import main as prepare_cli
+
+    def png(size: tuple[int, int]) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(np.zeros((*size, 3), np.uint8)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    with tarfile.open(tmp_path / "bad.tar", "w") as tar:
+        for name, data in [("a.png", png((4, 4))), ("b.png", png((4, 4))[:30])]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(png((4, 4)))
+    (folder / "b.png").write_bytes(png((5, 4)))
+    np.savez(tmp_path / "val_data.npz", images=np.zeros((2, 48), np.uint8))
+    (tmp_path / "objects").mkdir()
+    np.savez(tmp_path / "objects" / "val_data.npz", data=np.array([{"x": 1}], dtype=object))
+    cases = [
+        ([str(tmp_path / "bad.tar"), "--on-error", "raise"], "b.png"),
+        ([str(folder)], "b.png"),
+        ([str(tmp_path / "val_data.npz")], "'data'"),
+        ([str(tmp_path / "objects" / "val_data.npz")], "never loaded"),
+    ]
+    for args, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            prepare_cli(["prepare", args[0], str(tmp_path / "out.npy"), *args[1:]])
+        lines = capsys.readouterr().err.strip().splitlines()  # a progress bar, then the error
+        errors = [line for line in lines if "error" in line]
+        assert exit_info.value.code == 2 and errors == [lines[-1]], lines
+        assert errors[0].startswith("error: ") and message in errors[0], errors
+        assert not (tmp_path / "out.npy").exists()
+
+
 def test_disk_estimate_counts_model_adam_ema_and_export():
     assert checkpoint_bytes(10**9) >= 10**9 * 4 * 4
     check_disk_space(".", 10**6, free_bytes=checkpoint_bytes(10**6))  # exactly enough
