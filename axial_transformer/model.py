@@ -46,11 +46,14 @@ def at_least_fp32(logits: Tensor) -> Tensor:
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
-class SigmoidGELU(nn.Module):
+def sigmoid_gelu(x: Tensor) -> Tensor:
     """The GELU approximation x * sigmoid(1.702 x) of the official axial/nn.py."""
+    return x * torch.sigmoid(1.702 * x)
 
+
+class SigmoidGELU(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
-        return x * torch.sigmoid(1.702 * x)
+        return sigmoid_gelu(x)
 
 
 class AxialBlock(nn.Module):

@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .attention import KVCache
-from .model import AxialBlock, AxialTransformer
+from .model import AxialBlock, AxialTransformer, sigmoid_gelu
 
 __all__ = ["LogitsHook", "sample", "sample_naive"]
 
@@ -206,26 +208,54 @@ def sample_naive(
 # The fast sampler.
 
 
-def _inner_step(blocks: nn.ModuleList, caches: list[KVCache], r: Tensor) -> Tensor:
+class _RowBlock(NamedTuple):
+    """The tensors of one masked row block, looked up once per call of `sample`: at batch 1 a
+    module call or attribute lookup costs as much as the arithmetic of a one-pixel step."""
+
+    attn_norm: tuple[Tensor, Tensor, float]
+    to_qkv: tuple[Tensor, Tensor]
+    to_out: tuple[Tensor, Tensor]
+    mlp_norm: tuple[Tensor, Tensor, float]
+    mlp_in: tuple[Tensor, Tensor]
+    mlp_out: tuple[Tensor, Tensor]
+    heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, block: AxialBlock) -> _RowBlock:
+        def norm(m: nn.LayerNorm) -> tuple[Tensor, Tensor, float]:
+            return m.weight, m.bias, m.eps
+
+        def dense(m: nn.Linear) -> tuple[Tensor, Tensor]:
+            return m.weight, m.bias
+
+        attn = block.attn
+        return cls(norm(block.attn_norm), dense(attn.to_qkv), dense(attn.to_out),
+                   norm(block.mlp_norm), dense(block.mlp[0]), dense(block.mlp[2]),
+                   attn.heads, attn.head_dim)
+
+
+def _inner_step(blocks: list[_RowBlock], caches: list[KVCache], r: Tensor) -> Tensor:
     """Advance the inner decoder by one column: r [B, D] of column t -> [B, D].
 
-    The same arithmetic as `AxialBlock.forward` on one position with a cache (eval mode, so no
-    dropout), written on [B, D] rows directly: at batch 1 the sampler is bound by the per-step
-    overhead of Python and small ops, and the folding and einops of the general path cost more
-    than the matmuls. The cache holds only columns <= t, so attending to all of it is causal.
+    The arithmetic of `AxialBlock.forward` on one position with a cache (eval mode, so no
+    dropout), written functionally on [B, D] rows: at batch 1 the sampler is bound by the
+    per-step overhead of Python and small ops, and module calls and the folding of the general
+    path cost more than the matmuls. The cache holds only columns <= t, so attending to all of it
+    is causal.
     """
-    b = r.shape[0]
-    for block, cache in zip(blocks, caches, strict=True):
-        attn = block.attn
-        qkv = attn.to_qkv(block.attn_norm(r)).view(b, 3, attn.heads, 1, attn.head_dim)
+    b, d = r.shape
+    for blk, cache in zip(blocks, caches, strict=True):
+        y = F.layer_norm(r, (d,), *blk.attn_norm)
+        qkv = F.linear(y, *blk.to_qkv).view(b, 3, blk.heads, 1, blk.head_dim)
         q, k, v = qkv.unbind(1)  # (B, n, 1, e) each
         k, v = cache.append(k, v)  # (B, n, t+1, e)
         # One query: the plain softmax(q k^T / sqrt(e)) v is several times cheaper than SDPA's
         # CPU kernel at this size, and the cache holds only columns <= t, so no mask is needed.
-        weights = (q @ k.transpose(-1, -2)).mul_(attn.head_dim**-0.5).softmax(-1)
-        out = weights @ v  # (B, n, 1, e)
-        r = r + attn.to_out(out.view(b, -1))
-        r = r + block.mlp(block.mlp_norm(r))
+        weights = (q @ k.transpose(-1, -2)).mul_(blk.head_dim**-0.5).softmax(-1)
+        r = r + F.linear((weights @ v).view(b, d), *blk.to_out)
+        y = F.linear(F.layer_norm(r, (d,), *blk.mlp_norm), *blk.mlp_in)
+        r = r + F.linear(sigmoid_gelu(y), *blk.mlp_out)
     return r
 
 
@@ -285,6 +315,7 @@ def sample(
         # Allocated once and reset: a decoding step writes into them and allocates nothing big.
         outer_caches = model.outer_decoder.new_caches(b * w, h, like)
         inner_caches = model.inner_decoder.new_caches(b, w, like)
+        row_blocks = [_RowBlock.of(block) for block in model.inner_decoder.blocks]
         embed = model.pixel_embedding
         pos = model.positions()  # (H, W, D)
         no_pixel = pos.new_zeros((b, dim))  # shift_right's zero column
@@ -316,7 +347,7 @@ def sample(
                     cache.reset()
                 h_left = no_pixel
                 for j in range(w):
-                    r = _inner_step(model.inner_decoder.blocks, inner_caches,
+                    r = _inner_step(row_blocks, inner_caches,
                                     h_left + row_inputs[:, j])
                     logits = model.logits(r)
                     if on_logits is not None:
