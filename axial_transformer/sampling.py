@@ -213,7 +213,7 @@ class _RowBlock(NamedTuple):
     module call or attribute lookup costs as much as the arithmetic of a one-pixel step."""
 
     attn_norm: tuple[Tensor, Tensor, float]
-    to_qkv: tuple[Tensor, Tensor]
+    to_qkv: tuple[Tensor, Tensor]  # (bias, weight^T)
     to_out: tuple[Tensor, Tensor]
     mlp_norm: tuple[Tensor, Tensor, float]
     mlp_in: tuple[Tensor, Tensor]
@@ -221,18 +221,33 @@ class _RowBlock(NamedTuple):
     heads: int
     head_dim: int
 
+    @staticmethod
+    def norm(m: nn.LayerNorm) -> tuple[Tensor, Tensor, float]:
+        return m.weight, m.bias, m.eps
+
+    @staticmethod
+    def dense(m: nn.Linear) -> tuple[Tensor, Tensor]:
+        # Stored as (bias, weight^T) for torch.addmm: with the weight already transposed in
+        # memory, a one-row product runs about a third faster on the CPU than F.linear's.
+        return m.bias, m.weight.t().contiguous()
+
     @classmethod
     def of(cls, block: AxialBlock) -> _RowBlock:
-        def norm(m: nn.LayerNorm) -> tuple[Tensor, Tensor, float]:
-            return m.weight, m.bias, m.eps
-
-        def dense(m: nn.Linear) -> tuple[Tensor, Tensor]:
-            return m.weight, m.bias
-
+        norm, dense = cls.norm, cls.dense
         attn = block.attn
-        return cls(norm(block.attn_norm), dense(attn.to_qkv), dense(attn.to_out),
+        bias, weight_t = dense(attn.to_qkv)
+        # Fold attention's 1/sqrt(e) into the query projection: one op less per block and pixel.
+        scale = torch.ones_like(bias)
+        scale[: attn.heads * attn.head_dim] = attn.head_dim**-0.5
+        to_qkv = bias * scale, weight_t * scale
+        return cls(norm(block.attn_norm), to_qkv, dense(attn.to_out),
                    norm(block.mlp_norm), dense(block.mlp[0]), dense(block.mlp[2]),
                    attn.heads, attn.head_dim)
+
+
+def _dense(x: Tensor, bias_and_weight_t: tuple[Tensor, Tensor]) -> Tensor:
+    bias, weight_t = bias_and_weight_t
+    return torch.addmm(bias, x, weight_t)
 
 
 def _inner_step(blocks: list[_RowBlock], caches: list[KVCache], r: Tensor) -> Tensor:
@@ -247,15 +262,15 @@ def _inner_step(blocks: list[_RowBlock], caches: list[KVCache], r: Tensor) -> Te
     b, d = r.shape
     for blk, cache in zip(blocks, caches, strict=True):
         y = F.layer_norm(r, (d,), *blk.attn_norm)
-        qkv = F.linear(y, *blk.to_qkv).view(b, 3, blk.heads, 1, blk.head_dim)
+        qkv = _dense(y, blk.to_qkv).view(b, 3, blk.heads, 1, blk.head_dim)
         q, k, v = qkv.unbind(1)  # (B, n, 1, e) each
         k, v = cache.append(k, v)  # (B, n, t+1, e)
-        # One query: the plain softmax(q k^T / sqrt(e)) v is several times cheaper than SDPA's
-        # CPU kernel at this size, and the cache holds only columns <= t, so no mask is needed.
-        weights = (q @ k.transpose(-1, -2)).mul_(blk.head_dim**-0.5).softmax(-1)
-        r = r + F.linear((weights @ v).view(b, d), *blk.to_out)
-        y = F.linear(F.layer_norm(r, (d,), *blk.mlp_norm), *blk.mlp_in)
-        r = r + F.linear(sigmoid_gelu(y), *blk.mlp_out)
+        # One query: the plain softmax(q k^T) v (q already scaled) is several times cheaper than
+        # SDPA's CPU kernel at this size, and the cache holds only columns <= t: no mask needed.
+        weights = (q @ k.transpose(-1, -2)).softmax(-1)
+        r = r + _dense((weights @ v).view(b, d), blk.to_out)
+        y = _dense(F.layer_norm(r, (d,), *blk.mlp_norm), blk.mlp_in)
+        r = r + _dense(sigmoid_gelu(y), blk.mlp_out)
     return r
 
 
@@ -316,6 +331,8 @@ def sample(
         outer_caches = model.outer_decoder.new_caches(b * w, h, like)
         inner_caches = model.inner_decoder.new_caches(b, w, like)
         row_blocks = [_RowBlock.of(block) for block in model.inner_decoder.blocks]
+        final_norm = _RowBlock.norm(model.final_norm)
+        to_logits = _RowBlock.dense(model.to_logits)
         embed = model.pixel_embedding
         pos = model.positions()  # (H, W, D)
         no_pixel = pos.new_zeros((b, dim))  # shift_right's zero column
@@ -346,17 +363,17 @@ def sample(
                 for cache in inner_caches:
                     cache.reset()
                 h_left = no_pixel
+                x_row = x[:, ci, i]  # (B, W), a view: draws land in x
                 for j in range(w):
-                    r = _inner_step(row_blocks, inner_caches,
-                                    h_left + row_inputs[:, j])
-                    logits = model.logits(r)
+                    r = _inner_step(row_blocks, inner_caches, h_left + row_inputs[:, j])
+                    logits = _dense(F.layer_norm(r, (dim,), *final_norm), to_logits)
                     if on_logits is not None:
                         on_logits(ci, i, j, logits.to(_fp32_or_more(logits.dtype)))
                     drawn = _draw(logits, gumbel[:, j], temperature)
                     if row_mask is not None:
-                        drawn = torch.where(row_mask[:, j], x[:, ci, i, j], drawn)
-                    x[:, ci, i, j] = drawn
-                    h_left = embed(drawn)
+                        drawn = torch.where(row_mask[:, j], x_row[:, j], drawn)
+                    x_row[:, j] = drawn
+                    h_left = F.embedding(drawn, embed.weight)
                 bar.update()
         bar.close()
     return _output(x, model.config.levels)
