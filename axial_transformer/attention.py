@@ -68,19 +68,22 @@ class KVCache:
     def __init__(
         self, folded_batch: int, heads: int, max_len: int, head_dim: int, like: Tensor
     ) -> None:
-        shape = (folded_batch, heads, max_len, head_dim)
-        self.k = like.new_empty(shape)
-        self.v = like.new_empty(shape)
+        # Keys and values share one buffer, so a fused projection's k and v land in one copy.
+        self.kv = like.new_empty((folded_batch, 2, heads, max_len, head_dim))
         self.length = 0
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        end = self.length + k.shape[2]
-        if end > self.k.shape[2]:
-            raise ValueError(f"KV cache holds {self.k.shape[2]} positions; {end} were written")
-        self.k[:, :, self.length : end] = k
-        self.v[:, :, self.length : end] = v
+        """Append [N, heads, L, e] keys and values; return all of them so far."""
+        return self.append_pair(torch.stack([k, v], dim=1))
+
+    def append_pair(self, kv: Tensor) -> tuple[Tensor, Tensor]:
+        """Append keys and values stacked as [N, 2, heads, L, e]; return all of them so far."""
+        end = self.length + kv.shape[3]
+        if end > self.kv.shape[3]:
+            raise ValueError(f"KV cache holds {self.kv.shape[3]} positions; {end} were written")
+        self.kv[:, :, :, self.length : end] = kv
         self.length = end
-        return self.k[:, :, :end], self.v[:, :, :end]
+        return self.kv[:, 0, :, :end], self.kv[:, 1, :, :end]
 
     def reset(self) -> None:
         self.length = 0

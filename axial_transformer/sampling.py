@@ -261,15 +261,15 @@ def _inner_step(blocks: list[_RowBlock], caches: list[KVCache], r: Tensor) -> Te
     """
     b, d = r.shape
     for blk, cache in zip(blocks, caches, strict=True):
-        y = F.layer_norm(r, (d,), *blk.attn_norm)
+        y = torch.layer_norm(r, (d,), *blk.attn_norm)
         qkv = _dense(y, blk.to_qkv).view(b, 3, blk.heads, 1, blk.head_dim)
-        q, k, v = qkv.unbind(1)  # (B, n, 1, e) each
-        k, v = cache.append(k, v)  # (B, n, t+1, e)
+        q = qkv[:, 0]  # (B, n, 1, e)
+        k, v = cache.append_pair(qkv[:, 1:])  # (B, n, t+1, e) each
         # One query: the plain softmax(q k^T) v (q already scaled) is several times cheaper than
         # SDPA's CPU kernel at this size, and the cache holds only columns <= t: no mask needed.
         weights = (q @ k.transpose(-1, -2)).softmax(-1)
         r = r + _dense((weights @ v).view(b, d), blk.to_out)
-        y = _dense(F.layer_norm(r, (d,), *blk.mlp_norm), blk.mlp_in)
+        y = _dense(torch.layer_norm(r, (d,), *blk.mlp_norm), blk.mlp_in)
         r = r + _dense(sigmoid_gelu(y), blk.mlp_out)
     return r
 
