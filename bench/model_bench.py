@@ -36,6 +36,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from machine import cpu_model
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
@@ -257,15 +258,6 @@ def attention_seconds(size: int, batch: int, warmup: int, repeats: int, budget: 
 # The driver: machine info, subprocess per step case, tables.
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def spawn_step_case(model: str, precision: str, size: int, batch: int,

@@ -20,26 +20,15 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
 import time
 from collections.abc import Callable
 
 import torch
+from machine import cpu_model
 
 from axial_transformer import AxialTransformer, AxialTransformerConfig
 from axial_transformer.model import shift_down, shift_right
 from axial_transformer.sampling import sample, sample_naive
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def sync(device: torch.device) -> None:
@@ -48,7 +37,8 @@ def sync(device: torch.device) -> None:
 
 
 def clock(fn: Callable[[], object], device: torch.device, repeats: int = 1) -> float:
-    """Best wall time of `repeats` calls, in seconds."""
+    """Best wall time of `repeats` calls after one untimed warm-up call, in seconds."""
+    fn()
     best = float("inf")
     for _ in range(repeats):
         sync(device)
@@ -154,7 +144,7 @@ def main() -> None:
         tiny = AxialTransformerConfig.from_preset(preset, image_size=(sizes[0], sizes[0] + 1))
         check_agreement(AxialTransformer(tiny).to(device).double().eval(), device)
     print(f"# Sampling benchmark, {datetime.datetime.now().isoformat(timespec='seconds')}")
-    print(f"# {cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    print(f"# {cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"device {device}{' (bf16 autocast)' if autocast else ''}, preset {preset!r}")
     print("# seconds per image; * = timed over the first steps and multiplied out\n")
     print("| image    | batch | naive     | official  | ours     | vs naive | vs official "
