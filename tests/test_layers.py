@@ -2,8 +2,6 @@
 
 import itertools
 import math
-import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,9 +15,6 @@ from axial_transformer.layers import (
     AxisAttention,
     ChannelAttention,
 )
-
-README = Path(__file__).resolve().parents[1] / "README.md"
-README_SECTION = "## Axial attention in your CNN"
 
 # (spatial shape, dim_index): 2-D and 3-D, channels first, channels last and in between
 LAYOUTS = [((4, 5), 1), ((4, 5), -1), ((3, 4, 5), 1), ((3, 4, 5), -1), ((3, 4, 5), 2)]
@@ -251,7 +246,7 @@ def test_bad_arguments_and_inputs_raise():
 
 
 # ---------------------------------------------------------------------------------------------
-# In a CNN: training, compilation, export, and the README example.
+# In a CNN: training, compilation, export.
 
 
 class TinyCNN(nn.Module):
@@ -302,19 +297,3 @@ def test_compile_block():
     torch.testing.assert_close(out, block(x), atol=1e-5, rtol=1e-5)
     out.sum().backward()
     assert x.grad is not None and x.grad.isfinite().all()
-
-
-def readme_example(text: str) -> str:
-    """The first python code block of the README section on axial attention in a CNN."""
-    section = text.split(README_SECTION, 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
-    assert blocks, f"the README section {README_SECTION!r} has no python example"
-    return blocks[0]
-
-
-def test_readme_example_runs():
-    text = README.read_text()
-    if README_SECTION not in text:
-        pytest.skip(f"README.md has no section {README_SECTION!r}")
-    torch.manual_seed(9)
-    exec(compile(readme_example(text), "README.md", "exec"), {})
