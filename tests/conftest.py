@@ -1,5 +1,7 @@
 import os
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,3 +25,20 @@ def randomize_(model: torch.nn.Module, std: float = 0.3, seed: int = 0) -> torch
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def structured_images(n: int, h: int, w: int, seed: int) -> np.ndarray:
+    """Smooth gradients plus noise: learnable in a few steps, unlike uniform noise."""
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 200, w)[None, None, :, None] * rng.uniform(0.5, 1, (n, 1, 1, 3))
+    noise = rng.integers(0, 40, (n, h, w, 3))
+    return (ramp + noise).clip(0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """40 training images and 13 test images of 6 x 7: 13 is not a multiple of any batch."""
+    root = tmp_path_factory.mktemp("data")
+    np.save(root / "train.npy", structured_images(40, 6, 7, seed=0))
+    np.save(root / "test.npy", structured_images(13, 6, 7, seed=1))
+    return root

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import ENV, ROOT, run_args, structured_images
+from test_train import ENV, ROOT, run_args
 
 from axial_transformer.checkpoint import (
     check_disk_space,
@@ -29,14 +29,6 @@ from axial_transformer.training import nonfinite_parameter
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
 # Six steps, a checkpoint every two, the last two kept.
 RUN = ("train.steps=6", "checkpoint.every=2", "checkpoint.keep=2", "eval.max_images=4")
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    np.save(root / "train.npy", structured_images(40, 6, 7, seed=0))
-    np.save(root / "test.npy", structured_images(13, 6, 7, seed=1))
-    return root
 
 
 def launch(data_dir: Path, run_dir: Path, *extra: str, launcher: tuple = (),

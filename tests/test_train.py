@@ -39,14 +39,6 @@ def tiny_model(seed: int = 0) -> AxialTransformer:
     return randomize_(AxialTransformer(cfg), seed=seed)
 
 
-def structured_images(n: int, h: int, w: int, seed: int) -> np.ndarray:
-    """Smooth gradients plus noise: learnable in a few steps, unlike uniform noise."""
-    rng = np.random.default_rng(seed)
-    ramp = np.linspace(0, 200, w)[None, None, :, None] * rng.uniform(0.5, 1, (n, 1, 1, 3))
-    noise = rng.integers(0, 40, (n, h, w, 3))
-    return (ramp + noise).clip(0, 255).astype(np.uint8)
-
-
 # ---------------------------------------------------------------------------------------------
 # Pure functions.
 
@@ -150,15 +142,6 @@ def test_lossless_baselines_count_file_bytes():
 
 # ---------------------------------------------------------------------------------------------
 # End to end, in subprocesses.
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    """40 training images and 13 test images of 6 x 7: 13 is not a multiple of any batch."""
-    root = tmp_path_factory.mktemp("data")
-    np.save(root / "train.npy", structured_images(40, 6, 7, seed=0))
-    np.save(root / "test.npy", structured_images(13, 6, 7, seed=1))
-    return root
 
 
 def run_args(data_dir: Path, run_dir: Path, *extra: str) -> list[str]:
