@@ -98,6 +98,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=64, help="images drawn at once")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true",
+                        help="run each decoding step as a torch.compile'd graph: about 2x "
+                        "faster at small batches on a CPU, after 10-30 s of compilation")
     parser.add_argument("--complete", metavar="IMAGE",
                         help="a PNG/JPEG of the model's size, or PATH.npy:INDEX of a prepared "
                         "split: keep its top --rows-given rows and sample the rest. "
@@ -161,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     for first in range(0, num_samples, args.batch_size):
         n = min(args.batch_size, num_samples - first)
         batches.append(sample(model, n, temperature=args.temperature, generator=generator,
-                              known=known, known_mask=known_mask, progress=True).cpu())
+                              known=known, known_mask=known_mask, progress=True,
+                              compile=args.compile).cpu())
     seconds = time.perf_counter() - start
     samples = torch.cat(batches)  # (N, C, H, W) uint8
 

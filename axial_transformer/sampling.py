@@ -122,16 +122,23 @@ SINGLE_THREAD_BELOW_BATCH = 8
 
 
 @contextlib.contextmanager
-def _sampling_mode(model: nn.Module, x: Tensor, autocast: bool):
+def _sampling_mode(model: nn.Module, x: Tensor, autocast: bool, compiled: bool = False):
     """Eval mode (no dropout), no autograd, bf16 autocast if asked, one CPU thread for small
-    batches; restores the training flag and the thread count."""
+    eager batches; restores the training flag and the thread count."""
     was_training, threads = model.training, torch.get_num_threads()
     model.eval()
-    if x.device.type == "cpu" and x.shape[0] < SINGLE_THREAD_BELOW_BATCH:
+    if x.device.type == "cpu" and x.shape[0] < SINGLE_THREAD_BELOW_BATCH and not compiled:
         torch.set_num_threads(1)
+    # Frozen weights let inductor's CPU GEMM templates pack the matrix-vector products of a
+    # compiled step: 2-4x faster than mkl's at batch 1 (its autotuning times both and picks).
+    # `torch.compile(options=...)` does not pass `freezing` through, hence the patch.
+    compile_config = torch._inductor.config.patch(
+        freezing=True, max_autotune=x.device.type == "cpu", autotune_num_choices_displayed=0,
+        max_autotune_report_choices_stats=False,
+    ) if compiled else contextlib.nullcontext()
     try:
-        with torch.inference_mode(), torch.autocast(x.device.type, dtype=torch.bfloat16,
-                                                    enabled=autocast):
+        with torch.inference_mode(), compile_config, \
+                torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
             yield
     finally:
         model.train(was_training)
@@ -279,6 +286,40 @@ def _inner_step(blocks: list[_RowBlock], caches: list[KVCache], r: Tensor) -> Te
     return r
 
 
+class _CompiledSteps:
+    """The outer decoder's row step and the inner decoder's subpixel step, each one compiled
+    graph (`compiled_steps`); they write into the eager sampler's cache buffers."""
+
+    def __init__(self, model: AxialTransformer, temperature: float, x: Tensor,
+                 outer_caches: list[KVCache | None], inner_caches: list[KVCache]) -> None:
+        from .compiled_steps import compiled_steps
+
+        b, (h, w), dim = x.shape[0], model.config.image_size, model.config.dim
+        # Zeroed: the steps mask the positions not written yet, and 0 * NaN would not vanish.
+        self.outer_kv = [c.kv.zero_() if c is not None else None for c in outer_caches]
+        self.inner_kv = [c.kv.zero_() for c in inner_caches]
+        self.index = [torch.tensor(t, device=x.device) for t in range(max(h, w))]
+        self.no_pixel = x.new_zeros((b, dim), dtype=self.inner_kv[0].dtype)
+        self.keep_none = torch.zeros((b, w), dtype=torch.bool, device=x.device)
+        self.temperature = torch.tensor(float(temperature), device=x.device)
+        self.outer_step, self.pixel_step = compiled_steps(model)
+
+    def outer(self, above: Tensor, row: int) -> Tensor:
+        """Row `row` [B, W, D] through the outer decoder -> [B, W, D]."""
+        return self.outer_step(above, self.outer_kv, self.index[row])
+
+    def draw_row(self, row_inputs: Tensor, gumbel: Tensor, row_mask: Tensor | None,
+                 x_row: Tensor, on_logits: LogitsHook | None, ci: int, i: int) -> None:
+        """Draw row i of channel ci into x_row [B, W], pixel by pixel."""
+        keep = self.keep_none if row_mask is None else row_mask
+        h_left = self.no_pixel
+        for j in range(x_row.shape[1]):
+            h_left, logits = self.pixel_step(h_left, row_inputs, self.inner_kv, self.index[j],
+                                             gumbel, self.temperature, keep, x_row)
+            if on_logits is not None:
+                on_logits(ci, i, j, at_least_fp32(logits))
+
+
 def _check_inner_decoder(blocks: nn.ModuleList) -> None:
     """`_inner_step` mirrors `AxialBlock`: refuse anything else rather than sample wrongly."""
     for block in blocks:
@@ -298,6 +339,7 @@ def sample(
     progress: bool = False,
     autocast: bool | None = None,
     on_logits: LogitsHook | None = None,
+    compile: bool = False,
 ) -> Tensor:
     """Draw `num_samples` images row by row with key/value caches -> uint8 [B, C, H, W].
 
@@ -314,6 +356,10 @@ def sample(
     autocast:    bf16 autocast; default on when the model is on CUDA.
     on_logits:   called as on_logits(c, i, j, logits [B, V]) for every subpixel (for tests and
         for scoring samples as they are drawn); keeps fully known rows from being skipped.
+    compile:     run each subpixel as one torch.compile'd graph with frozen weights
+        (`axial_transformer.compiled_steps`): about 2x faster at batch 1 on the CPU, after a
+        compilation of 10-30 s per call. Same distribution; the logits may differ from the eager
+        ones in the last bits.
 
     The samples are on the model's device; the model runs in its own dtype (or bf16 autocast).
     """
@@ -329,12 +375,14 @@ def sample(
         skip.zero_()
     skip = skip.tolist()
 
-    with _sampling_mode(model, x, autocast):
+    with _sampling_mode(model, x, autocast, compile):
         like = torch.empty((), device=x.device,
                            dtype=torch.bfloat16 if autocast else next(model.parameters()).dtype)
         # Allocated once and reset: a decoding step writes into them and allocates nothing big.
         outer_caches = model.outer_decoder.new_caches(b * w, h, like)
         inner_caches = model.inner_decoder.new_caches(b, w, like)
+        steps = (_CompiledSteps(model, temperature, x, outer_caches, inner_caches)
+                 if compile else None)
         row_blocks = [_RowBlock.of(block) for block in model.inner_decoder.blocks]
         final_norm = _RowBlock.norm(model.final_norm)
         to_logits = _RowBlock.dense(model.to_logits)
@@ -359,7 +407,10 @@ def sample(
                     # Row i-1 through the outer decoder; its masked column layers append it to
                     # their caches and attend to rows 0..i-1, the unmasked row layers see it whole.
                     above = embed(x[:, ci, i - 1]) + pos[i - 1] + ctx[:, i - 1]  # (B, W, D)
-                    u = model.outer_decoder(above[:, None], outer_caches)[:, 0]
+                    if steps is not None:
+                        u = steps.outer(above, i - 1)
+                    else:
+                        u = model.outer_decoder(above[:, None], outer_caches)[:, 0]
                 if skip[ci][i]:
                     bar.update()
                     continue
@@ -369,6 +420,10 @@ def sample(
                     cache.reset()
                 h_left = no_pixel
                 x_row = x[:, ci, i]  # (B, W), a view: draws land in x
+                if steps is not None:
+                    steps.draw_row(row_inputs, gumbel, row_mask, x_row, on_logits, ci, i)
+                    bar.update()
+                    continue
                 for j in range(w):
                     r = _inner_step(row_blocks, inner_caches, h_left + row_inputs[:, j])
                     logits = _dense(F.layer_norm(r, (dim,), *final_norm), to_logits)
