@@ -10,6 +10,8 @@ Seconds per image for
             row, the inner decoder over the whole row once per pixel, no caches;
   ours      `sampling.sample`: channel encoder once per channel, outer decoder one row at a time,
             inner decoder one pixel at a time, both with key/value caches;
+  compiled  `sampling.sample(compile=True)`: the same, each row step and subpixel step one
+            torch.compile'd graph (timed after the compilation, which is printed apart);
 and ours divided by one teacher-forced forward pass over every slice of the same batch (1.0 is
 the compute bound: sampling does the same arithmetic). Naive and official are timed over their
 first steps and multiplied out to the whole image (marked *): every one of their steps costs the
@@ -148,9 +150,10 @@ def main() -> None:
           f"device {device}{' (bf16 autocast)' if autocast else ''}, preset {preset!r}")
     print("# seconds per image; * = timed over the first steps and multiplied out\n")
     print("| image    | batch | naive     | official  | ours     | vs naive | vs official "
-          "| ours / forward |")
+          "| ours / forward | compiled | compiled / forward |")
     print("|----------|------:|----------:|----------:|---------:|---------:|------------:"
-          "|---------------:|")
+          "|---------------:|---------:|-------------------:|")
+    compile_seconds = []
     for size in sizes:
         cfg = AxialTransformerConfig.from_preset(preset, image_size=(size, size), channels=3)
         model = AxialTransformer(cfg).to(device).eval()
@@ -159,7 +162,7 @@ def main() -> None:
             x = torch.randint(0, 256, (batch, 3, size, size), device=device)
             with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16,
                                                         enabled=autocast):
-                forward = clock(lambda: model(x), device, repeats=2)  # noqa: B023
+                forward = clock(lambda: model(x), device, repeats=3)  # noqa: B023
                 naive = naive_seconds_per_step(model, batch, naive_steps, device) * subpixels
                 # Row 0 also runs the channel encoder: time it alone, then the rows after it.
                 first = clock(lambda: sample_official(model, batch, max_rows=1),  # noqa: B023
@@ -168,10 +171,18 @@ def main() -> None:
                                                      max_rows=1 + official_rows), device)
                 per_row = (more - first) / official_rows
                 official = 3 * (first - per_row) + rows * per_row
-            ours = clock(lambda: sample(model, batch), device)  # noqa: B023
+            ours = clock(lambda: sample(model, batch), device, repeats=2)  # noqa: B023
+            start = time.perf_counter()
+            sample(model, batch, compile=True)  # compiles for this model and batch
+            first = time.perf_counter() - start
+            compiled = clock(lambda: sample(model, batch, compile=True),  # noqa: B023
+                             device, repeats=2)
+            compile_seconds.append(f"{size}x{size} batch {batch}: {first - compiled:.0f} s")
             print(f"| {f'{size}x{size}x3':8} | {batch:5d} | {naive / batch:8.3f}* | "
                   f"{official / batch:8.3f}* | {ours / batch:8.4f} | {naive / ours:7.0f}x | "
-                  f"{official / ours:10.1f}x | {ours / forward:14.2f} |", flush=True)
+                  f"{official / ours:10.1f}x | {ours / forward:14.2f} | "
+                  f"{compiled / batch:8.4f} | {compiled / forward:18.2f} |", flush=True)
+    print(f"\n# compilation (first compiled call minus a later one): {', '.join(compile_seconds)}")
 
 
 if __name__ == "__main__":
