@@ -23,9 +23,11 @@ MAX_CUDA_FOLDED_BATCH = 65_535
 
 
 # On the CPU, axes up to this long attend faster through plain matmuls than through the fused
-# kernel: row + column attention forward and backward took 328 vs 370 ms at 16x16 and 315 vs
-# 340 ms at 32x32 (batch 48 and 12, width 256, 2 threads); at 64 the two were even.
-EXPLICIT_MAX_LEN = 32
+# kernel, whose backward is slow at these lengths: a training step of the "small" preset at
+# 64x64x3 took 3.25 s instead of 3.49 s, and row + column attention forward and backward at
+# 64x64 (batch 3, width 256, 2 threads) 344 instead of 394 ms. Longer axes keep the fused kernel,
+# which never materialises the [t, t] scores.
+EXPLICIT_MAX_LEN = 64
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
