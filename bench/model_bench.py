@@ -40,7 +40,7 @@ from machine import cpu_model
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from axial_transformer import AxialTransformer, AxialTransformerConfig
+from axial_transformer import AxialTransformer, AxialTransformerConfig, attention
 from axial_transformer.attention import AxialSelfAttention
 from axial_transformer.model import SigmoidGELU
 
@@ -193,24 +193,36 @@ def run_step_case(args: argparse.Namespace) -> dict:
     base_rss = rss_mib()
     model, loss_fn = build_model(args.model, args.size)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    bf16 = args.precision == "bf16"
 
-    def step() -> None:
+    def step(bf16: bool) -> None:
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = loss_fn(x)
         loss.backward()
         optimizer.step()
 
-    # The counted step doubles as the first warm-up step.
+    # Model FLOPs, the same whatever runs the attention: counted on an fp32 step through SDPA,
+    # whose causal kernels count only the query-key pairs they need. The plain-matmul attention
+    # used for short axes computes the masked half too; that work is not credited.
+    explicit_max_len = attention.EXPLICIT_MAX_LEN
+    attention.EXPLICIT_MAX_LEN = 0
     counter = FlopCounterMode(display=False, custom_mapping=CPU_FLASH_FLOPS)
     with counter:
-        step()
-    seconds = median_seconds(step, args.warmup, args.repeats, args.budget)
+        step(bf16=False)
+    attention.EXPLICIT_MAX_LEN = explicit_max_len
+
+    if args.compile:
+        loss_fn = torch.compile(loss_fn)
+        start = time.perf_counter()
+        step(args.precision == "bf16")  # compiles
+        compile_seconds = time.perf_counter() - start
+    seconds = median_seconds(lambda: step(args.precision == "bf16"), args.warmup, args.repeats,
+                             args.budget)
     return dict(model=args.model, precision=args.precision, size=args.size, batch=args.batch,
-                params=sum(p.numel() for p in model.parameters()), seconds=seconds,
-                flops=counter.get_total_flops(), rss_base_mib=base_rss, rss_peak_mib=rss_mib(),
-                threads=torch.get_num_threads())
+                compiled=args.compile, params=sum(p.numel() for p in model.parameters()),
+                seconds=seconds, flops=counter.get_total_flops(),
+                compile_seconds=compile_seconds if args.compile else None,
+                rss_base_mib=base_rss, rss_peak_mib=rss_mib(), threads=torch.get_num_threads())
 
 
 def matmul_peak(n: int, dtype: torch.dtype, repeats: int) -> float:
@@ -262,10 +274,13 @@ def attention_seconds(size: int, batch: int, warmup: int, repeats: int, budget: 
 
 def spawn_step_case(model: str, precision: str, size: int, batch: int,
                     args: argparse.Namespace) -> dict:
-    command = [sys.executable, os.path.abspath(__file__), "--case", "step", "--model", model,
+    """`model` is "axial", "axial compiled" (torch.compile'd loss) or "baseline"."""
+    name, *compiled = model.split()
+    command = [sys.executable, os.path.abspath(__file__), "--case", "step", "--model", name,
                "--precision", precision, "--size", str(size), "--batch", str(batch),
                "--threads", str(args.threads), "--warmup", str(args.warmup),
-               "--repeats", str(args.repeats), "--budget", str(args.budget)]
+               "--repeats", str(args.repeats), "--budget", str(args.budget),
+               *(["--compile"] if compiled else [])]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     label = f"{model} {precision} {size}x{size}x{CHANNELS} batch {batch}"
     print(f"running {label} ...", file=sys.stderr, flush=True)
@@ -322,8 +337,9 @@ def run_bench(args: argparse.Namespace) -> None:
           f"GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s")
     print()
 
-    cases = [(m, p) for m, p in [("axial", "fp32"), ("axial", "bf16"), ("baseline", "fp32")]
-             if p in args.precisions]
+    variants = ["axial", "axial compiled", "baseline"] if args.compile else ["axial", "baseline"]
+    cases = [(m, p) for m in variants for p in ("fp32", "bf16")
+             if p in args.precisions and not (m == "baseline" and p == "bf16")]
     results: dict[tuple[str, str, int], dict] = {}
     for size in args.sizes:
         for model, precision in cases:
@@ -331,8 +347,9 @@ def run_bench(args: argparse.Namespace) -> None:
                                                               batches[size], args)
 
     print("## Training step (forward + backward + Adam)")
-    print("axial = AxialTransformer; baseline = GPT over C*H*W tokens, full causal attention "
-          "(SDPA is_causal); both with 12 blocks and the same batch at each size")
+    print("axial = AxialTransformer; axial compiled = its loss under torch.compile (inductor), "
+          "timed after compiling; baseline = GPT over C*H*W tokens, full causal attention "
+          "(SDPA is_causal); all with 12 blocks and the same batch at each size")
     for size, batch in batches.items():
         if batch == 1:
             print(f"{size}x{size}x{CHANNELS} runs at batch 1: the baseline attends over "
@@ -355,11 +372,18 @@ def run_bench(args: argparse.Namespace) -> None:
     if base_rss:
         print(f"peak MiB is ru_maxrss of the case's process, which holds about "
               f"{statistics.median(base_rss):.0f} MiB before the model is built")
-    print("FLOPs: torch.utils.flop_counter (matmuls, convs, attention; causal attention counts "
-          "the pairs at or below the diagonal)")
+    compile_s = [f"{s}x{s} {p} {r['compile_seconds']:.0f} s" for (m, p, s), r in results.items()
+                 if r.get("compile_seconds") is not None]
+    if compile_s:
+        print(f"compilation (the first compiled step): {', '.join(compile_s)}")
+    print("FLOPs: torch.utils.flop_counter on an fp32 step with SDPA attention (matmuls, convs, "
+          "attention; causal attention counts the pairs at or below the diagonal), the same "
+          "model FLOPs for every variant")
     print()
 
-    attention = compare_attention(args, batches)
+    bound = matmul_bf16_speedup(batches, args)
+    print()
+    layer_times = compare_attention(args, batches)
 
     ok = lambda *keys: all(k in results and "error" not in results[k] for k in keys)
     per_image = lambda k: results[k]["seconds"] / results[k]["batch"]
@@ -379,19 +403,52 @@ def run_bench(args: argparse.Namespace) -> None:
             target = f" (target at 64x64x3: >= 4x, {verdict(ratio >= 4)})" if size == 64 else ""
             print(f"{image}: axial step speed-up over the baseline {ratio:.2f}x (fp32, per "
                   f"image){target}")
-        if ok(("axial", "fp32", size)):
-            r = results["axial", "fp32", size]
-            share = r["flops"] / r["seconds"] / peak["fp32"]
-            print(f"{image}: axial fp32 step at {100 * share:.0f}% of the fp32 matmul peak "
-                  f"(target >= 65%, {verdict(share >= 0.65)})")
-        if ok(("axial", "fp32", size), ("axial", "bf16", size)):
-            ratio = per_image(("axial", "fp32", size)) / per_image(("axial", "bf16", size))
-            print(f"{image}: axial bf16 step speed-up over fp32 {ratio:.2f}x "
-                  f"(target >= 2x, {verdict(ratio >= 2)})")
-        if size in attention:
-            ratio = attention[size]["package"] / attention[size]["ours"]
+        for model in variants[:-1]:
+            if ok((model, "fp32", size)):
+                r = results[model, "fp32", size]
+                share = r["flops"] / r["seconds"] / peak["fp32"]
+                print(f"{image}: {model} fp32 step at {100 * share:.0f}% of the fp32 matmul "
+                      f"peak (target >= 65%, {verdict(share >= 0.65)})")
+            if ok((model, "fp32", size), (model, "bf16", size)):
+                ratio = per_image((model, "fp32", size)) / per_image((model, "bf16", size))
+                print(f"{image}: {model} bf16 step speed-up over fp32 {ratio:.2f}x "
+                      f"(target >= 2x, {verdict(ratio >= 2)}; this model's matmuls alone: "
+                      f"{bound[size]:.2f}x)")
+        if size in layer_times:
+            ratio = layer_times[size]["package"] / layer_times[size]["ours"]
             print(f"{image}: our row + column attention's speed-up over axial-attention's "
                   f"{ratio:.2f}x (target > 1x, {verdict(ratio > 1)})")
+
+
+def matmul_bf16_speedup(batches: dict[int, int], args: argparse.Namespace) -> dict[int, float]:
+    """bf16 over fp32 speed-up of the dense matmuls of one training step, shape for shape.
+
+    A step is mostly these products (forward, input gradient, weight gradient of every dense
+    layer), so their own speed-up bounds what bf16 autocast can give the step when the rest
+    (layer norms, softmax, conversions) gains no more than they do.
+    """
+    dim = 256
+    print("## bf16 speed-up of the model's own dense matmuls (forward, input and weight grads)")
+    speedups, rows = {}, []
+    for size, batch in batches.items():
+        tokens = batch * CHANNELS * size * size  # one image per channel scored (a slice)
+        seconds = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            total = 0.0
+            for width, count in ((3 * dim, 1), (dim, 3)):  # QKV; attention out, MLP in and out
+                a = torch.randn(tokens, dim, dtype=dtype)
+                w = torch.randn(dim, width, dtype=dtype)
+                g = torch.randn(tokens, width, dtype=dtype)
+                products = [lambda: a @ w, lambda: g @ w.T, lambda: a.T @ g]  # noqa: B023
+                for product in products:
+                    total += count * median_seconds(product, 1, 5, args.budget)
+            seconds[dtype] = total
+        speedups[size] = seconds[torch.float32] / seconds[torch.bfloat16]
+        rows.append([f"{size}x{size}x{CHANNELS}", f"{tokens:,}",
+                     f"{1e3 * seconds[torch.float32]:.1f}", f"{1e3 * seconds[torch.bfloat16]:.1f}",
+                     f"{speedups[size]:.2f}x"])
+    print_table(["image", "tokens", "fp32 ms per block", "bf16 ms per block", "speed-up"], rows)
+    return speedups
 
 
 def compare_attention(args: argparse.Namespace, batches: dict[int, int]) -> dict[int, dict]:
@@ -432,6 +489,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"batch at every size (default: {PIXELS_PER_STEP} pixels per step)")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"],
                         choices=["fp32", "bf16"], help="bf16 = torch.autocast('cpu', bfloat16)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the axial model's step under torch.compile (minutes of "
+                        "compilation per case)")
     parser.add_argument("--warmup", type=int, help="warm-up steps after the FLOP-counted one")
     parser.add_argument("--repeats", type=int, help="timed steps (median reported)")
     parser.add_argument("--budget", type=float, default=60.0,
