@@ -51,11 +51,13 @@ def chunked_sdpa(q: Tensor, k: Tensor, v: Tensor, causal: bool, max_folded: int)
 
 
 def explicit_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
-    """softmax(q k^T / sqrt(e)) v with the softmax in fp32 or more, for short axes on the CPU.
+    """softmax(q k^T / sqrt(e)) v, for short axes on the CPU.
 
     torch's fused CPU attention is slow in bf16: its backward took 41% of a bf16 training step
     at 32x32 (bench/model_bench.py), ten times the fp32 kernel. Axes are at most 64 long, so the
-    [t, t] scores and the causal mask are small enough to materialise.
+    [t, t] scores and the causal mask are small enough to materialise. The softmax of bf16
+    scores accumulates in fp32 inside torch's kernel and returns bf16, bit for bit the fp32
+    softmax rounded to bf16, without an fp32 copy of the scores to write and convert.
     """
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
     if causal:
@@ -63,8 +65,7 @@ def explicit_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
         # Aligned bottom-right: the last query sees every key (is_causal's mask when t_q == t_k).
         future = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).triu(t_k - t_q + 1)
         scores = scores.masked_fill(future, float("-inf"))
-    weights = scores.softmax(-1, dtype=torch.promote_types(scores.dtype, torch.float32))
-    return weights.to(v.dtype) @ v
+    return scores.softmax(-1).to(v.dtype) @ v
 
 
 class KVCache:
