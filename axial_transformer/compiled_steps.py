@@ -99,6 +99,11 @@ class OuterRowStep(nn.Module):
         return x
 
 
+def weights_key(model: nn.Module) -> tuple:
+    """Changes whenever a parameter is replaced or written in place."""
+    return tuple((p.data_ptr(), p._version) for p in model.parameters())
+
+
 # The model and weights the graphs were last compiled for, and the compiled forwards.
 _compiled: tuple[weakref.ref, tuple, tuple[Callable, Callable]] | None = None
 
@@ -114,7 +119,7 @@ def compiled_steps(model: AxialTransformer) -> tuple[Callable, Callable]:
     compiled afresh. A new batch size recompiles through dynamo's shape guards.
     """
     global _compiled
-    weights = tuple((p.data_ptr(), p._version) for p in model.parameters())
+    weights = weights_key(model)
     if _compiled is not None and _compiled[0]() is model and _compiled[1] == weights:
         return _compiled[2]
     for step in (OuterRowStep, PixelStep):

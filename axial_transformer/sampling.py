@@ -303,21 +303,37 @@ class _CompiledSteps:
         self.keep_none = torch.zeros((b, w), dtype=torch.bool, device=x.device)
         self.temperature = torch.tensor(float(temperature), device=x.device)
         self.outer_step, self.pixel_step = compiled_steps(model)
+        self.outer_checked = self.pixel_checked = False
+
+    @staticmethod
+    def _guards(checked: bool):
+        """Dynamo checks every input and parameter tensor of a graph on each call: some 60
+        tensors and 60 us per subpixel. Every call of one `sample` passes tensors made the same
+        way, so once a call has passed the guards (or compiled), the later ones skip them."""
+        if not checked:
+            return contextlib.nullcontext()
+        return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
 
     def outer(self, above: Tensor, row: int) -> Tensor:
         """Row `row` [B, W, D] through the outer decoder -> [B, W, D]."""
-        return self.outer_step(above, self.outer_kv, self.index[row])
+        with self._guards(self.outer_checked):
+            u = self.outer_step(above, self.outer_kv, self.index[row])
+        self.outer_checked = True
+        return u
 
     def draw_row(self, row_inputs: Tensor, gumbel: Tensor, row_mask: Tensor | None,
                  x_row: Tensor, on_logits: LogitsHook | None, ci: int, i: int) -> None:
         """Draw row i of channel ci into x_row [B, W], pixel by pixel."""
         keep = self.keep_none if row_mask is None else row_mask
         h_left = self.no_pixel
-        for j in range(x_row.shape[1]):
-            h_left, logits = self.pixel_step(h_left, row_inputs, self.inner_kv, self.index[j],
-                                             gumbel, self.temperature, keep, x_row)
-            if on_logits is not None:
-                on_logits(ci, i, j, at_least_fp32(logits))
+        with self._guards(self.pixel_checked):
+            for j in range(x_row.shape[1]):
+                h_left, logits = self.pixel_step(h_left, row_inputs, self.inner_kv,
+                                                 self.index[j], gumbel, self.temperature, keep,
+                                                 x_row)
+                if on_logits is not None:
+                    on_logits(ci, i, j, at_least_fp32(logits))
+        self.pixel_checked = True
 
 
 def _check_inner_decoder(blocks: nn.ModuleList) -> None:

@@ -70,10 +70,10 @@ def test_fast_sampler_equals_naive_sampler_on_thin_images(size):
     assert torch.equal(sample(model, 2, noise=noise), sample_naive(model, 2, noise=noise))
 
 
-def test_compiled_sampler_equals_naive_sampler_and_follows_new_weights():
-    """sample(compile=True) runs the decoders as compiled graphs with the weights frozen in: it
-    must draw what the reference draws, also after the weights change (a stale compiled graph
-    would keep drawing from the old ones), with a completion mask."""
+def compiled_sampler_follows_weight_changes() -> bool:
+    """sample(compile=True) runs the decoders as compiled graphs with the weights frozen in: does
+    it draw what the reference draws, before and after the weights change in place (with a
+    completion mask)?"""
     model = tiny_model(3, size=(3, 4), dtype=torch.float32)
     b, (h, w) = 2, model.config.image_size
     noise = gumbel_noise((b, 3, h, w, 256)).float()
@@ -81,10 +81,23 @@ def test_compiled_sampler_equals_naive_sampler_and_follows_new_weights():
     kw = dict(noise=noise, known=known, known_mask=completion_mask(b, 3, h, w))
     naive = sample_naive(model, b, **kw)
     assert torch.equal(sample(model, b, compile=True, **kw), naive)
-    randomize_(model, std=0.3, seed=1)
+    randomize_(model, std=0.3, seed=1)  # in place, as an optimizer step or load_state_dict
     naive_new = sample_naive(model, b, **kw)
     assert not torch.equal(naive_new, naive)
-    assert torch.equal(sample(model, b, compile=True, **kw), naive_new)
+    return torch.equal(sample(model, b, compile=True, **kw), naive_new)
+
+
+def test_compiled_sampler_equals_naive_sampler_and_follows_new_weights():
+    assert compiled_sampler_follows_weight_changes()
+
+
+def test_compiled_sampler_check_catches_stale_graphs(monkeypatch):
+    """Negative control: graphs kept across a weight change go on drawing from the old
+    weights, and the check above sees it."""
+    from axial_transformer import compiled_steps
+
+    monkeypatch.setattr(compiled_steps, "weights_key", lambda model: ())
+    assert not compiled_sampler_follows_weight_changes()
 
 
 def test_bf16_autocast_logits_stay_close_to_fp32():
