@@ -99,8 +99,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64, help="images drawn at once")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true",
-                        help="run each decoding step as a torch.compile'd graph: about 2x "
-                        "faster at small batches on a CPU, after 10-30 s of compilation")
+                        help="run each decoding step as a torch.compile'd graph: about 2.5x "
+                        "faster at batch 1 on a CPU, after 10-30 s of compilation")
     parser.add_argument("--complete", metavar="IMAGE",
                         help="a PNG/JPEG of the model's size, or PATH.npy:INDEX of a prepared "
                         "split: keep its top --rows-given rows and sample the rest. "

@@ -307,9 +307,10 @@ class _CompiledSteps:
 
     @staticmethod
     def _guards(checked: bool):
-        """Dynamo checks every input and parameter tensor of a graph on each call: some 60
-        tensors and 60 us per subpixel. Every call of one `sample` passes tensors made the same
-        way, so once a call has passed the guards (or compiled), the later ones skip them."""
+        """Dynamo checks every input and parameter tensor of a graph on each call, some 60
+        tensors: tens of microseconds per subpixel. Every call of one `sample` passes tensors
+        made the same way, so once a call has passed the guards (or compiled), the later ones
+        skip them. The stance is global, so user code (`on_logits`) never runs inside it."""
         if not checked:
             return contextlib.nullcontext()
         return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
@@ -326,7 +327,7 @@ class _CompiledSteps:
         """Draw row i of channel ci into x_row [B, W], pixel by pixel."""
         keep = self.keep_none if row_mask is None else row_mask
         h_left = self.no_pixel
-        with self._guards(self.pixel_checked):
+        with self._guards(self.pixel_checked and on_logits is None):
             for j in range(x_row.shape[1]):
                 h_left, logits = self.pixel_step(h_left, row_inputs, self.inner_kv,
                                                  self.index[j], gumbel, self.temperature, keep,
@@ -372,10 +373,11 @@ def sample(
     autocast:    bf16 autocast; default on when the model is on CUDA.
     on_logits:   called as on_logits(c, i, j, logits [B, V]) for every subpixel (for tests and
         for scoring samples as they are drawn); keeps fully known rows from being skipped.
-    compile:     run each subpixel as one torch.compile'd graph with frozen weights
-        (`axial_transformer.compiled_steps`): about 2x faster at batch 1 on the CPU, after a
-        compilation of 10-30 s per call. Same distribution; the logits may differ from the eager
-        ones in the last bits.
+    compile:     run each outer-decoder row and each subpixel as one torch.compile'd graph with
+        the weights frozen in (`axial_transformer.compiled_steps`): about 2.5x faster at batch 1
+        on the CPU, after 10-30 s of compilation per model and batch size; the graphs are kept
+        while the weights stay unchanged. Same draws; the logits may differ from the eager ones
+        in the last bits.
 
     The samples are on the model's device; the model runs in its own dtype (or bf16 autocast).
     """
