@@ -30,10 +30,15 @@ MAX_CUDA_FOLDED_BATCH = 65_535
 EXPLICIT_MAX_LEN = 64
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
+def attend(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, explicit_max_len: int | None = None
+) -> Tensor:
     """Attention over [N, heads, t, e]: `scaled_dot_product_attention` (chunking N where CUDA
-    needs it), or plain matmuls for short axes and bf16 on the CPU."""
-    if q.device.type == "cpu" and (q.dtype == torch.bfloat16 or k.shape[2] <= EXPLICIT_MAX_LEN):
+    needs it), or plain matmuls on the CPU for bf16 and axes up to `explicit_max_len` long
+    (default `EXPLICIT_MAX_LEN`)."""
+    if explicit_max_len is None:
+        explicit_max_len = EXPLICIT_MAX_LEN
+    if q.device.type == "cpu" and (q.dtype == torch.bfloat16 or k.shape[2] <= explicit_max_len):
         return explicit_attention(q, k, v, causal)
     if q.is_cuda:
         return chunked_sdpa(q, k, v, causal, MAX_CUDA_FOLDED_BATCH)
