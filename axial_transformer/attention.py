@@ -31,46 +31,122 @@ EXPLICIT_MAX_LEN = 64
 
 
 def attend(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool, explicit_max_len: int | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool,
+    explicit_max_len: int | None = None,
+    scale: float | None = None,
 ) -> Tensor:
     """Attention over [N, heads, t, e]: `scaled_dot_product_attention` (chunking N where CUDA
-    needs it), or plain matmuls on the CPU for bf16 and axes up to `explicit_max_len` long
-    (default `EXPLICIT_MAX_LEN`)."""
+    needs it), or plain matmuls on the CPU where `uses_matmuls` says so. `scale` multiplies the
+    scores (default 1/sqrt(e); 1.0 for queries scaled beforehand)."""
+    if uses_matmuls(q, k.shape[2], explicit_max_len):
+        return explicit_attention(q, k, v, causal, scale)
+    if q.is_cuda:
+        return chunked_sdpa(q, k, v, causal, MAX_CUDA_FOLDED_BATCH, scale)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+
+
+def uses_matmuls(q: Tensor, length: int, explicit_max_len: int | None = None) -> bool:
+    """Whether attention over axes of `length` runs through plain matmuls: on the CPU, in bf16 or
+    up to `explicit_max_len` (default `EXPLICIT_MAX_LEN`) long."""
     if explicit_max_len is None:
         explicit_max_len = EXPLICIT_MAX_LEN
-    if q.device.type == "cpu" and (q.dtype == torch.bfloat16 or k.shape[2] <= explicit_max_len):
-        return explicit_attention(q, k, v, causal)
-    if q.is_cuda:
-        return chunked_sdpa(q, k, v, causal, MAX_CUDA_FOLDED_BATCH)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return q.device.type == "cpu" and (q.dtype == torch.bfloat16 or length <= explicit_max_len)
 
 
-def chunked_sdpa(q: Tensor, k: Tensor, v: Tensor, causal: bool, max_folded: int) -> Tensor:
+def chunked_sdpa(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, max_folded: int, scale: float | None = None
+) -> Tensor:
     """SDPA in pieces of the folded batch, so that no call folds more than `max_folded` x heads."""
     heads = q.shape[1]
     step = max(1, max_folded // heads)
     if q.shape[0] <= step:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
     chunks = zip(q.split(step), k.split(step), v.split(step), strict=True)
-    return torch.cat([F.scaled_dot_product_attention(*c, is_causal=causal) for c in chunks])
+    return torch.cat(
+        [F.scaled_dot_product_attention(*c, is_causal=causal, scale=scale) for c in chunks]
+    )
 
 
-def explicit_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
-    """softmax(q k^T / sqrt(e)) v, for short axes on the CPU.
+def causal_bias(t_q: int, t_k: int, like: Tensor) -> Tensor:
+    """[t_q, t_k]: 0 where a query may see a key, -inf above the diagonal. Aligned bottom-right:
+    the last query sees every key (is_causal's mask when t_q == t_k)."""
+    future = torch.ones(t_q, t_k, dtype=torch.bool, device=like.device).triu(t_k - t_q + 1)
+    return torch.zeros(t_q, t_k, dtype=like.dtype, device=like.device).masked_fill_(
+        future, float("-inf")
+    )
+
+
+def explicit_attention(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None = None
+) -> Tensor:
+    """softmax(scale * q k^T) v over [..., t, e], for short axes on the CPU.
 
     torch's fused CPU attention is slow in bf16: its backward took 41% of a bf16 training step
     at 32x32 (bench/model_bench.py), ten times the fp32 kernel. Axes are at most 64 long, so the
-    [t, t] scores and the causal mask are small enough to materialise. The softmax of bf16
-    scores accumulates in fp32 inside torch's kernel and returns bf16, bit for bit the fp32
-    softmax rounded to bf16, without an fp32 copy of the scores to write and convert.
+    [t, t] scores are small enough to materialise. The causal mask is added inside the score
+    matmul (`baddbmm`), not written over a copy of the scores. The softmax of bf16 scores
+    accumulates in fp32 inside torch's kernel and returns bf16, bit for bit the fp32 softmax
+    rounded to bf16, without an fp32 copy of the scores to write and convert.
     """
-    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-    if causal:
-        t_q, t_k = scores.shape[-2:]
-        # Aligned bottom-right: the last query sees every key (is_causal's mask when t_q == t_k).
-        future = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).triu(t_k - t_q + 1)
-        scores = scores.masked_fill(future, float("-inf"))
-    return scores.softmax(-1).to(v.dtype) @ v
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    batch = q.shape[:-2]
+    q, k, v = (t.reshape(-1, *t.shape[-2:]) for t in (q, k, v))
+    bias = causal_bias(q.shape[1], k.shape[1], q) if causal else q.new_zeros(())
+    scores = torch.baddbmm(bias, q, k.mT, beta=1.0 if causal else 0.0, alpha=scale)
+    return (scores.softmax(-1).to(v.dtype) @ v).unflatten(0, batch)
+
+
+class FoldedAttention(torch.autograd.Function):
+    """Attention along the rows or the columns of fused q, k, v [B, H, W, 3, heads, e], through
+    plain matmuls, forward and backward written out for the layouts.
+
+    Autograd through folding views would copy q, k and v for the matmuls, then gather the three
+    gradients back into the projection's layout with a strided `cat` (9% of a training step at
+    64x64). Here the forward folds q, k, v in one copy, and the backward writes their gradients
+    into one folded buffer and unfolds it in one copy. Queries come scaled (the scale is folded
+    into the projection), and the causal mask is added inside the score matmul.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv: Tensor, axis: Axis, causal: bool) -> Tensor:  # type: ignore[override]
+        b, _, _, _, heads, _ = qkv.shape
+        fold, unfold = FOLDS[axis]
+        with torch.autocast(qkv.device.type, enabled=False):  # every operand is in qkv's dtype
+            q, k, v = rearrange(qkv, fold).contiguous()
+            t = q.shape[1]
+            if causal:
+                scores = torch.baddbmm(causal_bias(t, t, q), q, k.mT)
+            else:
+                scores = torch.bmm(q, k.mT)
+            p = scores.softmax(-1)
+            out = torch.bmm(p, v)
+        ctx.save_for_backward(q, k, v, p)
+        ctx.axis, ctx.b, ctx.heads = axis, b, heads
+        return rearrange(out[None], unfold, b=b, n=heads).reshape(*qkv.shape[:3], -1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        q, k, v, p = ctx.saved_tensors
+        fold, unfold = FOLDS[ctx.axis]
+        g = rearrange(grad.unflatten(-1, (ctx.heads, -1))[:, :, :, None], fold)[0].contiguous()
+        grad_qkv = q.new_empty((3, *q.shape))
+        torch.bmm(p.mT, g, out=grad_qkv[2])
+        # d scores = p * (d p - sum(d p * p)): torch's fused softmax backward, as autograd runs.
+        grad_scores = torch.ops.aten._softmax_backward_data(torch.bmm(g, v.mT), p, -1, p.dtype)
+        torch.bmm(grad_scores, k, out=grad_qkv[0])
+        torch.bmm(grad_scores.mT, q, out=grad_qkv[1])
+        return rearrange(grad_qkv, unfold, b=ctx.b, n=ctx.heads).contiguous(), None, None
+
+
+# einops patterns between [B, H, W, 3, heads, e] and q, k, v folded to [3, N, t, e].
+FOLDS = {
+    "row": ("b h w i n e -> i (b h n) w e", "i (b h n) w e -> b h w i n e"),
+    "column": ("b h w i n e -> i (b w n) h e", "i (b w n) h e -> b h w i n e"),
+}
 
 
 class KVCache:
@@ -130,12 +206,15 @@ class AxialSelfAttention(nn.Module):
         everything it holds. Once the cache holds anything, one position is decoded per call.
         """
         b = x.shape[0]
-        # Projections act per pixel, before any folding. Splitting q, k, v before folding lets
-        # the backward stack their gradients straight into the projection's layout (folding the
-        # fused tensor costs a concatenation plus a permuting copy, ~10% of a training step).
-        qkv = self.to_qkv(x).unflatten(-1, (3, self.heads, self.head_dim)).unbind(-3)
+        qkv = self.project(x)
+        if cache is None and uses_matmuls(qkv, x.shape[2 if self.axis == "row" else 1]):
+            return self.to_out(FoldedAttention.apply(qkv, self.axis, self.causal))
+
+        # Through SDPA or a cache: splitting q, k, v before folding lets the backward stack their
+        # gradients straight into the projection's layout (folding the fused tensor costs a
+        # concatenation plus a permuting copy).
         fold = "b h w n e -> (b h) n w e" if self.axis == "row" else "b h w n e -> (b w) n h e"
-        q, k, v = (rearrange(t, fold) for t in qkv)
+        q, k, v = (rearrange(t, fold) for t in qkv.unbind(3))
 
         causal = self.causal
         if cache is not None:
@@ -148,12 +227,21 @@ class AxialSelfAttention(nn.Module):
                 causal = False
             k, v = cache.append(k, v)
 
-        out = attend(q, k, v, causal)
+        out = attend(q, k, v, causal, scale=1.0)
         if self.axis == "row":
             out = rearrange(out, "(b h) n w e -> b h w (n e)", b=b)
         else:
             out = rearrange(out, "(b w) n h e -> b h w (n e)", b=b)
         return self.to_out(out)
+
+    def project(self, x: Tensor) -> Tensor:
+        """[B, H, W, D] -> fused q, k, v [B, H, W, 3, heads, e], the queries already scaled by
+        1/sqrt(e): scaling the [3D, D] weights costs nothing next to scaling every score, forward
+        and backward."""
+        scale, dim = self.head_dim**-0.5, self.to_out.in_features
+        (w_q, w_kv), (b_q, b_kv) = (p.split([dim, 2 * dim]) for p in self.to_qkv.parameters())
+        weight, bias = torch.cat([w_q * scale, w_kv]), torch.cat([b_q * scale, b_kv])
+        return F.linear(x, weight, bias).unflatten(-1, (3, self.heads, self.head_dim))
 
     def new_cache(self, folded_batch: int, max_len: int, like: Tensor) -> KVCache:
         return KVCache(folded_batch, self.heads, max_len, self.head_dim, like)

@@ -4,6 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from einops import rearrange
+
 from axial_transformer.attention import AxialSelfAttention, chunked_sdpa, explicit_attention
 
 
@@ -69,3 +71,44 @@ def test_cache_overflow_and_multi_position_steps_are_rejected():
         attn(x, cache)
     with pytest.raises(ValueError, match="holds 2 positions"):
         attn(x[:, :, :1], cache)
+
+
+def sdpa_reference(attn: AxialSelfAttention, x):
+    """The layer written plainly: unscaled fused projection, fold, SDPA, unfold."""
+    qkv = attn.to_qkv(x).unflatten(-1, (3, attn.heads, attn.head_dim))
+    fold, unfold = {
+        "row": ("b h w i n e -> i (b h) n w e", "(b h) n w e -> b h w (n e)"),
+        "column": ("b h w i n e -> i (b w) n h e", "(b w) n h e -> b h w (n e)"),
+    }[attn.axis]
+    q, k, v = rearrange(qkv, fold)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=attn.causal)
+    return attn.to_out(rearrange(out, unfold, b=x.shape[0]))
+
+
+@pytest.mark.parametrize("axis", ["row", "column"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_matmul_path_forward_and_backward_match_sdpa(axis, causal):
+    # The plain-matmul path (FoldedAttention, short axes on the CPU) writes its backward by hand.
+    torch.manual_seed(0)
+    attn = AxialSelfAttention(16, 2, axis, causal).double()
+    x = torch.randn(2, 5, 7, 16, dtype=torch.float64, requires_grad=True)  # non-square
+    grad = torch.randn(2, 5, 7, 16, dtype=torch.float64)
+    results = []
+    for forward in (attn, lambda t: sdpa_reference(attn, t)):
+        x.grad = None
+        attn.zero_grad()
+        out = forward(x)
+        out.backward(grad)
+        results.append([out, x.grad, *(p.grad for p in attn.parameters())])
+    for ours, reference in zip(*results, strict=True):
+        assert torch.allclose(ours, reference, atol=1e-12)
+
+
+def test_matmul_path_in_bf16_autocast_is_close_to_fp32():
+    torch.manual_seed(0)
+    attn = AxialSelfAttention(32, 4, "column", causal=True)
+    x = torch.randn(2, 8, 8, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attn(x)
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), sdpa_reference(attn, x), atol=3e-2)

@@ -183,3 +183,20 @@ def test_save_and_load_pretrained(tmp_path):
         "config.json", "model.safetensors"]
     with pytest.raises(FileNotFoundError, match="config.json"):
         AxialTransformer.from_pretrained(tmp_path / "nowhere")
+
+
+def test_mlp_computes_the_official_sigmoid_gelu():
+    # The MLP runs x sigmoid(1.702 x) as SiLU with 1.702 folded into its weights.
+    from axial_transformer.model import MLP, sigmoid_gelu
+
+    torch.manual_seed(0)
+    mlp = MLP(8, 16).double()
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    inner, _, outer = mlp
+    expected = outer(sigmoid_gelu(inner(x)))
+    grads = torch.autograd.grad(expected.sum(), [x, *mlp.parameters()])
+    out = mlp(x)
+    assert torch.allclose(out, expected, atol=1e-12)
+    for ours, reference in zip(torch.autograd.grad(out.sum(), [x, *mlp.parameters()]), grads,
+                               strict=True):
+        assert torch.allclose(ours, reference, atol=1e-12)
