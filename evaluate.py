@@ -17,6 +17,7 @@ import os
 import sys
 
 from axial_transformer.evaluation import channel_names, evaluate, save_heatmap
+from axial_transformer.host_memory import keep_freed_memory
 from axial_transformer.training import codec_baselines, cpu_only, load_trained_model
 
 
@@ -61,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     accelerator = Accelerator(cpu=cpu_only())
+    if accelerator.device.type == "cpu":
+        keep_freed_memory()  # each batch's logits would otherwise page-fault in again
     model.to(accelerator.device)
     metrics, heatmap = evaluate(model, dataset, accelerator, args.batch_size, args.max_images,
                                 args.bf16, per_pixel=args.heatmap is not None)

@@ -43,6 +43,7 @@ from .checkpoint import (
 )
 from .ema import EMA
 from .evaluation import evaluate, lossless_bits_per_dim, save_heatmap
+from .host_memory import keep_freed_memory
 from .model import AxialTransformer
 from .train_config import DebugConfig, OptimConfig, RunConfig, config_from_dict, save_config
 
@@ -425,6 +426,8 @@ def train(cfg: RunConfig) -> dict:
 
     train_set, test_set = preflight(cfg)
     accelerator = build_accelerator(cfg)
+    if accelerator.device.type == "cpu":
+        keep_freed_memory()  # ~10% faster CPU steps: activations stop page-faulting every step
     run_dir = Path(cfg.run_dir)
     resume_from = resume_checkpoint(cfg, warn=accelerator.is_main_process)
     micro = micro_batch_size(cfg, accelerator.num_processes)
