@@ -3,7 +3,6 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
 from einops import rearrange
 
 from axial_transformer.attention import AxialSelfAttention, chunked_sdpa, explicit_attention
@@ -112,3 +111,20 @@ def test_matmul_path_in_bf16_autocast_is_close_to_fp32():
         out = attn(x)
     assert out.dtype == torch.bfloat16
     assert torch.allclose(out.float(), sdpa_reference(attn, x), atol=3e-2)
+
+
+@pytest.mark.parametrize("length", [16, 32])  # bf16 rows shorter than 32 go through fp32
+def test_softmax_and_its_backward_in_bf16(length):
+    from axial_transformer.attention import softmax, softmax_backward
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(6, length, length, generator=g).bfloat16()
+    grad = torch.randn(6, length, length, generator=g).bfloat16()
+    reference = scores.float().requires_grad_()
+    reference.softmax(-1).backward(grad.float())
+    p = softmax(scores)
+    assert p.dtype == torch.bfloat16
+    assert torch.allclose(p.float(), scores.float().softmax(-1), atol=4e-3)
+    grad_scores = softmax_backward(grad, p)
+    assert grad_scores.dtype == torch.bfloat16
+    assert torch.allclose(grad_scores.float(), reference.grad, atol=2e-2)
