@@ -84,13 +84,12 @@ def sdpa_reference(attn: AxialSelfAttention, x):
     return attn.to_out(rearrange(out, unfold, b=x.shape[0]))
 
 
-@pytest.mark.parametrize("axis", ["row", "column"])
-@pytest.mark.parametrize("causal", [False, True])
-def test_matmul_path_forward_and_backward_match_sdpa(axis, causal):
-    # The plain-matmul path (FoldedAttention, short axes on the CPU) writes its backward by hand.
+def matmul_path_matches_sdpa(axis: str, causal: bool) -> bool:
+    """Output and every gradient of the plain-matmul path (FoldedAttention, short axes on the
+    CPU, backward written by hand) against SDPA and autograd, in float64, non-square."""
     torch.manual_seed(0)
     attn = AxialSelfAttention(16, 2, axis, causal).double()
-    x = torch.randn(2, 5, 7, 16, dtype=torch.float64, requires_grad=True)  # non-square
+    x = torch.randn(2, 5, 7, 16, dtype=torch.float64, requires_grad=True)
     grad = torch.randn(2, 5, 7, 16, dtype=torch.float64)
     results = []
     for forward in (attn, lambda t: sdpa_reference(attn, t)):
@@ -99,8 +98,28 @@ def test_matmul_path_forward_and_backward_match_sdpa(axis, causal):
         out = forward(x)
         out.backward(grad)
         results.append([out, x.grad, *(p.grad for p in attn.parameters())])
-    for ours, reference in zip(*results, strict=True):
-        assert torch.allclose(ours, reference, atol=1e-12)
+    return all(torch.allclose(ours, reference, atol=1e-12)
+               for ours, reference in zip(*results, strict=True))
+
+
+@pytest.mark.parametrize("axis", ["row", "column"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_matmul_path_forward_and_backward_match_sdpa(axis, causal):
+    assert matmul_path_matches_sdpa(axis, causal)
+
+
+def test_matmul_path_check_catches_a_wrong_backward(monkeypatch):
+    # Negative control: gradients of q, k and v handed back one slot off.
+    from axial_transformer.attention import FoldedAttention
+
+    backward = FoldedAttention.backward
+
+    def rotated(ctx, grad):
+        grad_qkv, *rest = backward(ctx, grad)
+        return grad_qkv.roll(1, dims=3), *rest
+
+    monkeypatch.setattr(FoldedAttention, "backward", staticmethod(rotated))
+    assert not matmul_path_matches_sdpa("row", True)
 
 
 def test_matmul_path_in_bf16_autocast_is_close_to_fp32():
