@@ -86,18 +86,18 @@ def explicit_attention(
 
     torch's fused CPU attention is slow in bf16: its backward took 41% of a bf16 training step
     at 32x32 (bench/model_bench.py), ten times the fp32 kernel. Axes are at most 64 long, so the
-    [t, t] scores are small enough to materialise. The causal mask is added inside the score
-    matmul (`baddbmm`), not written over a copy of the scores. The softmax of bf16 scores
+    [t, t] scores are small enough to materialise. The softmax of bf16 scores
     accumulates in fp32 inside torch's kernel and returns bf16, bit for bit the fp32 softmax
     rounded to bf16, without an fp32 copy of the scores to write and convert.
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    batch = q.shape[:-2]
-    q, k, v = (t.reshape(-1, *t.shape[-2:]) for t in (q, k, v))
-    bias = causal_bias(q.shape[1], k.shape[1], q) if causal else q.new_zeros(())
-    scores = torch.baddbmm(bias, q, k.mT, beta=1.0 if causal else 0.0, alpha=scale)
-    return (scores.softmax(-1).to(v.dtype) @ v).unflatten(0, batch)
+    scores = q @ k.transpose(-1, -2)
+    if scale != 1.0:
+        scores = scores * scale
+    if causal:
+        scores = scores + causal_bias(*scores.shape[-2:], scores)
+    return scores.softmax(-1).to(v.dtype) @ v
 
 
 # torch's CPU softmax kernels vectorise bf16 along rows in chunks of 32: shorter rows (axes of
