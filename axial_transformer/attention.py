@@ -86,9 +86,9 @@ def explicit_attention(
 
     torch's fused CPU attention is slow in bf16: its backward took 41% of a bf16 training step
     at 32x32 (bench/model_bench.py), ten times the fp32 kernel. Axes are at most 64 long, so the
-    [t, t] scores are small enough to materialise. The softmax of bf16 scores
-    accumulates in fp32 inside torch's kernel and returns bf16, bit for bit the fp32 softmax
-    rounded to bf16, without an fp32 copy of the scores to write and convert.
+    [t, t] scores are small enough to materialise. The softmax of bf16 scores accumulates in
+    fp32 inside torch's kernel and returns bf16, bit for bit the fp32 softmax rounded to bf16,
+    without an fp32 copy of the scores to write and convert.
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
@@ -258,10 +258,13 @@ class AxialSelfAttention(nn.Module):
         """[B, H, W, D] -> fused q, k, v [B, H, W, 3, heads, e], the queries already scaled by
         1/sqrt(e): scaling the [3D, D] weights costs nothing next to scaling every score, forward
         and backward."""
+        return F.linear(x, *self.scaled_qkv()).unflatten(-1, (3, self.heads, self.head_dim))
+
+    def scaled_qkv(self) -> tuple[Tensor, Tensor]:
+        """The fused projection's (weight [3D, D], bias [3D]), query rows times 1/sqrt(e)."""
         scale, dim = self.head_dim**-0.5, self.to_out.in_features
         (w_q, w_kv), (b_q, b_kv) = (p.split([dim, 2 * dim]) for p in self.to_qkv.parameters())
-        weight, bias = torch.cat([w_q * scale, w_kv]), torch.cat([b_q * scale, b_kv])
-        return F.linear(x, weight, bias).unflatten(-1, (3, self.heads, self.head_dim))
+        return torch.cat([w_q * scale, w_kv]), torch.cat([b_q * scale, b_kv])
 
     def new_cache(self, folded_batch: int, max_len: int, like: Tensor) -> KVCache:
         return KVCache(folded_batch, self.heads, max_len, self.head_dim, like)

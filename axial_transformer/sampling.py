@@ -247,11 +247,9 @@ class _RowBlock(NamedTuple):
     def of(cls, block: AxialBlock) -> _RowBlock:
         norm, dense = cls.norm, cls.dense
         attn = block.attn
-        bias, weight_t = dense(attn.to_qkv)
-        # Fold attention's 1/sqrt(e) into the query projection: one op less per block and pixel.
-        scale = torch.ones_like(bias)
-        scale[: attn.heads * attn.head_dim] = attn.head_dim**-0.5
-        to_qkv = bias * scale, weight_t * scale
+        # Attention's 1/sqrt(e) folded into the query projection: one op less per block and pixel.
+        weight, bias = attn.scaled_qkv()
+        to_qkv = bias, weight.t().contiguous()
         return cls(norm(block.attn_norm), to_qkv, dense(attn.to_out),
                    norm(block.mlp_norm), dense(block.mlp[0]), dense(block.mlp[2]),
                    attn.heads, attn.head_dim)
