@@ -12,8 +12,9 @@ subpixels per step. It prints:
    over the C*H*W subpixels flattened in the model's (c, i, j) order: median step time, peak memory
    (`ru_maxrss` of a fresh subprocess per case), model FLOPs and their rate as a fraction of a
    matmul peak measured in the same run, in fp32 and in bf16 autocast;
-2. the growth exponent of the step time per image against the pixel count (log-log least squares);
-3. our row + column attention against `AxialAttention` of the `axial-attention` package.
+2. the bf16 speed-up over fp32 from fp32 and bf16 steps taken in turn in one process;
+3. the growth exponent of the step time per image against the pixel count (log-log least squares);
+4. our row + column attention against `AxialAttention` of the `axial-attention` package.
 
 Each step case runs as `python bench/model_bench.py --case step ...` and prints one JSON line.
 """
@@ -187,22 +188,30 @@ def rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def run_step_case(args: argparse.Namespace) -> dict:
-    """One training-step case, in this (fresh) process."""
+def training_step(args: argparse.Namespace, model_name: str) -> tuple[nn.Module, Callable]:
+    """The case's model and its step(bf16, compiled=False): forward + backward + Adam."""
     if not args.system_malloc:
         keep_freed_memory()  # as train.py does on the CPU
     torch.manual_seed(0)
     x = torch.randint(0, 256, (args.batch, CHANNELS, args.size, args.size), dtype=torch.uint8)
-    base_rss = rss_mib()
-    model, loss_fn = build_model(args.model, args.size)
+    model, loss_fn = build_model(model_name, args.size)
+    compiled_loss = torch.compile(loss_fn) if args.compile else None
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
 
-    def step(bf16: bool) -> None:
+    def step(bf16: bool, compiled: bool = False) -> None:
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = loss_fn(x)
+            loss = (compiled_loss if compiled else loss_fn)(x)
         loss.backward()
         optimizer.step()
+
+    return model, step
+
+
+def run_step_case(args: argparse.Namespace) -> dict:
+    """One training-step case, in this (fresh) process."""
+    base_rss = rss_mib()
+    model, step = training_step(args, args.model)
 
     # Model FLOPs, the same whatever runs the attention: counted on an fp32 step through SDPA,
     # whose causal kernels count only the query-key pairs they need. The plain-matmul attention
@@ -214,18 +223,39 @@ def run_step_case(args: argparse.Namespace) -> dict:
         step(bf16=False)
     attention.EXPLICIT_MAX_LEN = explicit_max_len
 
+    bf16 = args.precision == "bf16"
     if args.compile:
-        loss_fn = torch.compile(loss_fn)
         start = time.perf_counter()
-        step(args.precision == "bf16")  # compiles
+        step(bf16, compiled=True)  # compiles
         compile_seconds = time.perf_counter() - start
-    seconds = median_seconds(lambda: step(args.precision == "bf16"), args.warmup, args.repeats,
+    seconds = median_seconds(lambda: step(bf16, args.compile), args.warmup, args.repeats,
                              args.budget)
     return dict(model=args.model, precision=args.precision, size=args.size, batch=args.batch,
                 compiled=args.compile, params=sum(p.numel() for p in model.parameters()),
                 seconds=seconds, flops=counter.get_total_flops(),
                 compile_seconds=compile_seconds if args.compile else None,
                 rss_base_mib=base_rss, rss_peak_mib=rss_mib(), threads=torch.get_num_threads())
+
+
+def run_paired_case(args: argparse.Namespace) -> dict:
+    """The axial model's fp32 and bf16 steps taken in turn in one process, the order swapped every
+    round, for the bf16 speed-up: on a shared machine the speed drifts by 10% or more between
+    processes, and a drift hits both precisions of a round alike."""
+    _, step = training_step(args, "axial")
+    for bf16 in (False, True):
+        for _ in range(1 + args.warmup):  # the first compiles, under either autocast state
+            step(bf16, args.compile)
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for i in range(args.repeats):
+        for bf16 in (False, True) if i % 2 else (True, False):
+            start = time.perf_counter()
+            step(bf16, args.compile)
+            times[bf16].append(time.perf_counter() - start)
+    ratios = [fp32 / bf16 for fp32, bf16 in zip(times[False], times[True], strict=True)]
+    return dict(size=args.size, batch=args.batch, compiled=args.compile,
+                fp32_seconds=statistics.median(times[False]),
+                bf16_seconds=statistics.median(times[True]), speedup=statistics.median(ratios),
+                speedup_range=(min(ratios), max(ratios)))
 
 
 def matmul_peak(n: int, dtype: torch.dtype, repeats: int) -> float:
@@ -276,17 +306,19 @@ def attention_seconds(size: int, batch: int, warmup: int, repeats: int, budget: 
 
 
 def spawn_step_case(model: str, precision: str, size: int, batch: int,
-                    args: argparse.Namespace) -> dict:
-    """`model` is "axial", "axial compiled" (torch.compile'd loss) or "baseline"."""
+                    args: argparse.Namespace, case: str = "step") -> dict:
+    """`model` is "axial", "axial compiled" (torch.compile'd loss) or "baseline"; `case` "step"
+    times one precision, "paired" both (run_paired_case)."""
     name, *compiled = model.split()
-    command = [sys.executable, os.path.abspath(__file__), "--case", "step", "--model", name,
+    command = [sys.executable, os.path.abspath(__file__), "--case", case, "--model", name,
                "--precision", precision, "--size", str(size), "--batch", str(batch),
                "--threads", str(args.threads), "--warmup", str(args.warmup),
                "--repeats", str(args.repeats), "--budget", str(args.budget),
                *(["--compile"] if compiled else []),
                *(["--system-malloc"] if args.system_malloc else [])]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    label = f"{model} {precision} {size}x{size}x{CHANNELS} batch {batch}"
+    label = (f"{model} {precision if case == 'step' else 'fp32 and bf16 in turn'} "
+             f"{size}x{size}x{CHANNELS} batch {batch}")
     print(f"running {label} ...", file=sys.stderr, flush=True)
     try:
         done = subprocess.run(command, capture_output=True, text=True, env=env,
@@ -348,10 +380,15 @@ def run_bench(args: argparse.Namespace) -> None:
     cases = [(m, p) for m in variants for p in ("fp32", "bf16")
              if p in args.precisions and not (m == "baseline" and p == "bf16")]
     results: dict[tuple[str, str, int], dict] = {}
+    paired: dict[tuple[str, int], dict] = {}
     for size in args.sizes:
         for model, precision in cases:
             results[model, precision, size] = spawn_step_case(model, precision, size,
                                                               batches[size], args)
+        if {"fp32", "bf16"} <= set(args.precisions):
+            for model in variants[:-1]:
+                paired[model, size] = spawn_step_case(model, "fp32", size, batches[size], args,
+                                                      case="paired")
 
     print("## Training step (forward + backward + Adam)")
     print("axial = AxialTransformer; axial compiled = its loss under torch.compile (inductor), "
@@ -388,6 +425,9 @@ def run_bench(args: argparse.Namespace) -> None:
           "model FLOPs for every variant")
     print()
 
+    if paired:
+        print_paired(paired)
+        print()
     bound = matmul_bf16_speedup(batches, args)
     print()
     layer_times = compare_attention(args, batches)
@@ -416,15 +456,36 @@ def run_bench(args: argparse.Namespace) -> None:
                 share = r["flops"] / r["seconds"] / peak["fp32"]
                 print(f"{image}: {model} fp32 step at {100 * share:.0f}% of the fp32 matmul "
                       f"peak (target >= 65%, {verdict(share >= 0.65)})")
-            if ok((model, "fp32", size), (model, "bf16", size)):
-                ratio = per_image((model, "fp32", size)) / per_image((model, "bf16", size))
-                print(f"{image}: {model} bf16 step speed-up over fp32 {ratio:.2f}x "
-                      f"(target >= 2x, {verdict(ratio >= 2)}; this model's matmuls alone: "
-                      f"{bound[size]:.2f}x)")
+            if "speedup" in paired.get((model, size), {}):
+                ratio = paired[model, size]["speedup"]
+                apart = ""
+                if ok((model, "fp32", size), (model, "bf16", size)):
+                    apart = per_image((model, "fp32", size)) / per_image((model, "bf16", size))
+                    apart = f"; from the separate processes above {apart:.2f}x"
+                print(f"{image}: {model} bf16 step speed-up over fp32 {ratio:.2f}x, steps in "
+                      f"turn (target >= 2x, {verdict(ratio >= 2)}; this model's matmuls alone: "
+                      f"{bound[size]:.2f}x{apart})")
         if size in layer_times:
             ratio = layer_times[size]["package"] / layer_times[size]["ours"]
             print(f"{image}: our row + column attention's speed-up over axial-attention's "
                   f"{ratio:.2f}x (target > 1x, {verdict(ratio > 1)})")
+
+
+def print_paired(paired: dict[tuple[str, int], dict]) -> None:
+    print("## bf16 speed-up, fp32 and bf16 steps in turn in one process")
+    print("the order swaps every round; speed-up = median over rounds of fp32 / bf16 step time")
+    rows = []
+    for (model, size), r in paired.items():
+        image = f"{size}x{size}x{CHANNELS}"
+        if "error" in r:
+            rows.append([model, image, str(r.get("batch", "-")), r["error"], "", "", ""])
+            continue
+        low, high = r["speedup_range"]
+        rows.append([model, image, str(r["batch"]), f"{1e3 * r['fp32_seconds']:.1f}",
+                     f"{1e3 * r['bf16_seconds']:.1f}", f"{r['speedup']:.2f}x",
+                     f"{low:.2f}-{high:.2f}x"])
+    print_table(["model", "image", "batch", "fp32 step ms", "bf16 step ms", "speed-up",
+                 "range over rounds"], rows)
 
 
 def matmul_bf16_speedup(batches: dict[int, int], args: argparse.Namespace) -> dict[int, float]:
@@ -509,7 +570,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--case-timeout", type=float, default=1200.0,
                         help="seconds before a case counts as not fitting in time")
     # Internal: one case in a fresh process (peak memory is per process).
-    parser.add_argument("--case", choices=["step"], help=argparse.SUPPRESS)
+    parser.add_argument("--case", choices=["step", "paired"], help=argparse.SUPPRESS)
     parser.add_argument("--model", choices=["axial", "baseline"], help=argparse.SUPPRESS)
     parser.add_argument("--precision", choices=["fp32", "bf16"], help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
@@ -527,16 +588,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--warmup must be 0 or more, got {args.warmup}")
     if any(s < 1 for s in args.sizes):
         parser.error(f"--sizes must be positive, got {args.sizes}")
-    if args.case == "step" and None in (args.model, args.precision, args.size, args.batch):
-        parser.error("--case step needs --model, --precision, --size and --batch")
+    if args.case and None in (args.model, args.precision, args.size, args.batch):
+        parser.error(f"--case {args.case} needs --model, --precision, --size and --batch")
     return args
 
 
 def main() -> None:
     args = parse_args()
-    if args.case == "step":
+    if args.case:
         torch.set_num_threads(args.threads)
-        print(json.dumps(run_step_case(args)))
+        run_case = run_step_case if args.case == "step" else run_paired_case
+        print(json.dumps(run_case(args)))
     else:
         run_bench(args)
 
