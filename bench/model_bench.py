@@ -16,7 +16,8 @@ subpixels per step. It prints:
 3. the growth exponent of the step time per image against the pixel count (log-log least squares);
 4. our row + column attention against `AxialAttention` of the `axial-attention` package.
 
-Each step case runs as `python bench/model_bench.py --case step ...` and prints one JSON line.
+Each case runs in a fresh process as `python bench/model_bench.py --case step|paired ...` and prints
+one JSON line.
 """
 
 from __future__ import annotations
