@@ -239,10 +239,10 @@ def run_step_case(args: argparse.Namespace) -> dict:
 
 
 def run_paired_case(args: argparse.Namespace) -> dict:
-    """The axial model's fp32 and bf16 steps taken in turn in one process, the order swapped every
-    round, for the bf16 speed-up: on a shared machine the speed drifts by 10% or more between
-    processes, and a drift hits both precisions of a round alike."""
-    _, step = training_step(args, "axial")
+    """The model's fp32 and bf16 steps (`--precision` is not used) taken in turn in one process,
+    the order swapped every round, for the bf16 speed-up: on a shared machine the speed drifts by
+    10% or more between processes, and a drift hits both precisions of a round alike."""
+    _, step = training_step(args, args.model)
     for bf16 in (False, True):
         for _ in range(1 + args.warmup):  # the first compiles, under either autocast state
             step(bf16, args.compile)
@@ -461,8 +461,8 @@ def run_bench(args: argparse.Namespace) -> None:
                 ratio = paired[model, size]["speedup"]
                 apart = ""
                 if ok((model, "fp32", size), (model, "bf16", size)):
-                    apart = per_image((model, "fp32", size)) / per_image((model, "bf16", size))
-                    apart = f"; from the separate processes above {apart:.2f}x"
+                    fp32, bf16 = (per_image((model, p, size)) for p in ("fp32", "bf16"))
+                    apart = f"; from the separate processes above {fp32 / bf16:.2f}x"
                 print(f"{image}: {model} bf16 step speed-up over fp32 {ratio:.2f}x, steps in "
                       f"turn (target >= 2x, {verdict(ratio >= 2)}; this model's matmuls alone: "
                       f"{bound[size]:.2f}x{apart})")
