@@ -4,6 +4,7 @@ deterministic hold-out split."""
 import gzip
 import json
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -204,14 +205,16 @@ def test_open_split_refuses_bad_labels(labelled_split):
 # ---- hold-out split ----
 
 
-def test_holdout_is_deterministic_disjoint_and_keeps_labels(tmp_path):
+def test_holdout_is_deterministic_disjoint_and_keeps_labels(tmp_path, monkeypatch):
     names = [f"{c}/{i:02d}.png" for c in ("cat", "dog") for i in range(10)]
     images = class_folder(tmp_path / "a", names)
-    # The same files created in the opposite order: the file system may list them differently.
-    for image, name in reversed(list(zip(images, names, strict=True))):
+    for image, name in zip(images, names, strict=True):
         (tmp_path / "b" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "b" / name).write_bytes(png_bytes(image))
     assert prepare_holdout(tmp_path / "a", tmp_path / "out_a", 0.25, progress=False) == (15, 5)
+    # The same files listed by the file system in the opposite order.
+    listed = Path.rglob
+    monkeypatch.setattr(Path, "rglob", lambda self, pattern: reversed(list(listed(self, pattern))))
     assert prepare_holdout(tmp_path / "b", tmp_path / "out_b", 0.25, progress=False) == (15, 5)
     files = ["train.npy", "test.npy", "train_labels.npy", "test_labels.npy", "train_classes.json",
              "test_classes.json"]
