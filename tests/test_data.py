@@ -265,11 +265,12 @@ def test_mnist_torchvision_layout(tmp_path, dataset, compress):
             (raw / f"{name}.gz").write_bytes(gzip.compress(data))
         else:
             (raw / name).write_bytes(data)
-    assert prepare_quiet(tmp_path, tmp_path / "train.npy", channels=1) == 3
+    with pytest.warns(UserWarning, match="no labels-idx1-ubyte file beside it"):
+        assert prepare_quiet(tmp_path, tmp_path / "train.npy", channels=1) == 3
+        prepare_quiet(tmp_path / dataset, tmp_path / "test.npy", channels=1, split="test")
     np.testing.assert_array_equal(np.load(tmp_path / "train.npy"), train)
-    prepare_quiet(tmp_path / dataset, tmp_path / "test.npy", channels=1, split="test")
     np.testing.assert_array_equal(np.load(tmp_path / "test.npy"), test)
-    with pytest.raises(ValueError, match="has 1 channels, expected 3"):
+    with pytest.raises(ValueError, match="has 1 channels, expected 3"), pytest.warns(UserWarning):
         prepare_quiet(tmp_path, tmp_path / "rgb.npy")
 
 
@@ -340,8 +341,11 @@ def test_prepare_removes_temp_files_of_killed_runs(tmp_path):
               tmp_path / "out.npy.k1ll3d_0.tmp"]
     for file in stale + others:
         file.write_bytes(b"\0" * 1000)
-    with pytest.warns(UserWarning, match=r"removed .*\.out\.npy\.k1ll3d_0\.tmp \(1,000 bytes\)"):
+    with pytest.warns(UserWarning) as warned:
         prepare_quiet(tmp_path / "in.npy", tmp_path / "out.npy")
+    assert sorted(str(w.message) for w in warned) == [
+        f"removed {file} (1,000 bytes), left by an earlier run that was killed" for file in stale
+    ]
     assert not any(file.exists() for file in stale)
     assert all(file.exists() for file in others)  # not this output's temp-file pattern
 
