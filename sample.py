@@ -1,13 +1,15 @@
 """Draw images from a trained Axial Transformer, or complete the bottom of a real one.
 
-    python sample.py --checkpoint runs/demo --num-samples 64 --out samples.png
+    python sample.py --checkpoint runs/demo --num-samples 64
 
 --checkpoint takes a run directory (its export/ holds the EMA weights), one of its checkpoints
 (RUN/checkpoints/step_NNNNNNN) or an export directory (config.json + model.safetensors). Writes a
-PNG grid and the raw pixels beside it (samples.npy: uint8 [N, H, W, C]), and prints the time per
-image. Completion keeps the top K rows of a real image and samples the rest:
+PNG grid and the raw pixels beside it (.npy: uint8 [N, H, W, C]) into the run's samples/ folder
+(RUN/samples/sample_seed0.png; for an export outside a run, a samples/ folder beside it, as
+RUN/samples is beside RUN/export), or to --out, and prints the time per image. Completion keeps
+the top K rows of a real image and samples the rest:
 
-    python sample.py --checkpoint runs/demo --complete photo.png --rows-given 16 --out done.png
+    python sample.py --checkpoint runs/demo --complete photo.png --rows-given 8
     python sample.py --checkpoint runs/demo --complete data/cifar10/test.npy:7 --rows-given 16
 
 writing original | given rows | completions side by side (and the completions as .npy).
@@ -40,12 +42,9 @@ def load_image(spec: str, channels: int, size: tuple[int, int]) -> np.ndarray:
     """A PNG/JPEG file, or PATH.npy:INDEX of a prepared uint8 [N, H, W, C] array -> [H, W, C]."""
     path, _, index = spec.rpartition(":")
     if path.endswith(".npy") and index.lstrip("-").isdigit():
-        if not Path(path).is_file():
-            raise CLIError(f"{path} not found")
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
-        if array.ndim != 4 or array.dtype != np.uint8:
-            raise CLIError(f"{path}: expected a uint8 array [N, H, W, C], got {array.dtype} "
-                           f"{list(array.shape)}")
+        from axial_transformer.formats import load_array
+
+        array = load_array(path)  # a missing, damaged or object array is an error naming it
         if not 0 <= int(index) < len(array):
             raise CLIError(f"{path} holds {len(array)} images; index {index} is out of range")
         image = np.array(array[int(index)])
@@ -73,12 +72,46 @@ def load_image(spec: str, channels: int, size: tuple[int, int]) -> np.ndarray:
     return image
 
 
+def default_out(checkpoint: Path, name: str) -> Path:
+    """RUN/samples/NAME for a run directory, one of its checkpoints or its export; for an export
+    outside a run, samples/NAME beside it (as RUN/samples is beside RUN/export)."""
+    checkpoint = checkpoint.resolve()
+    if (checkpoint / "trainer_state.json").is_file():  # RUN/checkpoints/step_NNNNNNN
+        return checkpoint.parent.parent / "samples" / name
+    if (checkpoint / "export" / "config.json").is_file():  # RUN
+        return checkpoint / "samples" / name
+    return checkpoint.parent / "samples" / name  # an export: RUN/export or a copy of one
+
+
+def output_name(args: argparse.Namespace) -> str:
+    """sample_seed0.png, or completion_photo_k8_seed0.png for --complete photo.png."""
+    temperature = f"_t{args.temperature:g}" if args.temperature != 1 else ""
+    if args.complete is None:
+        return f"sample_seed{args.seed}{temperature}.png"
+    path, _, index = args.complete.rpartition(":")
+    image = f"{Path(path).stem}_{index}" if path.endswith(".npy") else Path(args.complete).stem
+    return f"completion_{image}_k{args.rows_given}_seed{args.seed}{temperature}.png"
+
+
 def save_grid(images: torch.Tensor, path: Path, nrow: int) -> None:
-    """uint8 [N, C, H, W] -> a PNG grid, `nrow` images per row."""
+    """uint8 [N, C, H, W] -> a PNG grid, `nrow` images per row, written atomically."""
     from torchvision.utils import save_image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(images.float() / 255, path, nrow=nrow, padding=2, pad_value=1.0)
+    from axial_transformer.io import atomic_write
+
+    atomic_write(path, lambda tmp: save_image(images.float() / 255, tmp, format="PNG", nrow=nrow,
+                                              padding=2, pad_value=1.0))
+
+
+def save_array(images: torch.Tensor, path: Path) -> None:
+    """uint8 [N, C, H, W] -> a .npy of uint8 [N, H, W, C], written atomically."""
+    from axial_transformer.io import atomic_write
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # np.save would append .npy to a path without it
+            np.save(f, images.permute(0, 2, 3, 1).numpy(), allow_pickle=False)
+
+    atomic_write(path, write)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -90,8 +123,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="run directory, checkpoint directory or export directory")
     parser.add_argument("--num-samples", type=int, default=None,
                         help="images to draw (default 64, or 8 completions with --complete)")
-    parser.add_argument("--out", default="samples.png",
-                        help="PNG to write; the raw uint8 [N, H, W, C] pixels go to the same "
+    parser.add_argument("--out",
+                        help="PNG to write (default: RUN/samples/sample_seed{SEED}.png, or "
+                        "completion_{IMAGE}_k{K}_seed{SEED}.png; for an export outside a run, "
+                        "samples/ beside it); the raw uint8 [N, H, W, C] pixels go to the same "
                         "name with .npy")
     parser.add_argument("--temperature", type=float, default=1.0,
                         help="divides the logits: < 1 sharper, > 1 more diverse (must be > 0)")
@@ -106,7 +141,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "split: keep its top --rows-given rows and sample the rest. "
                         + COMPLETION_CAVEAT)
     parser.add_argument("--rows-given", type=int, metavar="K",
-                        help="rows of --complete kept as given (top K)")
+                        help="rows of --complete kept as given (top K, less than the image "
+                        "height)")
     return parser.parse_args(argv)
 
 
@@ -119,6 +155,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise CLIError(f"--batch-size must be at least 1, got {args.batch_size}")
     if (args.complete is None) != (args.rows_given is None):
         raise CLIError("--complete IMAGE and --rows-given K go together")
+    if args.rows_given is not None and args.rows_given < 0:
+        raise CLIError(f"--rows-given must be 0 or more (K rows are kept, the rest sampled), "
+                       f"got {args.rows_given}")
+    if args.out is not None and Path(args.out).suffix.lower() != ".png":
+        raise CLIError(f"--out {args.out}: expected a .png file (the pixels go beside it as .npy)")
     try:
         device = torch.device(args.device)
     except RuntimeError as e:
@@ -140,9 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         c, (h, w) = model.config.channels, model.config.image_size
         known = known_mask = image = None
         if args.complete is not None:
-            if not 0 <= args.rows_given <= h:
-                raise CLIError(f"--rows-given must be between 0 and the image height {h}, "
-                               f"got {args.rows_given}")
+            if args.rows_given >= h:  # all rows given: nothing would be sampled
+                raise CLIError(f"--rows-given must be less than the image height {h} (K rows "
+                               f"are kept, the rest sampled), got {args.rows_given}")
             image = torch.from_numpy(load_image(args.complete, c, (h, w))).permute(2, 0, 1)
             known = image[None]
             known_mask = torch.zeros((1, c, h, w), dtype=torch.bool)
@@ -169,13 +210,13 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - start
     samples = torch.cat(batches)  # (N, C, H, W) uint8
 
-    out = Path(args.out)
+    out = Path(args.out) if args.out is not None else default_out(checkpoint, output_name(args))
     if image is None:
         save_grid(samples, out, nrow=math.ceil(math.sqrt(num_samples)))
     else:
         given = image * known_mask[0]  # the rows the model saw, black below
         save_grid(torch.cat([image[None], given[None], samples]), out, nrow=num_samples + 2)
-    np.save(out.with_suffix(".npy"), samples.permute(0, 2, 3, 1).numpy(), allow_pickle=False)
+    save_array(samples, out.with_suffix(".npy"))
     print(f"{num_samples} images of {c}x{h}x{w} in {seconds:.1f} s "
           f"({seconds / num_samples:.3f} s per image) -> {out}, {out.with_suffix('.npy')}")
     return 0

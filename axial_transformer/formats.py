@@ -4,29 +4,28 @@ Each reader opens one split of one source and returns a `Source`: how many image
 an iterator of records `(index, name, payload)`. The payload is the encoded bytes of an image file
 (decoded, checked and possibly skipped by `prepare`) or an already-decoded uint8 array [H, W, C].
 `index` is the image's place in the output, so the order never depends on how a source is read.
+Sources with class labels also give them, one per record index, and the class names.
 
-Nothing here can run a pickle's code: `.npy`/`.npz` load with allow_pickle=False, and CIFAR-10's
-python version goes through an unpickler that admits only plain containers, numbers, strings,
-bytes and numpy arrays.
+Nothing here unpickles: `.npy`/`.npz` load with allow_pickle=False, and CIFAR-10's python version
+is parsed by `cifar_pickle`, which builds plain values only.
 """
 
 from __future__ import annotations
 
 import gzip
-import pickle
+import math
 import re
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-try:
-    from numpy._core.multiarray import _reconstruct
-except ImportError:  # numpy < 2
-    from numpy.core.multiarray import _reconstruct
+from .cifar_pickle import read_python_batch
+from .labels import check_labels, labels_path, load_class_names, load_labels
 
 Record = tuple[int, str, bytes | np.ndarray]
 
@@ -43,6 +42,15 @@ CHRABASZCZ_NOTE = (
     "downsampled ImageNet (train_32x32.tar, valid_32x32.tar, ...) on which the Axial Transformer "
     "paper reports bits/dim: numbers on it are not comparable with the paper's"
 )
+CHRABASZCZ_LABELS_NOTE = "; its labels 1..1000 are stored as 0..999"
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck"]
+MNIST_CLASSES = [str(digit) for digit in range(10)]
+# torchvision's FashionMNIST.classes; the idx files are named exactly like MNIST's, so Fashion-MNIST
+# is told apart by "fashion" in its path (torchvision keeps it under FashionMNIST/raw).
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                         "Sneaker", "Bag", "Ankle boot"]
 
 
 @dataclass
@@ -53,6 +61,13 @@ class Source:
     records: Iterator[Record]
     expected_count: int | None = None  # the published image count, where there is one
     note: str | None = None  # a caveat to show whoever prepares this source
+    labels: np.ndarray | None = None  # int64 [count]: the class of record `index`, if known
+    classes: list[str] | None = None  # the name of each class, by label
+
+
+def numbered_classes(labels: np.ndarray) -> list[str]:
+    """Class names "0", "1", ... for labels that come without names."""
+    return [str(k) for k in range(int(labels.max(initial=-1)) + 1)]
 
 
 def detect_format(path: Path) -> str:
@@ -72,7 +87,9 @@ def detect_format(path: Path) -> str:
         raise FileNotFoundError(f"{path}: no such file or directory")
     if (path / "cifar-10-batches-bin").is_dir() or any(path.glob("*_batch*.bin")):
         return "cifar10"
-    if (path / "cifar-10-batches-py").is_dir() or (path / "batches.meta").is_file():
+    if (path / "cifar-10-batches-py").is_dir() or any(
+        (path / name).is_file() for name in ("batches.meta", "data_batch_1", "test_batch")
+    ):
         return "cifar10-python"
     if mnist_dirs(path):
         return "mnist"
@@ -160,15 +177,26 @@ def tar_members(path: Path, tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
 
 
 def read_folder(path: Path, split: str) -> Source:
-    """PNG and JPEG files anywhere under `path`, sorted by their relative path."""
-    files = sorted(
-        (p for p in path.rglob("*") if p.is_file() and is_image_name(p.name)),
-        key=lambda p: p.relative_to(path).as_posix(),
+    """PNG and JPEG files anywhere under `path`, sorted by their relative path.
+
+    When every image lies inside a sub-folder and there are at least two of them, the sub-folders
+    are the classes (torchvision's ImageFolder layout): sorted folder names are labels 0..K-1."""
+    relative = sorted(
+        p.relative_to(path).as_posix()
+        for p in path.rglob("*") if p.is_file() and is_image_name(p.name)
     )
-    if not files:
+    if not relative:
         raise ValueError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)} files) in this folder")
-    records = ((i, str(file), file.read_bytes()) for i, file in enumerate(files))
-    return Source("folder", path, len(files), records, expected_count=van_den_oord_count(path))
+    records = ((i, str(path / name), (path / name).read_bytes()) for i, name in enumerate(relative))
+    source = Source("folder", path, len(relative), records,
+                    expected_count=van_den_oord_count(path))
+    folders = [name.split("/")[0] if "/" in name else None for name in relative]
+    classes = sorted(set(folders) - {None})
+    if None not in folders and len(classes) >= 2:
+        label = {folder: k for k, folder in enumerate(classes)}
+        source.labels = np.array([label[folder] for folder in folders], dtype=np.int64)
+        source.classes = classes
+    return source
 
 
 # ---- Imagenet32/64 npz batches (Chrabaszcz et al. 2017) ----
@@ -176,7 +204,8 @@ def read_folder(path: Path, split: str) -> Source:
 
 def read_npz(path: Path, split: str) -> Source:
     """`train_data_batch_1.npz` .. `_10.npz` (train) or `val_data.npz` (test), or one .npz file.
-    Key `data` is uint8 [N, 3*S*S]: the red plane, then green, then blue; labels are ignored."""
+    Key `data` is uint8 [N, 3*S*S]: the red plane, then green, then blue; key `labels` holds
+    1..1000, kept as 0..999."""
     if path.is_dir():
         pattern = "train_data_batch_*.npz" if split == "train" else "val_data.npz"
         batch_number = lambda p: [int(t) for t in re.findall(r"\d+", p.name)]
@@ -185,46 +214,82 @@ def read_npz(path: Path, split: str) -> Source:
             raise ValueError(f"{path}: no {pattern} for the {split!r} split")
     else:
         files = [path]
-    counts = [npz_data_header(file)[0] for file in files]
+    headers = [npz_data_header(file) for file in files]
+    labelled = [has_labels for _, _, has_labels in headers]
+    if any(labelled) and not all(labelled):
+        raise ValueError(f"{files[labelled.index(False)]}: no 'labels' array, but "
+                         f"{files[labelled.index(True)].name} has one")
 
     def records() -> Iterator[Record]:
         index = 0
-        for file in files:
-            with np.load(file, allow_pickle=False) as npz:
-                data = npz["data"]
-            size = int(round((data.shape[1] / 3) ** 0.5))
+        for file, (_, size, _) in zip(files, headers, strict=True):
+            data = npz_array(file, "data")
             images = data.reshape(-1, 3, size, size).transpose(0, 2, 3, 1)
             for _, name, image in array_records([(str(file), images)]):
                 yield index, name, image
                 index += 1
 
-    return Source("npz", path, sum(counts), records(), note=CHRABASZCZ_NOTE.format(path=path))
+    source = Source("npz", path, sum(n for n, _, _ in headers), records(),
+                    note=CHRABASZCZ_NOTE.format(path=path))
+    if all(labelled):
+        # Chrabaszcz et al. number the classes from 1; labels here count from 0.
+        source.labels = np.concatenate(
+            [npz_labels(file, n) for file, (n, _, _) in zip(files, headers, strict=True)]
+        )
+        source.classes = [str(k) for k in range(1000)]
+        source.note += CHRABASZCZ_LABELS_NOTE
+    return source
 
 
-def npz_data_header(file: Path) -> tuple[int, int]:
-    """(N, S) of an npz batch, read from the header of its `data` array without loading it."""
+def npz_array(file: Path, key: str) -> np.ndarray:
+    """One array of an npz archive; whatever is wrong with the archive is a ValueError naming it."""
+    try:
+        with np.load(file, allow_pickle=False) as npz:
+            return npz[key]
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error,
+            NotImplementedError) as e:  # NotImplementedError: an unknown zip compression
+        raise ValueError(f"{file}: cannot read its {key!r} array ({e})") from None
+
+
+def npz_labels(file: Path, count: int) -> np.ndarray:
+    """The `labels` of an npz batch, 1..1000, as int64 0..999."""
+    return check_labels(npz_array(file, "labels"), f"{file} 'labels'", count, 1000, first=1)
+
+
+def npz_data_header(file: Path) -> tuple[int, int, bool]:
+    """(N, S, whether it has labels) of an npz batch, read from the header of its `data` array
+    without loading it."""
     try:
         with zipfile.ZipFile(file) as archive:
             keys = [n.removesuffix(".npy") for n in archive.namelist()]
-            if "data" not in keys:
-                raise ValueError(
-                    f"{file}: no 'data' array (it holds {keys}); expected an npz batch with "
-                    f"data [N, 3*S*S]"
-                )
-            with archive.open("data.npy") as f:
-                version = np.lib.format.read_magic(f)
-                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                               else np.lib.format.read_array_header_2_0)
-                shape, _, dtype = read_header(f)
-    except zipfile.BadZipFile as e:
-        raise ValueError(f"{file}: not an npz archive ({e})") from None
+            header = npy_member_header(archive, "data.npy") if "data" in keys else None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error,
+            NotImplementedError) as e:
+        raise ValueError(f"{file}: not a readable npz archive ({e})") from None
+    if header is None:
+        raise ValueError(f"{file}: no 'data' array (it holds {keys}); expected an npz batch with "
+                         f"data [N, 3*S*S]")
+    shape, dtype, stored = header
     if dtype != np.uint8:
         what = "Python objects (a pickle, which is never loaded)" if dtype.hasobject else dtype
         raise ValueError(f"{file}: 'data' must be uint8 [N, 3*S*S], it holds {what}")
     size = int(round((shape[1] / 3) ** 0.5)) if len(shape) == 2 else 0
     if len(shape) != 2 or 3 * size * size != shape[1]:
         raise ValueError(f"{file}: 'data' must be uint8 [N, 3*S*S], got shape {list(shape)}")
-    return shape[0], size
+    if math.prod(shape) != stored:  # a lying header would have prepare reserve what it claims
+        raise ValueError(f"{file}: 'data' header says {list(shape)} but the archive stores "
+                         f"{stored:,} bytes of it")
+    return shape[0], size, "labels" in keys
+
+
+def npy_member_header(archive: zipfile.ZipFile, member: str) -> tuple[tuple, np.dtype, int]:
+    """(shape, dtype, bytes stored after the header) of a .npy inside a zip."""
+    with archive.open(member) as f:
+        version = np.lib.format.read_magic(f)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, _, dtype = read_header(f)
+        return shape, dtype, archive.getinfo(member).file_size - f.tell()
 
 
 # ---- CIFAR-10 ----
@@ -251,55 +316,33 @@ def cifar_planes_to_hwc(rows: np.ndarray) -> np.ndarray:
 
 def read_cifar10(path: Path, split: str) -> Source:
     """CIFAR-10 binary version (`cifar-10-batches-bin`): records of 1 label + 3072 pixel bytes."""
-    arrays = []
+    batches = []
     for file in cifar_files(path, split, "cifar-10-batches-bin", ".bin"):
         raw = np.fromfile(file, dtype=np.uint8)
         if raw.size == 0 or raw.size % CIFAR_RECORD:
             raise ValueError(f"{file}: {raw.size} bytes is not a whole number of CIFAR-10 "
                              f"records of {CIFAR_RECORD} bytes")
-        arrays.append((str(file), cifar_planes_to_hwc(raw.reshape(-1, CIFAR_RECORD)[:, 1:])))
-    return Source("cifar10", path, sum(len(a) for _, a in arrays), array_records(arrays))
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """Builds plain containers, numbers, strings and bytes natively, and numpy arrays through
-    the only globals admitted below; any other global (a function, a class) is refused, so
-    loading cannot run code."""
-
-    ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
-        ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
-    }
-
-    def find_class(self, module: str, name: str):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refused to load global {module}.{name}")
-        return self.ALLOWED[(module, name)]
-
-
-def restricted_unpickle(file: Path) -> object:
-    try:
-        with open(file, "rb") as f:
-            # encoding="bytes": the CIFAR-10 pickles were written by Python 2
-            return RestrictedUnpickler(f, encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
-        raise ValueError(f"{file}: not a plain CIFAR-10 python batch ({e})") from None
+        rows = raw.reshape(-1, CIFAR_RECORD)
+        labels = check_labels(rows[:, 0], f"{file} (label bytes)", len(rows), 10)
+        batches.append((file, rows[:, 1:], labels))
+    return cifar_source("cifar10", path, batches)
 
 
 def read_cifar10_python(path: Path, split: str) -> Source:
-    """CIFAR-10 python version (`cifar-10-batches-py`), through `RestrictedUnpickler`."""
-    arrays = []
-    for file in cifar_files(path, split, "cifar-10-batches-py", ""):
-        batch = restricted_unpickle(file)
-        data = batch.get(b"data", batch.get("data")) if isinstance(batch, dict) else None
-        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or (
-            data.shape[1] != CIFAR_RECORD - 1
-        ):
-            raise ValueError(f"{file}: expected a dict with 'data' uint8 [N, 3072]")
-        arrays.append((str(file), cifar_planes_to_hwc(data)))
-    return Source("cifar10-python", path, sum(len(a) for _, a in arrays), array_records(arrays))
+    """CIFAR-10 python version (`cifar-10-batches-py`), parsed without unpickling."""
+    batches = [(file, *read_python_batch(file))
+               for file in cifar_files(path, split, "cifar-10-batches-py", "")]
+    return cifar_source("cifar10-python", path, batches)
+
+
+def cifar_source(
+    format: str, path: Path, batches: list[tuple[Path, np.ndarray, np.ndarray]]
+) -> Source:
+    """A Source of (file, pixels [N, 3072] as R, G, B planes, labels [N]) batches."""
+    arrays = [(str(file), cifar_planes_to_hwc(pixels)) for file, pixels, _ in batches]
+    return Source(format, path, sum(len(a) for _, a in arrays), array_records(arrays),
+                  labels=np.concatenate([labels for _, _, labels in batches]),
+                  classes=CIFAR10_CLASSES)
 
 
 # ---- MNIST and Fashion-MNIST (torchvision's on-disk layout) ----
@@ -313,21 +356,31 @@ def mnist_dirs(path: Path) -> list[Path]:
     return [d for d in candidates if d.is_dir() and any(d.glob("*-images-idx3-ubyte*"))]
 
 
-def read_idx_images(file: Path) -> np.ndarray:
-    """An idx3-ubyte file (optionally gzipped): magic 0x00000803, three big-endian int32 sizes."""
+def read_idx(file: Path, dims: int) -> np.ndarray:
+    """An idx file of bytes (optionally gzipped): magic 0x0000080D with D = `dims` (3 for
+    images, 1 for labels), then D big-endian int32 sizes, then the values."""
     opener = gzip.open if file.name.endswith(".gz") else open
     try:
         with opener(file, "rb") as f:
             raw = f.read()
     except (OSError, EOFError) as e:
         raise ValueError(f"{file}: cannot read ({e})") from None
-    if raw[:4] != b"\x00\x00\x08\x03" or len(raw) < 16:
-        raise ValueError(f"{file}: not an idx3-ubyte image file (magic {raw[:4].hex()})")
-    n, h, w = (int.from_bytes(raw[i : i + 4], "big") for i in (4, 8, 12))
-    if len(raw) != 16 + n * h * w:
-        raise ValueError(f"{file}: header says {n} images of {h}x{w} but holds {len(raw) - 16} "
-                         f"pixel bytes")
-    return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(n, h, w, 1)
+    magic, start = bytes([0, 0, 8, dims]), 4 + 4 * dims
+    if raw[:4] != magic or len(raw) < start:
+        raise ValueError(f"{file}: not an idx{dims}-ubyte file (magic {raw[:4].hex()}, expected "
+                         f"{magic.hex()})")
+    shape = [int.from_bytes(raw[i : i + 4], "big") for i in range(4, start, 4)]
+    if len(raw) != start + math.prod(shape):
+        raise ValueError(f"{file}: header says {'x'.join(map(str, shape))} values but it holds "
+                         f"{len(raw) - start}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=start).reshape(shape)
+
+
+def mnist_labels_file(images: Path) -> Path | None:
+    """`train-labels-idx1-ubyte[.gz]` beside `train-images-idx3-ubyte[.gz]`, if it is there."""
+    name = images.name.removesuffix(".gz").replace("images-idx3", "labels-idx1")
+    candidates = [images.with_name(name), images.with_name(name + ".gz")]
+    return next((f for f in candidates if f.is_file() and f.name != images.name), None)
 
 
 def read_mnist(path: Path, split: str) -> Source:
@@ -344,8 +397,17 @@ def read_mnist(path: Path, split: str) -> Source:
         file = plain if plain.is_file() else plain.with_name(plain.name + ".gz")
         if not file.is_file():
             raise ValueError(f"{dirs[0]}: no {plain.name}[.gz] for the {split!r} split")
-    images = read_idx_images(file)
-    return Source("mnist", path, len(images), array_records([(str(file), images)]))
+    images = read_idx(file, 3)[..., None]
+    source = Source("mnist", path, len(images), array_records([(str(file), images)]))
+    labels_file = mnist_labels_file(file)
+    if labels_file is None:
+        source.note = f"{file}: no labels-idx1-ubyte file beside it, so no labels are kept"
+    else:
+        labels = read_idx(labels_file, 1)
+        source.labels = check_labels(labels, str(labels_file), len(images), 10)
+        fashion = "fashion" in file.resolve().as_posix().lower()
+        source.classes = FASHION_MNIST_CLASSES if fashion else MNIST_CLASSES
+    return source
 
 
 # ---- arrays ----
@@ -376,11 +438,19 @@ def load_array(path: str | Path) -> np.ndarray:
         raise FileNotFoundError(f"{path}: no such image array; {PREPARE_HINT}")
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as e:  # object arrays (pickles) and files that are not .npy at all
+    except (ValueError, OSError, EOFError) as e:  # object arrays, damaged or foreign files
         raise ValueError(f"{path}: not a uint8 .npy image array ({e})") from None
     return check_image_array(array, str(path))
 
 
 def read_npy(path: Path, split: str) -> Source:
+    """A uint8 .npy of images; labelled when `X_labels.npy` (and optionally `X_classes.json`,
+    otherwise the classes are numbered) lies beside `X.npy`."""
     images = load_array(path)
-    return Source("npy", path, len(images), array_records([(str(path), images)]))
+    source = Source("npy", path, len(images), array_records([(str(path), images)]))
+    if labels_path(path).is_file():
+        classes = load_class_names(path)
+        num_classes = len(classes) if classes is not None else None
+        source.labels = load_labels(path, len(images), num_classes)
+        source.classes = classes if classes is not None else numbered_classes(source.labels)
+    return source

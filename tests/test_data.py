@@ -5,7 +5,7 @@ import gzip
 import hashlib
 import io
 import os
-import pickle
+import re
 import subprocess
 import sys
 import tarfile
@@ -26,7 +26,6 @@ from axial_transformer.data import (
     open_split,
     prepare,
 )
-from axial_transformer.formats import RestrictedUnpickler
 
 
 def random_images(n, h=5, w=7, c=3, seed=0):
@@ -189,6 +188,41 @@ def test_npz_object_array_is_never_unpickled(tmp_path):
     assert marker.exists()
 
 
+def npz_cases(tmp_path):
+    """Damaged and hostile npz batches, each with a phrase its error must contain."""
+    good = tmp_path / "good.npz"
+    # Larger than zipfile's first read (4 KB), so that a bad CRC shows only when data is read.
+    np.savez(good, data=planes(random_images(4, 32, 32)), labels=np.arange(1, 5))
+    raw = good.read_bytes()
+    cases = {"random_bytes.npz": (os.urandom(200), "not a readable npz archive")}
+    # The stored data.npy with a broken header, and with pixel bytes flipped (bad CRC).
+    header = raw.index(b"\x93NUMPY", raw.index(b"data.npy"))
+    cases["bad_header.npz"] = (raw[:header] + b"\x00" * 6 + raw[header + 6 :],
+                               "not a readable npz archive")
+    pixels = raw.index(b"}", header) + 6000
+    cases["bad_crc.npz"] = (raw[:pixels] + bytes([raw[pixels] ^ 1]) + raw[pixels + 1 :],
+                            "cannot read its 'data' array")
+    # A header that claims more images than the archive stores.
+    lying = raw.replace(b"'shape': (4, 3072)", b"'shape': (9, 3072)")
+    cases["lying.npz"] = (lying, r"header says \[9, 3072\] but the archive stores 12,288 bytes")
+    buffer = io.BytesIO()
+    np.savez(buffer, data=planes(random_images(4, 4, 4)), labels=np.array([{}] * 4))
+    cases["object_labels.npz"] = (buffer.getvalue(), "cannot read its 'labels' array")
+    return cases
+
+
+def test_damaged_npz_is_one_line_naming_the_file(tmp_path, capsys):
+    for name, (payload, message) in npz_cases(tmp_path).items():
+        (tmp_path / name).write_bytes(payload)
+        with pytest.raises(SystemExit) as exit_info:
+            main(["prepare", str(tmp_path / name), str(tmp_path / "out.npy")])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert exit_info.value.code == 2, name
+        assert err.startswith(f"error: {tmp_path / name}: ") and "Traceback" not in err, err
+        assert re.search(message, err), (name, err)
+    assert leftovers(tmp_path) == []
+
+
 # ---- CIFAR-10 ----
 
 
@@ -196,7 +230,7 @@ def test_cifar10_binary(tmp_path):
     images = random_images(12, 32, 32)
     folder = tmp_path / "cifar-10-batches-bin"
     folder.mkdir()
-    labels = np.arange(12, dtype=np.uint8)[:, None]
+    labels = (np.arange(12, dtype=np.uint8) * 7 % 10)[:, None]
     records = np.concatenate([labels, planes(images)], axis=1)
     for i in range(5):
         records[2 * i : 2 * i + 2].tofile(folder / f"data_batch_{i + 1}.bin")
@@ -208,34 +242,6 @@ def test_cifar10_binary(tmp_path):
     (folder / "test_batch.bin").write_bytes(records[10:].tobytes()[:-1])
     with pytest.raises(ValueError, match="not a whole number of CIFAR-10 records"):
         prepare_quiet(folder, tmp_path / "bad.npy", split="test")
-
-
-def test_cifar10_python_through_restricted_unpickler(tmp_path):
-    images = random_images(12, 32, 32)
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
-    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"cat"]}, protocol=4))
-    for i, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
-        batch = {b"batch_label": b"batch", b"labels": [0, 1], b"data": planes(images[2 * i :][:2]),
-                 b"filenames": [b"a.png", b"b.png"]}
-        # The real files are Python 2 pickles whose bytes load as bytes with encoding="bytes";
-        # protocol 4 stores bytes natively in the same way (protocol 2 from Python 3 would route
-        # them through _codecs.encode, a global the unpickler does not admit).
-        (folder / name).write_bytes(pickle.dumps(batch, protocol=4))
-    assert prepare_quiet(folder, tmp_path / "train.npy") == 10
-    np.testing.assert_array_equal(np.load(tmp_path / "train.npy"), images[:10])
-    assert prepare_quiet(tmp_path, tmp_path / "test.npy", split="test") == 2
-    np.testing.assert_array_equal(np.load(tmp_path / "test.npy"), images[10:])
-
-
-def test_restricted_unpickler_refuses_code(tmp_path):
-    marker = tmp_path / "pickle_ran"
-    payload = pickle.dumps({b"data": Marker(marker)}, protocol=4)
-    with pytest.raises(pickle.UnpicklingError, match="posix.mkdir|os.mkdir"):
-        RestrictedUnpickler(io.BytesIO(payload)).load()
-    assert not marker.exists()
-    pickle.loads(payload)  # negative control: a plain unpickler runs it
-    assert marker.exists()
 
 
 # ---- MNIST / Fashion-MNIST, torchvision layout ----
@@ -259,11 +265,12 @@ def test_mnist_torchvision_layout(tmp_path, dataset, compress):
             (raw / f"{name}.gz").write_bytes(gzip.compress(data))
         else:
             (raw / name).write_bytes(data)
-    assert prepare_quiet(tmp_path, tmp_path / "train.npy", channels=1) == 3
+    with pytest.warns(UserWarning, match="no labels-idx1-ubyte file beside it"):
+        assert prepare_quiet(tmp_path, tmp_path / "train.npy", channels=1) == 3
+        prepare_quiet(tmp_path / dataset, tmp_path / "test.npy", channels=1, split="test")
     np.testing.assert_array_equal(np.load(tmp_path / "train.npy"), train)
-    prepare_quiet(tmp_path / dataset, tmp_path / "test.npy", channels=1, split="test")
     np.testing.assert_array_equal(np.load(tmp_path / "test.npy"), test)
-    with pytest.raises(ValueError, match="has 1 channels, expected 3"):
+    with pytest.raises(ValueError, match="has 1 channels, expected 3"), pytest.warns(UserWarning):
         prepare_quiet(tmp_path, tmp_path / "rgb.npy")
 
 
@@ -292,8 +299,11 @@ def test_load_array_errors(tmp_path):
     with pytest.raises(ValueError, match=r"expected shape \[N, H, W, C\]"):
         load_array(tmp_path / "flat.npy")
     np.save(tmp_path / "object.npy", np.array([None], dtype=object), allow_pickle=True)
-    with pytest.raises(ValueError, match="not a uint8 .npy"):
+    with pytest.raises(ValueError, match="object.npy: not a uint8 .npy"):
         load_array(tmp_path / "object.npy")
+    (tmp_path / "empty.npy").write_bytes(b"")  # np.load raises EOFError for this one
+    with pytest.raises(ValueError, match="empty.npy: not a uint8 .npy"):
+        load_array(tmp_path / "empty.npy")
 
 
 def test_image_array_dataset_items(tmp_path):
@@ -313,10 +323,44 @@ def test_open_split(tmp_path):
     np.save(tmp_path / "train.npy", random_images(3, 8, 8, 3))
     assert len(open_split(str(tmp_path), "train", (8, 8), 3)) == 3
     assert len(open_split(str(tmp_path / "train.npy"), "test", (8, 8), 3)) == 3
-    with pytest.raises(ValueError, match=r"train\.npy: expected .* 8 x 6 x 1 .*found 8 x 8 x 3"):
+    with pytest.raises(ValueError, match=r"train\.npy: expected .* 8 x 6 x 1 .*found 8 x 8 x 3"
+                       r".*needs model\.image_size=\[8,8\] model\.channels=3; or prepare them "
+                       r"again with --image-size 8 6 --resize"):
         open_split(str(tmp_path), "train", (8, 6), 1)
+    with pytest.raises(ValueError, match=r"found 8 x 8 x 3; a model of these images needs "
+                       r"model\.channels=3$"):
+        open_split(str(tmp_path), "train", (8, 8), 1)
     with pytest.raises(FileNotFoundError, match=r"test\.npy: no 'test' split .*train\.npy"):
         open_split(str(tmp_path), "test", (8, 8), 3)
+
+
+def test_prepare_removes_temp_files_of_killed_runs(tmp_path):
+    np.save(tmp_path / "in.npy", random_images(2))
+    stale = [tmp_path / ".out.npy.k1ll3d_0.tmp", tmp_path / ".out_labels.npy.abcdefgh.tmp"]
+    others = [tmp_path / ".other.npy.k1ll3d_0.tmp", tmp_path / ".out.npy.tmp",
+              tmp_path / "out.npy.k1ll3d_0.tmp"]
+    for file in stale + others:
+        file.write_bytes(b"\0" * 1000)
+    with pytest.warns(UserWarning) as warned:
+        prepare_quiet(tmp_path / "in.npy", tmp_path / "out.npy")
+    assert sorted(str(w.message) for w in warned) == [
+        f"removed {file} (1,000 bytes), left by an earlier run that was killed" for file in stale
+    ]
+    assert not any(file.exists() for file in stale)
+    assert all(file.exists() for file in others)  # not this output's temp-file pattern
+
+
+def test_outputs_get_the_umask_mode(tmp_path):
+    images = random_images(4)
+    np.save(tmp_path / "in.npy", images)
+    np.save(tmp_path / "in_labels.npy", np.arange(4))
+    umask = os.umask(0o027)
+    try:
+        prepare_quiet(tmp_path / "in.npy", tmp_path / "out.npy")
+    finally:
+        os.umask(umask)
+    for name in ("out.npy", "out_labels.npy", "out_classes.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o640, name
 
 
 # ---- the command line ----
