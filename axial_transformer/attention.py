@@ -1,33 +1,52 @@
-"""Multi-head self-attention along one axis of a feature map, with an optional key/value cache.
+"""Multi-head self-attention along one axis of a feature map, and its cached decoding step.
 
 Axis letters: b batch, h rows, w columns, n heads, e features per head, t positions along the
 attended axis (the other spatial axis is folded into the batch).
+
+Two ways compute the same attention, chosen by name (`AttentionPath`):
+  "sdpa"    torch's `scaled_dot_product_attention`, the fused kernels every GPU run takes;
+  "matmul"  plain matmuls with the backward written out (`FoldedAttention`), faster on a CPU for
+            axes up to `MATMUL_MAX_LEN` long and in bf16 (docs/benchmarks.md);
+  "auto"    "matmul" where it is faster, "sdpa" everywhere else.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from .runtime import softmax_backward_kernel
+
 Axis = Literal["row", "column"]
+AttentionPath = Literal["auto", "sdpa", "matmul"]
+ATTENTION_PATHS = ("auto", "sdpa", "matmul")
 
 # CUDA's flash and memory-efficient SDPA kernels put the folded batch (and the heads) on a grid
 # axis limited to 65,535 blocks; past it they fail or fall back to the slow math kernel, depending
 # on the torch version. Attention over the rows of a 64x64 batch of 64 already folds 4,096 x 16
-# heads, so we split the folded batch below the limit.
-MAX_CUDA_FOLDED_BATCH = 65_535
-
+# heads, so the folded batch is split below the limit.
+MAX_FOLDED_BATCH = 65_535
 
 # On the CPU, axes up to this long attend faster through plain matmuls than through the fused
-# kernel, whose backward is slow at these lengths: a training step of the "small" preset at
-# 64x64x3 took 3.25 s instead of 3.49 s, and row + column attention forward and backward at
-# 64x64 (batch 3, width 256, 2 threads) 344 instead of 394 ms. Longer axes keep the fused kernel,
-# which never materialises the [t, t] scores.
-EXPLICIT_MAX_LEN = 64
+# kernel, whose backward is slow at these lengths; longer axes keep the fused kernel, which never
+# materialises the [t, t] scores.
+MATMUL_MAX_LEN = 64
+
+
+def uses_matmuls(
+    q: Tensor, length: int, path: AttentionPath = "auto", matmul_max_len: int = MATMUL_MAX_LEN
+) -> bool:
+    """Whether attention over axes of `length` runs through plain matmuls: always for "matmul",
+    never for "sdpa"; for "auto" on the CPU, in bf16 or up to `matmul_max_len` long."""
+    if path not in ATTENTION_PATHS:
+        raise ValueError(f"attention path must be one of {ATTENTION_PATHS}, got {path!r}")
+    if path != "auto":
+        return path == "matmul"
+    return q.device.type == "cpu" and (q.dtype == torch.bfloat16 or length <= matmul_max_len)
 
 
 def attend(
@@ -35,38 +54,35 @@ def attend(
     k: Tensor,
     v: Tensor,
     causal: bool,
-    explicit_max_len: int | None = None,
+    path: AttentionPath = "auto",
     scale: float | None = None,
+    bias: Tensor | None = None,
+    matmul_max_len: int = MATMUL_MAX_LEN,
 ) -> Tensor:
-    """Attention over [N, heads, t, e]: `scaled_dot_product_attention` (chunking N where CUDA
-    needs it), or plain matmuls on the CPU where `uses_matmuls` says so. `scale` multiplies the
-    scores (default 1/sqrt(e); 1.0 for queries scaled beforehand)."""
-    if uses_matmuls(q, k.shape[2], explicit_max_len):
-        return explicit_attention(q, k, v, causal, scale)
-    if q.is_cuda:
-        return chunked_sdpa(q, k, v, causal, MAX_CUDA_FOLDED_BATCH, scale)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
-
-
-def uses_matmuls(q: Tensor, length: int, explicit_max_len: int | None = None) -> bool:
-    """Whether attention over axes of `length` runs through plain matmuls: on the CPU, in bf16 or
-    up to `explicit_max_len` (default `EXPLICIT_MAX_LEN`) long."""
-    if explicit_max_len is None:
-        explicit_max_len = EXPLICIT_MAX_LEN
-    return q.device.type == "cpu" and (q.dtype == torch.bfloat16 or length <= explicit_max_len)
+    """Attention over [N, heads, t, e] by `path`. `scale` multiplies the scores (default
+    1/sqrt(e)); `bias` [1, t_k] is added to every row of scores (a decoding step's mask)."""
+    if uses_matmuls(q, k.shape[2], path, matmul_max_len):
+        return explicit_attention(q, k, v, causal, scale, bias)
+    return chunked_sdpa(q, k, v, causal, MAX_FOLDED_BATCH, scale, bias)
 
 
 def chunked_sdpa(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool, max_folded: int, scale: float | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool,
+    max_folded: int,
+    scale: float | None = None,
+    bias: Tensor | None = None,
 ) -> Tensor:
     """SDPA in pieces of the folded batch, so that no call folds more than `max_folded` x heads."""
     heads = q.shape[1]
     step = max(1, max_folded // heads)
     if q.shape[0] <= step:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, bias, is_causal=causal, scale=scale)
     chunks = zip(q.split(step), k.split(step), v.split(step), strict=True)
     return torch.cat(
-        [F.scaled_dot_product_attention(*c, is_causal=causal, scale=scale) for c in chunks]
+        [F.scaled_dot_product_attention(*c, bias, is_causal=causal, scale=scale) for c in chunks]
     )
 
 
@@ -80,45 +96,47 @@ def causal_bias(t_q: int, t_k: int, like: Tensor) -> Tensor:
 
 
 def explicit_attention(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool,
+    scale: float | None = None,
+    bias: Tensor | None = None,
 ) -> Tensor:
-    """softmax(scale * q k^T) v over [..., t, e], for short axes on the CPU.
-
-    torch's fused CPU attention is slow in bf16: its backward took 41% of a bf16 training step
-    at 32x32 (bench/model_bench.py), ten times the fp32 kernel. Axes are at most 64 long, so the
-    [t, t] scores are small enough to materialise. The softmax of bf16 scores accumulates in
-    fp32 inside torch's kernel and returns bf16, bit for bit the fp32 softmax rounded to bf16,
-    without an fp32 copy of the scores to write and convert.
-    """
+    """softmax(scale * q k^T + bias) v over [..., t, e], for short axes: the [t, t] scores are
+    small enough to materialise. The leading axes fold into one batch, so that the scale and the
+    masks ride along in one `baddbmm`."""
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    scores = q @ k.transpose(-1, -2)
-    if scale != 1.0:
-        scores = scores * scale
     if causal:
-        scores = scores + causal_bias(*scores.shape[-2:], scores)
-    return scores.softmax(-1).to(v.dtype) @ v
+        mask = causal_bias(q.shape[-2], k.shape[-2], q)
+        bias = mask if bias is None else bias + mask
+    q3, k3, v3 = (z.reshape(-1, *z.shape[-2:]) for z in (q, k, v))
+    if bias is None:
+        scores = torch.bmm(q3, k3.mT).mul_(scale)
+    else:
+        scores = torch.baddbmm(bias, q3, k3.mT, alpha=scale)
+    return torch.bmm(softmax(scores).to(v.dtype), v3).view(*q.shape[:-1], v.shape[-1])
 
 
-# torch's CPU softmax kernels vectorise bf16 along rows in chunks of 32: shorter rows (axes of
-# 16) take a scalar path, 2.4x (forward) and 12x (backward) slower than fp32. Those rows go
-# through fp32: [6144, 16, 16] scores took 3.8 + 6.4 ms in bf16, 2.3 + 1.4 ms through fp32.
+# torch's CPU softmax kernels vectorise bf16 along rows in chunks of 32: shorter rows take a
+# scalar path, several times slower than fp32 (docs/benchmarks.md). Those rows go through fp32.
 BF16_SOFTMAX_MIN_LEN = 32
 
 
 def softmax(scores: Tensor) -> Tensor:
-    """Softmax over the last axis, in the scores' dtype."""
+    """Softmax over the last axis, in the scores' dtype (bf16 in: accumulated in fp32 inside
+    torch's kernel, bit for bit the fp32 softmax rounded to bf16)."""
     if scores.dtype == torch.bfloat16 and scores.shape[-1] < BF16_SOFTMAX_MIN_LEN:
         return scores.float().softmax(-1).to(scores.dtype)
     return scores.softmax(-1)
 
 
 def softmax_backward(grad: Tensor, p: Tensor) -> Tensor:
-    """d scores = p * (grad - sum(grad * p)) for p = softmax(scores): torch's fused kernel, the
-    one autograd runs."""
+    """d scores = p * (grad - sum(grad * p)) for p = softmax(scores)."""
     if p.dtype == torch.bfloat16 and p.shape[-1] < BF16_SOFTMAX_MIN_LEN:
         return softmax_backward(grad.float(), p.float()).to(p.dtype)
-    return torch.ops.aten._softmax_backward_data(grad, p, -1, p.dtype)
+    return softmax_backward_kernel(grad, p)
 
 
 class FoldedAttention(torch.autograd.Function):
@@ -126,10 +144,10 @@ class FoldedAttention(torch.autograd.Function):
     plain matmuls, forward and backward written out for the layouts.
 
     Autograd through folding views would copy q, k and v for the matmuls, then gather the three
-    gradients back into the projection's layout with a strided `cat` (9% of a training step at
-    64x64). Here the forward folds q, k, v in one copy, and the backward writes their gradients
-    into one folded buffer and unfolds it in one copy. Queries come scaled (the scale is folded
-    into the projection), and the causal mask is added inside the score matmul.
+    gradients back into the projection's layout with a strided `cat`. Here the forward folds q,
+    k, v in one copy, and the backward writes their gradients into one folded buffer and unfolds
+    it in one copy. Queries come scaled (the scale is folded into the projection), and the causal
+    mask is added inside the score matmul.
     """
 
     @staticmethod
@@ -169,35 +187,23 @@ FOLDS = {
 }
 
 
-class KVCache:
-    """Keys and values of the positions decoded so far along one axis, preallocated.
+# ------------------------------------------------------------------------------------------------
+# Decoding one position at a time.
 
-    Buffers are written in place, so a decoding step allocates nothing: at batch 1 the sampler is
-    bound by per-step overhead, not arithmetic.
-    """
 
-    def __init__(
-        self, folded_batch: int, heads: int, max_len: int, head_dim: int, like: Tensor
-    ) -> None:
-        # Keys and values share one buffer, so a fused projection's k and v land in one copy.
-        self.kv = like.new_empty((folded_batch, 2, heads, max_len, head_dim))
-        self.length = 0
+class Position(NamedTuple):
+    """The position a decoding step writes along the cached axis, and the keys it may see."""
 
-    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Append [N, heads, L, e] keys and values; return all of them so far."""
-        return self.append_pair(torch.stack([k, v], dim=1))
+    index: Tensor  # 0-d long
+    bias: Tensor  # [1, T]: 0 at cache positions <= index, -inf after them
 
-    def append_pair(self, kv: Tensor) -> tuple[Tensor, Tensor]:
-        """Append keys and values stacked as [N, 2, heads, L, e]; return all of them so far."""
-        end = self.length + kv.shape[3]
-        if end > self.kv.shape[3]:
-            raise ValueError(f"KV cache holds {self.kv.shape[3]} positions; {end} were written")
-        self.kv[:, :, :, self.length : end] = kv
-        self.length = end
-        return self.kv[:, 0, :, :end], self.kv[:, 1, :, :end]
 
-    def reset(self) -> None:
-        self.length = 0
+def decoding_positions(length: int, like: Tensor) -> list[Position]:
+    """Position 0..length-1 of an axis, made once per decoding run: a step then builds no mask."""
+    t = torch.arange(length, device=like.device)
+    bias = torch.zeros((length, length), dtype=like.dtype, device=like.device)
+    bias.masked_fill_(t[None, :] > t[:, None], float("-inf"))
+    return [Position(t[i], bias[i : i + 1]) for i in range(length)]
 
 
 class AxialSelfAttention(nn.Module):
@@ -208,51 +214,61 @@ class AxialSelfAttention(nn.Module):
     model strictly causal, paper section 4.2).
     """
 
-    def __init__(self, dim: int, heads: int, axis: Axis, causal: bool = False) -> None:
+    def __init__(
+        self, dim: int, heads: int, axis: Axis, causal: bool = False, path: AttentionPath = "auto"
+    ) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
         if axis not in ("row", "column"):
             raise ValueError(f"axis must be 'row' or 'column', got {axis!r}")
-        self.heads, self.axis, self.causal = heads, axis, causal
+        if path not in ATTENTION_PATHS:
+            raise ValueError(f"attention path must be one of {ATTENTION_PATHS}, got {path!r}")
+        self.heads, self.axis, self.causal, self.path = heads, axis, causal, path
         self.head_dim = dim // heads
         self.to_qkv = nn.Linear(dim, 3 * dim)  # fused: one matmul instead of three
         self.to_out = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, cache: Tensor | None = None, position: Position | None = None
+    ) -> Tensor:
         """x: [B, H, W, D] -> [B, H, W, D].
 
-        With a cache, the new positions along the attended axis are appended to it and attend to
-        everything it holds. Once the cache holds anything, one position is decoded per call.
+        With a `cache` (from `new_cache`), x holds ONE new position along the attended axis, at
+        `position`: its keys and values are written into the cache there, and it attends to the
+        cache's positions up to and including it.
         """
+        if cache is not None:
+            return self.decode(x, cache, position)
         b = x.shape[0]
         qkv = self.project(x)
-        if cache is None and uses_matmuls(qkv, x.shape[2 if self.axis == "row" else 1]):
+        if uses_matmuls(qkv, x.shape[2 if self.axis == "row" else 1], self.path):
             return self.to_out(FoldedAttention.apply(qkv, self.axis, self.causal))
-
-        # Through SDPA or a cache: splitting q, k, v before folding lets the backward stack their
-        # gradients straight into the projection's layout (folding the fused tensor costs a
-        # concatenation plus a permuting copy).
+        # Splitting q, k, v before folding lets the backward stack their gradients straight into
+        # the projection's layout (folding the fused tensor costs a concatenation plus a copy).
         fold = "b h w n e -> (b h) n w e" if self.axis == "row" else "b h w n e -> (b w) n h e"
         q, k, v = (rearrange(t, fold) for t in qkv.unbind(3))
-
-        causal = self.causal
-        if cache is not None:
-            if cache.length and q.shape[2] != 1:
-                raise ValueError("a cached decoding step takes one new position along the axis")
-            if cache.length:
-                # is_causal=True aligns its mask to the top-left: one query against t cached keys
-                # would see only key 0. The cache holds only the past and the present, so attending
-                # to all of it is exactly causal (DESIGN.md section 3).
-                causal = False
-            k, v = cache.append(k, v)
-
-        out = attend(q, k, v, causal, scale=1.0)
+        out = attend(q, k, v, self.causal, self.path, scale=1.0)
         if self.axis == "row":
-            out = rearrange(out, "(b h) n w e -> b h w (n e)", b=b)
-        else:
-            out = rearrange(out, "(b w) n h e -> b h w (n e)", b=b)
-        return self.to_out(out)
+            return self.to_out(rearrange(out, "(b h) n w e -> b h w (n e)", b=b))
+        return self.to_out(rearrange(out, "(b w) n h e -> b h w (n e)", b=b))
+
+    def decode(self, x: Tensor, cache: Tensor, position: Position) -> Tensor:
+        """One decoding step: x [B, H, W, D] with length 1 along the axis -> [B, H, W, D]. With
+        the axis of length 1, folding the other axis into the batch is a view: [B, H, W] -> N =
+        B*H*W in the cache's order. Functional calls: a step holds a few tokens, and module
+        calls would cost more than their arithmetic."""
+        if x.shape[2 if self.axis == "row" else 1] != 1:
+            raise ValueError(f"a decoding step takes one new position along the {self.axis} "
+                             f"axis, got input of shape {list(x.shape)}")
+        n = x.numel() // x.shape[-1]
+        qkv = F.linear(x, self.to_qkv.weight, self.to_qkv.bias).view(n, 3, self.heads, 1, -1)
+        cache.index_copy_(3, position.index.view(1), qkv[:, 1:].transpose(0, 1))
+        # The cache holds this position and, masked by the bias, what follows it (earlier rows'
+        # values, or zeros): so the step attends to all of it, not causally. SDPA's is_causal
+        # would align its mask top-left and let this one query see only key 0.
+        out = attend(qkv[:, 0], cache[0], cache[1], False, self.path, bias=position.bias)
+        return F.linear(out.view(x.shape), self.to_out.weight, self.to_out.bias)
 
     def project(self, x: Tensor) -> Tensor:
         """[B, H, W, D] -> fused q, k, v [B, H, W, 3, heads, e], the queries already scaled by
@@ -266,5 +282,7 @@ class AxialSelfAttention(nn.Module):
         (w_q, w_kv), (b_q, b_kv) = (p.split([dim, 2 * dim]) for p in self.to_qkv.parameters())
         return torch.cat([w_q * scale, w_kv]), torch.cat([b_q * scale, b_kv])
 
-    def new_cache(self, folded_batch: int, max_len: int, like: Tensor) -> KVCache:
-        return KVCache(folded_batch, self.heads, max_len, self.head_dim, like)
+    def new_cache(self, folded_batch: int, length: int, like: Tensor) -> Tensor:
+        """Keys and values of `length` positions for a folded batch, [2, N, heads, T, e], zeros:
+        positions not written yet are masked, and their weight 0 must not meet a NaN."""
+        return like.new_zeros((2, folded_batch, self.heads, length, self.head_dim))

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
+
+from .attention import ATTENTION_PATHS
 
 
 @dataclass
@@ -31,6 +34,10 @@ class AxialTransformerConfig:
     gradient_checkpointing: bool = False
     # Values a subpixel takes: 256 for 8-bit images.
     levels: int = field(default=256)
+    # How attention is computed: "sdpa" (torch's fused kernels, what every GPU run takes),
+    # "matmul" (plain matmuls, faster on a CPU for axes up to 64 long and in bf16) or "auto"
+    # (each where it is faster). The same model and weights whichever is chosen.
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.image_size, int):
@@ -55,12 +62,30 @@ class AxialTransformerConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.mlp_ratio <= 0:
             raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
+        if self.attention not in ATTENTION_PATHS:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_PATHS)}, "
+                             f"got {self.attention!r}")
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> AxialTransformerConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> AxialTransformerConfig:
+        """The config of a saved dict (config.json); an unknown key is a ValueError naming it."""
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in values:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"{source}: unknown model setting {key!r}{hint}; the settings "
+                                 f"are {', '.join(known)}")
+        try:
+            return cls(**values)
+        except TypeError as e:  # a value of the wrong type
+            raise ValueError(f"{source}: {e}") from None
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -18,13 +18,13 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from .attention import MAX_CUDA_FOLDED_BATCH, attend
+from .attention import MAX_FOLDED_BATCH, attend
 
 # The fused CPU kernel reads these layers' folded q, k, v as strided views, without the copies
 # that plain matmuls need, so it wins from shorter axes on than in the model's attention: at
 # 64x64 (batch 8, 128 channels) row + column attention forward and backward took 449 ms through
 # it and 706 ms through plain matmuls, with 386 instead of 690 MB of net peak memory.
-EXPLICIT_MAX_LEN = 32
+MATMUL_MAX_LEN = 32
 
 __all__ = [
     "AxialAttention",
@@ -120,10 +120,11 @@ class AxisAttention(nn.Module):
         qkv = qkv.view(b, *spatial, self.heads, 3, -1).unbind(-2)
         q, k, v = (rearrange(z, self.fold) for z in qkv)  # (B s<a), (s>a n), t, e
         folded = q.shape[:2]
-        if q.is_cuda and folded[1] > MAX_CUDA_FOLDED_BATCH:
+        if q.is_cuda and folded[1] > MAX_FOLDED_BATCH:
             # attend() splits only the first fold under the CUDA grid limit; move all of it there
             q, k, v = (z.flatten(0, 1).unsqueeze(1) for z in (q, k, v))
-        out = attend(q, k, v, self.causal, EXPLICIT_MAX_LEN).reshape(*folded, *q.shape[2:])
+        out = attend(q, k, v, self.causal, matmul_max_len=MATMUL_MAX_LEN)
+        out = out.reshape(*folded, *q.shape[2:])
         sizes = {"b": b, **{f"s{a}": size for a, size in enumerate(spatial)}}
         out = rearrange(out, self.unfold, n=self.heads, **{a: sizes[a] for a in self.kept})
         out = self.to_out(out)  # (B, *S, D)

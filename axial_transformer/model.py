@@ -25,7 +25,7 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import AxialSelfAttention, Axis, KVCache
+from .attention import AttentionPath, AxialSelfAttention, Axis, Position
 from .config import AxialTransformerConfig
 
 __all__ = ["AxialTransformer", "AxialTransformerConfig", "shift_down", "shift_right"]
@@ -49,48 +49,60 @@ def at_least_fp32(logits: Tensor) -> Tensor:
 GELU_SCALE = 1.702
 
 
-def sigmoid_gelu(x: Tensor) -> Tensor:
-    """The GELU approximation x * sigmoid(1.702 x) of the official axial/nn.py."""
-    return x * torch.sigmoid(GELU_SCALE * x)
-
-
-class SigmoidGELU(nn.Module):
-    def forward(self, x: Tensor) -> Tensor:
-        return sigmoid_gelu(x)
-
-
 class MLP(nn.Sequential):
-    """Linear -> x sigmoid(1.702 x) -> Linear, computed as Linear -> SiLU -> Linear with 1.702
-    folded into the weights: z sigmoid(1.702 z) = silu(1.702 z) / 1.702. SiLU is one fused
-    kernel forward and one backward, where the product runs eight elementwise passes over the
-    hidden activations; scaling the weights costs next to nothing."""
+    """Linear -> z sigmoid(1.702 z) -> Linear, the GELU approximation of the official
+    axial/nn.py, computed as Linear -> SiLU -> Linear with the constant moved: z sigmoid(1.702 z)
+    = silu(1.702 z) / 1.702. SiLU is one fused kernel, where the product takes three passes over
+    the hidden activations. The constant goes where it costs least: into the weights when the
+    tokens outnumber the weights' entries (training and evaluation), onto the activations when a
+    decoding step holds a few tokens."""
 
     def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__(nn.Linear(dim, hidden), SigmoidGELU(), nn.Linear(hidden, dim))
+        super().__init__(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        inner, _, outer = self
-        h = F.silu(F.linear(x, inner.weight * GELU_SCALE, inner.bias * GELU_SCALE))
-        return F.linear(h, outer.weight / GELU_SCALE, outer.bias)
+        inner, silu, outer = self
+        if x.numel() >= inner.weight.numel():
+            h = silu(F.linear(x, inner.weight * GELU_SCALE, inner.bias * GELU_SCALE))
+            return F.linear(h, outer.weight / GELU_SCALE, outer.bias)
+        h = silu(F.linear(x, inner.weight, inner.bias) * GELU_SCALE)
+        return F.linear(h / GELU_SCALE, outer.weight, outer.bias)
 
 
 class AxialBlock(nn.Module):
-    """Pre-LN transformer block whose attention runs along one axis."""
+    """Pre-LN transformer block whose attention runs along one axis (official axial/nn.py)."""
 
     def __init__(
-        self, dim: int, heads: int, axis: Axis, causal: bool, mlp_ratio: float, dropout: float
+        self,
+        dim: int,
+        heads: int,
+        axis: Axis,
+        causal: bool,
+        mlp_ratio: float,
+        dropout: float,
+        attention: AttentionPath = "auto",
     ) -> None:
         super().__init__()
         hidden = max(1, round(dim * mlp_ratio))
         self.attn_norm = nn.LayerNorm(dim)
-        self.attn = AxialSelfAttention(dim, heads, axis, causal)
+        self.attn = AxialSelfAttention(dim, heads, axis, causal, attention)
         self.mlp_norm = nn.LayerNorm(dim)
         self.mlp = MLP(dim, hidden)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout
 
-    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), cache))
-        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+    def forward(
+        self, x: Tensor, cache: Tensor | None = None, position: Position | None = None
+    ) -> Tensor:
+        """x [B, H, W, D] -> [B, H, W, D]; with a key/value `cache`, one decoding step at
+        `position` (see `AxialSelfAttention.forward`)."""
+        x = x + self.residual(self.attn(self.attn_norm(x), cache, position))
+        return x + self.residual(self.mlp(self.mlp_norm(x)))
+
+    def residual(self, branch: Tensor) -> Tensor:
+        """Dropout on a residual branch in training (the paper's); nothing to call otherwise."""
+        if self.training and self.dropout > 0:
+            return F.dropout(branch, self.dropout)
+        return branch
 
 
 class AxialStack(nn.Module):
@@ -104,26 +116,35 @@ class AxialStack(nn.Module):
         mlp_ratio: float,
         dropout: float,
         gradient_checkpointing: bool = False,
+        attention: AttentionPath = "auto",
     ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
-            AxialBlock(dim, heads, axis, causal, mlp_ratio, dropout) for axis, causal in axes
+            AxialBlock(dim, heads, axis, causal, mlp_ratio, dropout, attention)
+            for axis, causal in axes
         )
         self.gradient_checkpointing = gradient_checkpointing
 
-    def forward(self, x: Tensor, caches: list[KVCache | None] | None = None) -> Tensor:
-        for i, block in enumerate(self.blocks):
-            cache = caches[i] if caches is not None else None
-            if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, use_reentrant=False)
             else:
-                x = block(x, cache)
+                x = block(x)
         return x
 
-    def new_caches(self, folded_batch: int, max_len: int, like: Tensor) -> list[KVCache | None]:
-        """One cache per masked block (the unmasked ones see a whole row or column at once)."""
+    def step(self, x: Tensor, caches: list[Tensor | None], position: Position) -> Tensor:
+        """Decode one position along the masked blocks' axis: x [B, H, W, D] holds it (length 1
+        along that axis) and passes through every block; each masked block writes its keys and
+        values into its cache, and the unmasked ones (cache None) see their whole axis in x."""
+        for block, cache in zip(self.blocks, caches, strict=True):
+            x = block(x, cache, position)
+        return x
+
+    def new_caches(self, folded_batch: int, length: int, like: Tensor) -> list[Tensor | None]:
+        """One key/value cache per masked block, for `length` positions of a folded batch."""
         return [
-            b.attn.new_cache(folded_batch, max_len, like) if b.attn.causal else None
+            b.attn.new_cache(folded_batch, length, like) if b.attn.causal else None
             for b in self.blocks
         ]
 
@@ -135,7 +156,7 @@ class AxialTransformer(nn.Module):
         c = config
         (height, width), dim = c.image_size, c.dim
         stack = dict(dim=dim, heads=c.heads, mlp_ratio=c.mlp_ratio, dropout=c.dropout,
-                     gradient_checkpointing=c.gradient_checkpointing)
+                     gradient_checkpointing=c.gradient_checkpointing, attention=c.attention)
 
         # One embedding table shared by every channel (official models.py).
         self.pixel_embedding = nn.Embedding(c.levels, dim)
@@ -201,7 +222,7 @@ class AxialTransformer(nn.Module):
         """ctx for modelling channel `channel[b]` of image `x[b]`: [B, C, H, W] -> [B, H, W, D]."""
         planes = torch.arange(self.config.channels, device=x.device)
         known = (planes[None, :] < channel[:, None])[:, :, None, None]  # channels < c
-        values = (x.to(self.encoder_input.weight.dtype) / 255.0) * known
+        values = (x.to(self.encoder_input.weight.dtype) / (self.config.levels - 1)) * known
         one_hot = (planes[None, :] == channel[:, None])[:, :, None, None].expand_as(values)
         planes = torch.cat([values, one_hot.to(values.dtype)], dim=1)
         # Channels-last convolution, so that its output seen as [B, H, W, D] is contiguous: a
@@ -221,6 +242,28 @@ class AxialTransformer(nn.Module):
 
     def logits(self, r: Tensor) -> Tensor:
         return self.to_logits(self.final_norm(r))
+
+    # ----------------------------------------------------------------------------------------
+    # Decoding one row and one subpixel at a time, through the blocks' own forward with
+    # key/value caches: the steps of the sampler's and the codec's loop (sampling.decode).
+
+    def new_caches(self, batch: int, like: Tensor) -> tuple[list, list]:
+        """Zeroed key/value caches of the outer decoder (over rows, for each column of each
+        image) and of the inner decoder (over the columns of the row being decoded)."""
+        height, width = self.config.image_size
+        return (self.outer_decoder.new_caches(batch * width, height, like),
+                self.inner_decoder.new_caches(batch, width, like))
+
+    def outer_step(self, inputs: Tensor, caches: list, row: Position) -> Tensor:
+        """Row i's outer-decoder inputs h + pos + ctx [B, W, D] -> the outer decoder's output
+        for row i [B, W, D], which shift_down hands to row i + 1."""
+        return self.outer_decoder.step(inputs[:, None], caches, row)[:, 0]
+
+    def inner_step(self, inputs: Tensor, caches: list, column: Position) -> Tensor:
+        """Pixel j's inner-decoder input shift_right(h) + u + pos + ctx [B, D] -> its logits
+        [B, V] given every subpixel before it."""
+        r = self.inner_decoder.step(inputs[:, None, None], caches, column)
+        return self.logits(r[:, 0, 0])
 
     def slice_logits(self, x: Tensor, channel: Tensor) -> Tensor:
         """Logits of channel `channel[b]` of each image: [B, C, H, W], [B] -> [B, H, W, V]."""
@@ -328,7 +371,14 @@ class AxialTransformer(nn.Module):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{directory / name} not found: expected a directory "
                                         "written by AxialTransformer.save_pretrained")
-        config = AxialTransformerConfig(**json.loads((directory / "config.json").read_text()))
+        config_file = directory / "config.json"
+        try:
+            values = json.loads(config_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{config_file}: expected a JSON object of model settings")
+        config = AxialTransformerConfig.from_dict(values, str(config_file))
         model = cls(config)
         state = load_file(directory / "model.safetensors", device=str(map_location))
         try:

@@ -1,44 +1,158 @@
-"""Drawing images from the Axial Transformer: a naive reference sampler and the fast cached one.
+"""Drawing images from the Axial Transformer: the cached sampler and the naive reference.
 
-Both follow the model's channel-major order (channel c, row i, column j) and draw each subpixel
-by the Gumbel-max trick, `argmax(logits / T + g)` with g ~ Gumbel(0, 1): that is an exact draw
-from softmax(logits / T). The noise g is either supplied or drawn from `generator` one row
-[B, W, V] at a time in (c, i) order, the same in both samplers, so from the same noise or seed
-they return IDENTICAL images. `sample_naive` is the definition (one teacher-forced forward pass
-per subpixel); `sample` is the fast one (DESIGN.md section 3):
+Both follow the model's order (channel c, row i, column j) and draw each subpixel by the
+Gumbel-max trick, `argmax(logits / T + g)` with g ~ Gumbel(0, 1), an exact draw from
+softmax(logits / T). The noise is supplied or drawn from `generator` one row [B, W, V] at a time
+in (c, i) order, the same in both samplers, so from the same noise or seed they return IDENTICAL
+images. `sample_naive` is the definition (one teacher-forced forward pass per subpixel); `sample`
+runs `decode`, the loop of the model's cached decoding steps (`AxialTransformer.outer_step`,
+`inner_step`), whose arithmetic is that of one teacher-forced forward pass over the image:
 
   per channel c:   ctx = channel_encoder(x[<c])                           once
-  per row i:       u[i] = outer_decoder(row i-1), masked column layers cached over rows
-  per column j:    r = h[i, j-1] + u[i] + pos[i] + ctx[i], masked row layers cached over columns
-                   x[c, i, j] = argmax(logits(inner_decoder(r)) / T + g)
+  per row i:       u[i] = outer_step(row i-1), masked column layers cached over rows
+  per column j:    x[c, i, j] = choose(inner_step(h[i, j-1] + u[i] + pos[i] + ctx[i]))
 
-so its arithmetic matches one teacher-forced forward pass over the image.
-
+`decode` is also the codec's loop: it chooses each value from a range decoder instead.
 Axis letters: b batch, c channels, h rows, w columns, d features, v pixel values.
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator
-from typing import NamedTuple
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .attention import KVCache
-from .model import AxialBlock, AxialTransformer, at_least_fp32, sigmoid_gelu
+from . import runtime
+from .attention import Position, decoding_positions
+from .model import AxialTransformer, at_least_fp32
 
-__all__ = ["LogitsHook", "sample", "sample_naive"]
+__all__ = ["Choice", "LogitsHook", "decode", "sample", "sample_naive"]
 
 # Called with (channel, row, column, logits [B, V]) for every subpixel, in the order of the draws.
 LogitsHook = Callable[[int, int, int, Tensor], None]
 
 
+class Choice(Protocol):
+    """How `decode` picks each subpixel's value: a Gumbel-max draw, a range decoder, ..."""
+
+    def start_row(self, channel: int, row: int) -> None:
+        """Called before each row, in the model's order, skipped rows included."""
+
+    def __call__(self, logits: Tensor, column: Tensor, x_row: Tensor) -> Tensor:
+        """The values [B] of column `column` (0-d long) from their logits [B, V]; x_row [B, W]
+        is the row so far, known pixels filled in."""
+
+
+def decode(
+    model: AxialTransformer,
+    x: Tensor,
+    choose: Choice,
+    skip: list[list[bool]] | None = None,
+    on_logits: LogitsHook | None = None,
+    progress: bool = False,
+    compile: bool = False,
+) -> Tensor:
+    """Fill x [B, C, H, W] (long, on the model's device) in the model's order, in place: each
+    subpixel's value is `choose(logits, column, x_row)` given everything before it. Rows with
+    skip[c][i] True are left as they are and not decoded (their pixels must already be in x).
+    With `compile`, each outer-decoder row and each subpixel run as one compiled graph."""
+    b, c, h, w = x.shape
+    dim = model.config.dim
+    like = model.pos_h
+    if torch.is_autocast_enabled(x.device.type):
+        like = like.to(torch.get_autocast_dtype(x.device.type))
+    outer_caches, inner_caches = model.new_caches(b, like)
+    rows, columns = decoding_positions(h, like), decoding_positions(w, like)
+    outer_step, pixel_step = compiled_steps(model) if compile else (model.outer_step, _pixel)
+    pos = model.positions()  # (H, W, D)
+    bar = tqdm(total=c * h, unit="row", desc="decoding", disable=not progress)
+    # Whether each compiled graph has passed its guards once in this call (see skip_guard_checks).
+    outer_checked = pixel_checked = False
+    for ci in range(c):
+        ctx = None
+        u = pos.new_zeros((b, w, dim))  # shift_down's zero row: row 0 sees no rows above
+        for i in range(h):
+            choose.start_row(ci, i)
+            bar.update()
+            if skip is not None and all(skip[ci][i:]):  # nothing left to decode in this channel
+                continue
+            if ctx is None:
+                ctx = model.channel_context(x, torch.full((b,), ci, device=x.device))
+            if i > 0:
+                above = model.pixel_embedding(x[:, ci, i - 1]) + pos[i - 1] + ctx[:, i - 1]
+                with runtime.skip_guard_checks(compile and outer_checked):
+                    u = outer_step(above, outer_caches, rows[i - 1])
+                outer_checked = True
+            if skip is None or not skip[ci][i]:
+                row_inputs = u + pos[i] + ctx[:, i]  # (B, W, D): all but shift_right(h)
+                h_left = pos.new_zeros((b, dim))  # shift_right's zero column
+                for j in range(w):
+                    with runtime.skip_guard_checks(compile and pixel_checked):
+                        h_left, logits = pixel_step(model, choose, h_left, row_inputs,
+                                                    inner_caches, columns[j], x[:, ci, i])
+                    if on_logits is not None:
+                        on_logits(ci, i, j, at_least_fp32(logits))
+                    pixel_checked = True
+    bar.close()
+    return x
+
+
+def _pixel(
+    model: AxialTransformer,
+    choose: Choice,
+    h_left: Tensor,
+    row_inputs: Tensor,
+    caches: list,
+    column: Position,
+    x_row: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """One subpixel: its logits, its value written into x_row [B, W], and the value's embedding
+    for the pixel on its right -> (embedding [B, D], logits [B, V]). Whole rows go in and the
+    column is a tensor, so that one compiled graph serves every column."""
+    j = column.index.view(1)
+    logits = model.inner_step(h_left + row_inputs.index_select(1, j)[:, 0], caches, column)
+    value = choose(logits, column.index, x_row)
+    x_row.index_copy_(1, j, value[:, None])
+    return F.embedding(value, model.pixel_embedding.weight), logits
+
+
+# The model and weights the graphs were last compiled for, and the compiled steps.
+_compiled: tuple[weakref.ref, tuple, tuple[Callable, Callable]] | None = None
+
+
+def weights_key(model: nn.Module) -> tuple:
+    """Changes whenever a parameter is replaced or written in place."""
+    return tuple((p.data_ptr(), p._version) for p in model.parameters())
+
+
+def compiled_steps(model: AxialTransformer) -> tuple[Callable, Callable]:
+    """`model.outer_step` and `_pixel`, compiled with the weights frozen in as constants.
+
+    Dynamo's guards do not look at tensor values: a graph compiled before the weights changed (an
+    optimizer step, a loaded checkpoint) would go on sampling from the old ones. So the graphs
+    are kept for one model whose parameters are the same tensors at the same versions (every
+    in-place write bumps a tensor's version), and otherwise compiled afresh.
+    """
+    global _compiled
+    weights = weights_key(model)
+    if _compiled is not None and _compiled[0]() is model and _compiled[1] == weights:
+        return _compiled[2]
+    for function in (AxialTransformer.outer_step, _pixel):
+        runtime.forget_compiled(function)
+    steps = (torch.compile(model.outer_step, fullgraph=True, dynamic=False),
+             torch.compile(_pixel, fullgraph=True, dynamic=False))
+    _compiled = (weakref.ref(model), weights, steps)
+    return steps
+
+
 # ------------------------------------------------------------------------------------------------
-# Input checks and the pieces both samplers share.
+# Sampling: checks, noise, the Gumbel-max choice.
 
 
 def _check_request(
@@ -116,33 +230,20 @@ def _draw(logits: Tensor, gumbel: Tensor, temperature: float) -> Tensor:
     return (logits.to(gumbel.dtype) / temperature + gumbel).argmax(-1)
 
 
-# Below this batch a CPU sampling step is a chain of matrix-vector products too small to split
-# between threads: with two threads a 32x32 image at batch 1 took 1.4x as long as with one.
-SINGLE_THREAD_BELOW_BATCH = 8
-
-
 @contextlib.contextmanager
 def _sampling_mode(model: nn.Module, x: Tensor, autocast: bool, compiled: bool = False):
     """Eval mode (no dropout), no autograd, bf16 autocast if asked, one CPU thread for small
-    eager batches; restores the training flag and the thread count."""
-    was_training, threads = model.training, torch.get_num_threads()
+    eager batches; restores the training flag."""
+    was_training = model.training
     model.eval()
-    if x.device.type == "cpu" and x.shape[0] < SINGLE_THREAD_BELOW_BATCH and not compiled:
-        torch.set_num_threads(1)
-    # Frozen weights let inductor's CPU GEMM templates pack the matrix-vector products of a
-    # compiled step: 2-4x faster than mkl's at batch 1 (its autotuning times both and picks).
-    # `torch.compile(options=...)` does not pass `freezing` through, hence the patch.
-    compile_config = torch._inductor.config.patch(
-        freezing=True, max_autotune=x.device.type == "cpu", autotune_num_choices_displayed=0,
-        max_autotune_report_choices_stats=False,
-    ) if compiled else contextlib.nullcontext()
+    frozen = runtime.frozen_weights_compilation(x.device) if compiled else contextlib.nullcontext()
     try:
-        with torch.inference_mode(), compile_config, \
+        with torch.inference_mode(), frozen, \
+                runtime.decoding_threads(x.shape[0], x.device, compiled), \
                 torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
             yield
     finally:
         model.train(was_training)
-        torch.set_num_threads(threads)
 
 
 def _start(
@@ -216,131 +317,25 @@ def sample_naive(
     return _output(x, model.config.levels)
 
 
-# ------------------------------------------------------------------------------------------------
-# The fast sampler.
 
 
-class _RowBlock(NamedTuple):
-    """The tensors of one masked row block, looked up once per call of `sample`: at batch 1 a
-    module call or attribute lookup costs as much as the arithmetic of a one-pixel step."""
+class GumbelMax:
+    """The sampler's choice: argmax(logits / T + g) with the Gumbel noise g of the current row,
+    except where `keep` [B, C, H, W] says a pixel is known."""
 
-    attn_norm: tuple[Tensor, Tensor, float]
-    to_qkv: tuple[Tensor, Tensor]  # (bias, weight^T)
-    to_out: tuple[Tensor, Tensor]
-    mlp_norm: tuple[Tensor, Tensor, float]
-    mlp_in: tuple[Tensor, Tensor]
-    mlp_out: tuple[Tensor, Tensor]
-    heads: int
-    head_dim: int
+    def __init__(self, rows: Iterator[Tensor], temperature: float, keep: Tensor) -> None:
+        self.rows, self.keep_all = rows, keep
+        self.temperature = torch.tensor(float(temperature), device=keep.device)
 
-    @staticmethod
-    def norm(m: nn.LayerNorm) -> tuple[Tensor, Tensor, float]:
-        return m.weight, m.bias, m.eps
+    def start_row(self, ci: int, i: int) -> None:
+        self.gumbel, self.keep = next(self.rows), self.keep_all[:, ci, i]  # [B, W, V], [B, W]
 
-    @staticmethod
-    def dense(m: nn.Linear) -> tuple[Tensor, Tensor]:
-        # Stored as (bias, weight^T) for torch.addmm: with the weight already transposed in
-        # memory, a one-row product runs about a third faster on the CPU than F.linear's.
-        return m.bias, m.weight.t().contiguous()
-
-    @classmethod
-    def of(cls, block: AxialBlock) -> _RowBlock:
-        norm, dense = cls.norm, cls.dense
-        attn = block.attn
-        # Attention's 1/sqrt(e) folded into the query projection: one op less per block and pixel.
-        weight, bias = attn.scaled_qkv()
-        to_qkv = bias, weight.t().contiguous()
-        return cls(norm(block.attn_norm), to_qkv, dense(attn.to_out),
-                   norm(block.mlp_norm), dense(block.mlp[0]), dense(block.mlp[2]),
-                   attn.heads, attn.head_dim)
-
-
-def _dense(x: Tensor, bias_and_weight_t: tuple[Tensor, Tensor]) -> Tensor:
-    bias, weight_t = bias_and_weight_t
-    return torch.addmm(bias, x, weight_t)
-
-
-def _inner_step(blocks: list[_RowBlock], caches: list[KVCache], r: Tensor) -> Tensor:
-    """Advance the inner decoder by one column: r [B, D] of column t -> [B, D].
-
-    The arithmetic of `AxialBlock.forward` on one position with a cache (eval mode, so no
-    dropout), written functionally on [B, D] rows: at batch 1 the sampler is bound by the
-    per-step overhead of Python and small ops, and module calls and the folding of the general
-    path cost more than the matmuls. The cache holds only columns <= t, so attending to all of it
-    is causal.
-    """
-    b, d = r.shape
-    for blk, cache in zip(blocks, caches, strict=True):
-        y = torch.layer_norm(r, (d,), *blk.attn_norm)
-        qkv = _dense(y, blk.to_qkv).view(b, 3, blk.heads, 1, blk.head_dim)
-        q = qkv[:, 0]  # (B, n, 1, e)
-        k, v = cache.append_pair(qkv[:, 1:])  # (B, n, t+1, e) each
-        # One query: the plain softmax(q k^T) v (q already scaled) is several times cheaper than
-        # SDPA's CPU kernel at this size, and the cache holds only columns <= t: no mask needed.
-        weights = (q @ k.transpose(-1, -2)).softmax(-1)
-        r = r + _dense((weights @ v).view(b, d), blk.to_out)
-        y = _dense(torch.layer_norm(r, (d,), *blk.mlp_norm), blk.mlp_in)
-        r = r + _dense(sigmoid_gelu(y), blk.mlp_out)
-    return r
-
-
-class _CompiledSteps:
-    """The outer decoder's row step and the inner decoder's subpixel step, each one compiled
-    graph (`compiled_steps`); they write into the eager sampler's cache buffers."""
-
-    def __init__(self, model: AxialTransformer, temperature: float, x: Tensor,
-                 outer_caches: list[KVCache | None], inner_caches: list[KVCache]) -> None:
-        from .compiled_steps import compiled_steps
-
-        b, (h, w), dim = x.shape[0], model.config.image_size, model.config.dim
-        # Zeroed: the steps mask the positions not written yet, and 0 * NaN would not vanish.
-        self.outer_kv = [c.kv.zero_() if c is not None else None for c in outer_caches]
-        self.inner_kv = [c.kv.zero_() for c in inner_caches]
-        self.index = [torch.tensor(t, device=x.device) for t in range(max(h, w))]
-        self.no_pixel = x.new_zeros((b, dim), dtype=self.inner_kv[0].dtype)
-        self.keep_none = torch.zeros((b, w), dtype=torch.bool, device=x.device)
-        self.temperature = torch.tensor(float(temperature), device=x.device)
-        self.outer_step, self.pixel_step = compiled_steps(model)
-        self.outer_checked = self.pixel_checked = False
-
-    @staticmethod
-    def _guards(checked: bool):
-        """Dynamo checks every input and parameter tensor of a graph on each call, some 60
-        tensors: tens of microseconds per subpixel. Every call of one `sample` passes tensors
-        made the same way, so once a call has passed the guards (or compiled), the later ones
-        skip them. The stance is global, so user code (`on_logits`) never runs inside it."""
-        if not checked:
-            return contextlib.nullcontext()
-        return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
-
-    def outer(self, above: Tensor, row: int) -> Tensor:
-        """Row `row` [B, W, D] through the outer decoder -> [B, W, D]."""
-        with self._guards(self.outer_checked):
-            u = self.outer_step(above, self.outer_kv, self.index[row])
-        self.outer_checked = True
-        return u
-
-    def draw_row(self, row_inputs: Tensor, gumbel: Tensor, row_mask: Tensor | None,
-                 x_row: Tensor, on_logits: LogitsHook | None, ci: int, i: int) -> None:
-        """Draw row i of channel ci into x_row [B, W], pixel by pixel."""
-        keep = self.keep_none if row_mask is None else row_mask
-        h_left = self.no_pixel
-        with self._guards(self.pixel_checked and on_logits is None):
-            for j in range(x_row.shape[1]):
-                h_left, logits = self.pixel_step(h_left, row_inputs, self.inner_kv,
-                                                 self.index[j], gumbel, self.temperature, keep,
-                                                 x_row)
-                if on_logits is not None:
-                    on_logits(ci, i, j, at_least_fp32(logits))
-        self.pixel_checked = True
-
-
-def _check_inner_decoder(blocks: nn.ModuleList) -> None:
-    """`_inner_step` mirrors `AxialBlock`: refuse anything else rather than sample wrongly."""
-    for block in blocks:
-        if type(block) is not AxialBlock or block.attn.axis != "row" or not block.attn.causal:
-            raise ValueError("the fast sampler expects the inner decoder to be masked row "
-                             "AxialBlocks; use sample_naive for a modified model")
+    def __call__(self, logits: Tensor, column: Tensor, x_row: Tensor) -> Tensor:
+        j = column.view(1)
+        scores = logits.to(self.gumbel.dtype) / self.temperature
+        drawn = (scores + self.gumbel.index_select(1, j)[:, 0]).argmax(-1)
+        return torch.where(self.keep.index_select(1, j)[:, 0], x_row.index_select(1, j)[:, 0],
+                           drawn)
 
 
 def sample(
@@ -372,84 +367,18 @@ def sample(
     on_logits:   called as on_logits(c, i, j, logits [B, V]) for every subpixel (for tests and
         for scoring samples as they are drawn); keeps fully known rows from being skipped.
     compile:     run each outer-decoder row and each subpixel as one torch.compile'd graph with
-        the weights frozen in (`axial_transformer.compiled_steps`): about 2.5x faster at batch 1
-        on the CPU, after 10-30 s of compilation per model and batch size; the graphs are kept
-        while the weights stay unchanged. Same draws; the logits may differ from the eager ones
-        in the last bits.
+        the weights frozen in: faster at batch 1 on the CPU, after a compilation per model and
+        batch size (docs/benchmarks.md); the graphs are kept while the weights stay unchanged.
+        Same draws; the logits may differ from the eager ones in the last bits.
 
     The samples are on the model's device; the model runs in its own dtype (or bf16 autocast).
     """
     x, mask, rows, autocast = _start(model, num_samples, temperature, generator, known,
                                      known_mask, noise, autocast)
-    _check_inner_decoder(model.inner_decoder.blocks)
-    b, c, h, w = x.shape
-    dim = model.config.dim
-    # Rows (and channels) whose every pixel is known need no inner decoding: their pixels are
-    # already in x, which is all the outer decoder and the later channels read.
-    skip = torch.zeros((c, h), dtype=torch.bool) if mask is None else mask.all(0).all(-1).cpu()
-    if on_logits is not None:
-        skip.zero_()
-    skip = skip.tolist()
-
+    keep = mask if mask is not None else torch.zeros_like(x, dtype=torch.bool)
+    # Rows whose every pixel is known need no inner decoding: their pixels are already in x,
+    # which is all the outer decoder and the later channels read.
+    skip = None if mask is None or on_logits is not None else mask.all(0).all(-1).tolist()
     with _sampling_mode(model, x, autocast, compile):
-        like = torch.empty((), device=x.device,
-                           dtype=torch.bfloat16 if autocast else next(model.parameters()).dtype)
-        # Allocated once and reset: a decoding step writes into them and allocates nothing big.
-        outer_caches = model.outer_decoder.new_caches(b * w, h, like)
-        inner_caches = model.inner_decoder.new_caches(b, w, like)
-        steps = (_CompiledSteps(model, temperature, x, outer_caches, inner_caches)
-                 if compile else None)
-        row_blocks = [_RowBlock.of(block) for block in model.inner_decoder.blocks]
-        final_norm = _RowBlock.norm(model.final_norm)
-        to_logits = _RowBlock.dense(model.to_logits)
-        embed = model.pixel_embedding
-        pos = model.positions()  # (H, W, D)
-        no_pixel = pos.new_zeros((b, dim))  # shift_right's zero column
-        bar = tqdm(total=c * h, unit="row", desc="sampling", disable=not progress)
-        for ci in range(c):
-            if all(skip[ci]):
-                for _ in range(h):
-                    next(rows)
-                bar.update(h)
-                continue
-            ctx = model.channel_context(x, torch.full((b,), ci, device=x.device))  # (B, H, W, D)
-            for cache in outer_caches:
-                if cache is not None:
-                    cache.reset()
-            u = pos.new_zeros((b, w, dim))  # shift_down's zero row: row 0 sees no rows above
-            for i in range(h):
-                gumbel = next(rows)
-                if i > 0:
-                    # Row i-1 through the outer decoder; its masked column layers append it to
-                    # their caches and attend to rows 0..i-1, the unmasked row layers see it whole.
-                    above = embed(x[:, ci, i - 1]) + pos[i - 1] + ctx[:, i - 1]  # (B, W, D)
-                    if steps is not None:
-                        u = steps.outer(above, i - 1)
-                    else:
-                        u = model.outer_decoder(above[:, None], outer_caches)[:, 0]
-                if skip[ci][i]:
-                    bar.update()
-                    continue
-                row_inputs = u + pos[i] + ctx[:, i]  # (B, W, D): everything but shift_right(h)
-                row_mask = mask[:, ci, i] if mask is not None else None
-                for cache in inner_caches:
-                    cache.reset()
-                h_left = no_pixel
-                x_row = x[:, ci, i]  # (B, W), a view: draws land in x
-                if steps is not None:
-                    steps.draw_row(row_inputs, gumbel, row_mask, x_row, on_logits, ci, i)
-                    bar.update()
-                    continue
-                for j in range(w):
-                    r = _inner_step(row_blocks, inner_caches, h_left + row_inputs[:, j])
-                    logits = _dense(F.layer_norm(r, (dim,), *final_norm), to_logits)
-                    if on_logits is not None:
-                        on_logits(ci, i, j, at_least_fp32(logits))
-                    drawn = _draw(logits, gumbel[:, j], temperature)
-                    if row_mask is not None:
-                        drawn = torch.where(row_mask[:, j], x_row[:, j], drawn)
-                    x_row[:, j] = drawn
-                    h_left = F.embedding(drawn, embed.weight)
-                bar.update()
-        bar.close()
+        decode(model, x, GumbelMax(rows, temperature, keep), skip, on_logits, progress, compile)
     return _output(x, model.config.levels)

@@ -22,6 +22,19 @@ def randomize_(model: torch.nn.Module, std: float = 0.3, seed: int = 0) -> torch
     return model
 
 
+@pytest.fixture(params=["matmul", "sdpa", "chunked-sdpa"])
+def attention_path(request, monkeypatch) -> str:
+    """Each way the model computes attention (`AxialTransformerConfig.attention`): plain matmuls
+    (the CPU's), SDPA (every GPU run's), and SDPA with the folded batch split into pieces (as
+    CUDA's grid limit makes it at large batches) small enough to split every call here."""
+    if request.param == "chunked-sdpa":
+        from axial_transformer import attention
+
+        monkeypatch.setattr(attention, "MAX_FOLDED_BATCH", 3)
+        return "sdpa"
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -5,7 +5,12 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from axial_transformer.attention import AxialSelfAttention, chunked_sdpa, explicit_attention
+from axial_transformer.attention import (
+    AxialSelfAttention,
+    chunked_sdpa,
+    decoding_positions,
+    explicit_attention,
+)
 
 
 def qkv(t_q: int = 6, t_k: int = 6, dtype=torch.float64):
@@ -36,24 +41,26 @@ def test_chunked_sdpa_matches_one_call():
 
 @pytest.mark.parametrize("axis", ["row", "column"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_cached_decoding_equals_full_attention(axis, dtype):
+@pytest.mark.parametrize("path", ["matmul", "sdpa"])
+def test_decoding_steps_equal_full_attention(axis, dtype, path):
     torch.manual_seed(0)
-    attn = AxialSelfAttention(16, 2, axis, causal=True).to(dtype)
+    attn = AxialSelfAttention(16, 2, axis, causal=True, path=path).to(dtype)
     x = torch.randn(2, 5, 5, 16, dtype=dtype)
     full = attn(x)
     cache = attn.new_cache(2 * 5, 5, x)
     steps = []
-    for t in range(5):
+    for position in decoding_positions(5, x):
+        t = int(position.index)
         step = x[:, :, t : t + 1] if axis == "row" else x[:, t : t + 1]
-        steps.append(attn(step, cache))
+        steps.append(attn(step, cache, position))
     cached = torch.cat(steps, dim=2 if axis == "row" else 1)
     tol = 1e-12 if dtype == torch.float64 else 2e-2
     assert torch.allclose(cached.double(), full.double(), atol=tol)
 
 
 def test_is_causal_against_a_cache_would_be_wrong():
-    # The reason cached steps attend to the whole cache: SDPA's is_causal aligns its mask to the
-    # top-left, so one query against t keys would see only key 0.
+    # Why a cached step attends through its position mask: SDPA's is_causal aligns its mask to
+    # the top-left, so one query against t keys would see only key 0.
     q, k, v = qkv(t_q=1, t_k=6)
     whole_cache = F.scaled_dot_product_attention(q, k, v)
     assert torch.allclose(explicit_attention(q, k, v, causal=True), whole_cache, atol=1e-12)
@@ -61,15 +68,25 @@ def test_is_causal_against_a_cache_would_be_wrong():
     assert not torch.allclose(top_left, whole_cache, atol=1e-3)
 
 
-def test_cache_overflow_and_multi_position_steps_are_rejected():
+def test_a_decoding_step_takes_one_position():
     attn = AxialSelfAttention(16, 2, "row", causal=True)
     x = torch.randn(1, 1, 2, 16)
     cache = attn.new_cache(1, 2, x)
-    attn(x, cache)  # a prefill of both positions
     with pytest.raises(ValueError, match="one new position"):
-        attn(x, cache)
-    with pytest.raises(ValueError, match="holds 2 positions"):
-        attn(x[:, :, :1], cache)
+        attn(x, cache, decoding_positions(2, x)[0])
+
+
+@pytest.mark.parametrize("path", ["matmul", "sdpa"])
+def test_position_mask_hides_later_cache_entries(path):
+    # A step at position t must not see what the cache holds after t (an earlier row's keys).
+    torch.manual_seed(0)
+    attn = AxialSelfAttention(16, 2, "row", causal=True, path=path).double()
+    x = torch.randn(1, 1, 1, 16, dtype=torch.float64)
+    cache = attn.new_cache(1, 4, x)
+    first = attn(x, cache, decoding_positions(4, x)[0])
+    cache[:, :, :, 1:] = torch.randn(cache[:, :, :, 1:].shape, dtype=torch.float64)
+    again = attn(x, cache, decoding_positions(4, x)[0])
+    assert torch.equal(first, again)
 
 
 def sdpa_reference(attn: AxialSelfAttention, x):

@@ -15,9 +15,10 @@ from axial_transformer import AxialTransformer, AxialTransformerConfig
 UNCHANGED, CHANGED = 1e-10, 1e-6  # in float64 the two are many orders of magnitude apart
 
 
-def make_model(channels: int, size: tuple[int, int]) -> AxialTransformer:
+def make_model(channels: int, size: tuple[int, int], attention: str = "auto") -> AxialTransformer:
     cfg = AxialTransformerConfig(image_size=size, channels=channels, dim=32, heads=4,
-                                 encoder_layers=2, outer_layers=2, inner_layers=2)
+                                 encoder_layers=2, outer_layers=2, inner_layers=2,
+                                 attention=attention)
     return randomize_(AxialTransformer(cfg).double(), std=0.3).eval()
 
 
@@ -62,12 +63,12 @@ def assert_causal(model: AxialTransformer) -> None:
 
 
 @pytest.mark.parametrize("channels, size", [(1, (4, 4)), (3, (4, 4)), (3, (5, 7)), (1, (6, 3))])
-def test_model_is_causal_with_full_receptive_field(channels, size):
-    assert_causal(make_model(channels, size))
+def test_model_is_causal_with_full_receptive_field(channels, size, attention_path):
+    assert_causal(make_model(channels, size, attention_path))
 
 
-def test_check_catches_unmasked_outer_column_attention():
-    model = make_model(3, (5, 7))
+def test_check_catches_unmasked_outer_column_attention(attention_path):
+    model = make_model(3, (5, 7), attention_path)
     for block in model.outer_decoder.blocks:
         block.attn.causal = False
     with pytest.raises(AssertionError, match="at or after p"):

@@ -25,10 +25,10 @@ def test_shapes_and_untrained_model_scores_eight_bits():
         assert torch.allclose(model.bits_per_dim(images), torch.tensor(8.0), atol=1e-4)
 
 
-def test_distribution_sums_to_one():
+def test_distribution_sums_to_one(attention_path):
     # Exact likelihood: with 3 levels, 2 channels and 2x2 pixels there are 3^8 images; their
     # probabilities under the model must sum to 1. A model that sees its own pixel does not.
-    cfg = tiny(image_size=(2, 2), channels=2, levels=3)
+    cfg = tiny(image_size=(2, 2), channels=2, levels=3, attention=attention_path)
     images = torch.tensor(list(itertools.product(range(3), repeat=8))).view(-1, 2, 2, 2)
 
     def total_probability(model):
@@ -43,6 +43,16 @@ def test_distribution_sums_to_one():
     for block in leaky.outer_decoder.blocks:
         block.attn.causal = False
     assert abs(total_probability(leaky) - 1.0) > 1e-3
+
+
+def test_channel_encoder_sees_pixels_scaled_by_the_levels():
+    # The earlier channels enter the encoder as x / (levels - 1): 0..1 whatever the bit depth.
+    model = AxialTransformer(tiny(channels=2, levels=3))
+    seen = []
+    model.encoder_input.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    model(torch.full((1, 2, 5, 7), 2))
+    values = torch.cat(seen)[:, :2]  # the value planes; the one-hot planes follow
+    assert values.max().item() == 1.0
 
 
 def test_bits_per_dim_is_mean_of_slice_nlls():
@@ -185,15 +195,18 @@ def test_save_and_load_pretrained(tmp_path):
         AxialTransformer.from_pretrained(tmp_path / "nowhere")
 
 
-def test_mlp_computes_the_official_sigmoid_gelu():
-    # The MLP runs x sigmoid(1.702 x) as SiLU with 1.702 folded into its weights.
-    from axial_transformer.model import MLP, sigmoid_gelu
+@pytest.mark.parametrize("tokens", [4, 40])  # constants on the activations, on the weights
+def test_mlp_computes_the_official_sigmoid_gelu(tokens):
+    # The MLP runs z sigmoid(1.702 z) as SiLU with 1.702 moved into the weights (many tokens) or
+    # onto the activations (few); both are the official GELU approximation.
+    from axial_transformer.model import MLP
 
     torch.manual_seed(0)
     mlp = MLP(8, 16).double()
-    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(tokens, 8, dtype=torch.float64, requires_grad=True)
     inner, _, outer = mlp
-    expected = outer(sigmoid_gelu(inner(x)))
+    z = inner(x)
+    expected = outer(z * torch.sigmoid(1.702 * z))
     grads = torch.autograd.grad(expected.sum(), [x, *mlp.parameters()])
     out = mlp(x)
     assert torch.allclose(out, expected, atol=1e-12)

@@ -12,9 +12,8 @@ import torch
 from conftest import randomize_
 from scipy.stats import chi2
 
-from axial_transformer import AxialTransformer, AxialTransformerConfig, sampling
-from axial_transformer.attention import KVCache
-from axial_transformer.model import AxialStack
+from axial_transformer import AxialTransformer, AxialTransformerConfig, attention, sampling
+from axial_transformer.attention import AxialSelfAttention
 from axial_transformer.sampling import sample, sample_naive
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,8 +46,8 @@ def completion_mask(b, c, h, w) -> torch.Tensor:
 
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("with_known", [False, True])
-def test_fast_sampler_equals_naive_sampler(channels, with_known):
-    model = tiny_model(channels)
+def test_fast_sampler_equals_naive_sampler(channels, with_known, attention_path):
+    model = tiny_model(channels, attention=attention_path)
     b, (h, w) = 3, model.config.image_size
     noise = gumbel_noise((b, channels, h, w, 256))
     kw = {}
@@ -64,8 +63,8 @@ def test_fast_sampler_equals_naive_sampler(channels, with_known):
 
 
 @pytest.mark.parametrize("size", [(1, 3), (3, 1)])
-def test_fast_sampler_equals_naive_sampler_on_thin_images(size):
-    model = tiny_model(2, size=size)
+def test_fast_sampler_equals_naive_sampler_on_thin_images(size, attention_path):
+    model = tiny_model(2, size=size, attention=attention_path)
     noise = gumbel_noise((2, 2, *size, 256))
     assert torch.equal(sample(model, 2, noise=noise), sample_naive(model, 2, noise=noise))
 
@@ -94,9 +93,7 @@ def test_compiled_sampler_equals_naive_sampler_and_follows_new_weights():
 def test_compiled_sampler_check_catches_stale_graphs(monkeypatch):
     """Negative control: graphs kept across a weight change go on drawing from the old
     weights, and the check above sees it."""
-    from axial_transformer import compiled_steps
-
-    monkeypatch.setattr(compiled_steps, "weights_key", lambda model: ())
+    monkeypatch.setattr(sampling, "weights_key", lambda model: ())
     assert not compiled_sampler_follows_weight_changes()
 
 
@@ -121,29 +118,45 @@ def test_same_seed_gives_same_images_in_both_samplers():
 
 
 def forgetful_inner_step(monkeypatch):
-    """Broken variant: the inner decoder's caches are emptied before every column, so a pixel
-    never sees the pixels to its left through attention."""
-    real = sampling._inner_step
+    """Broken variant: every decoding step finds its cache emptied, so a pixel never sees the
+    pixels to its left (nor a row the rows above) through attention."""
+    decode = AxialSelfAttention.decode
 
-    def step(blocks, caches, r):
-        for cache in caches:
-            cache.reset()
-        return real(blocks, caches, r)
+    def forgetful(self, x, cache, position):
+        cache.zero_()
+        return decode(self, x, cache, position)
 
-    monkeypatch.setattr(sampling, "_inner_step", step)
-
-
-def caches_never_reset(monkeypatch):
-    """Broken variant: caches keep the previous rows (and channels), with room to spare."""
-    new_caches = AxialStack.new_caches
-    monkeypatch.setattr(KVCache, "reset", lambda self: None)
-    monkeypatch.setattr(AxialStack, "new_caches",
-                        lambda self, n, max_len, like: new_caches(self, n, 64 * max_len, like))
+    monkeypatch.setattr(AxialSelfAttention, "decode", forgetful)
 
 
-@pytest.mark.parametrize("break_sampler", [forgetful_inner_step, caches_never_reset])
-def test_parity_check_catches_broken_cached_sampler(monkeypatch, break_sampler):
-    model = tiny_model(3)
+def future_unmasked(monkeypatch):
+    """Broken variant: a step's position mask lets it see the whole cache, where positions after
+    it still hold the previous row's (or channel's) keys and values."""
+    positions = sampling.decoding_positions
+
+    def unmasked(length, like):
+        return [p._replace(bias=torch.zeros_like(p.bias)) for p in positions(length, like)]
+
+    monkeypatch.setattr(sampling, "decoding_positions", unmasked)
+
+
+def is_causal_left_on(monkeypatch):
+    """Broken variant: a cached step attends causally instead of through its position mask. With
+    SDPA, is_causal aligns its mask top-left: the one query sees only key 0."""
+    attend = attention.attend
+
+    def causal_step(q, k, v, causal, path="auto", scale=None, bias=None, **kw):
+        return attend(q, k, v, causal or bias is not None, path, scale, None, **kw)
+
+    monkeypatch.setattr(attention, "attend", causal_step)
+
+
+BROKEN_SAMPLERS = [forgetful_inner_step, future_unmasked, is_causal_left_on]
+
+
+@pytest.mark.parametrize("break_sampler", BROKEN_SAMPLERS)
+def test_parity_check_catches_broken_cached_sampler(monkeypatch, break_sampler, attention_path):
+    model = tiny_model(3, attention=attention_path)
     noise = gumbel_noise((3, 3, 4, 5, 256))
     naive = sample_naive(model, 3, noise=noise)
     break_sampler(monkeypatch)
