@@ -35,6 +35,9 @@ MAX_FOLDED_BATCH = 65_535
 # kernel, whose backward is slow at these lengths; longer axes keep the fused kernel, which never
 # materialises the [t, t] scores.
 MATMUL_MAX_LEN = 64
+# A decoding step (one query per sequence) of fewer sequences than this is cheaper as one fused
+# call than as the matmuls' separate ops.
+FUSED_STEP_BELOW = 8
 
 
 def uses_matmuls(
@@ -46,6 +49,8 @@ def uses_matmuls(
         raise ValueError(f"attention path must be one of {ATTENTION_PATHS}, got {path!r}")
     if path != "auto":
         return path == "matmul"
+    if q.shape[-2] == 1 and q.shape[0] < FUSED_STEP_BELOW:
+        return False
     return q.device.type == "cpu" and (q.dtype == torch.bfloat16 or length <= matmul_max_len)
 
 
@@ -194,7 +199,7 @@ FOLDS = {
 class Position(NamedTuple):
     """The position a decoding step writes along the cached axis, and the keys it may see."""
 
-    index: Tensor  # 0-d long
+    index: Tensor  # [1] long
     bias: Tensor  # [1, T]: 0 at cache positions <= index, -inf after them
 
 
@@ -203,7 +208,7 @@ def decoding_positions(length: int, like: Tensor) -> list[Position]:
     t = torch.arange(length, device=like.device)
     bias = torch.zeros((length, length), dtype=like.dtype, device=like.device)
     bias.masked_fill_(t[None, :] > t[:, None], float("-inf"))
-    return [Position(t[i], bias[i : i + 1]) for i in range(length)]
+    return [Position(t[i : i + 1], bias[i : i + 1]) for i in range(length)]
 
 
 class AxialSelfAttention(nn.Module):
@@ -263,11 +268,13 @@ class AxialSelfAttention(nn.Module):
                              f"axis, got input of shape {list(x.shape)}")
         n = x.numel() // x.shape[-1]
         qkv = F.linear(x, self.to_qkv.weight, self.to_qkv.bias).view(n, 3, self.heads, 1, -1)
-        cache.index_copy_(3, position.index.view(1), qkv[:, 1:].transpose(0, 1))
+        qkv = qkv.transpose(0, 1)  # [3, N, heads, 1, e]
+        cache.index_copy_(3, position.index, qkv.narrow(0, 1, 2))
         # The cache holds this position and, masked by the bias, what follows it (earlier rows'
         # values, or zeros): so the step attends to all of it, not causally. SDPA's is_causal
         # would align its mask top-left and let this one query see only key 0.
-        out = attend(qkv[:, 0], cache[0], cache[1], False, self.path, bias=position.bias)
+        keys, values = cache.unbind(0)
+        out = attend(qkv.select(0, 0), keys, values, False, self.path, bias=position.bias)
         return F.linear(out.view(x.shape), self.to_out.weight, self.to_out.bias)
 
     def project(self, x: Tensor) -> Tensor:

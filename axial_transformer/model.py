@@ -49,13 +49,18 @@ def at_least_fp32(logits: Tensor) -> Tensor:
 GELU_SCALE = 1.702
 
 
+def layer_norm(x: Tensor, norm: nn.LayerNorm) -> Tensor:
+    """`norm(x)` without a module call, which costs more than a decoding step's layer norm."""
+    return torch.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
 class MLP(nn.Sequential):
     """Linear -> z sigmoid(1.702 z) -> Linear, the GELU approximation of the official
-    axial/nn.py, computed as Linear -> SiLU -> Linear with the constant moved: z sigmoid(1.702 z)
-    = silu(1.702 z) / 1.702. SiLU is one fused kernel, where the product takes three passes over
-    the hidden activations. The constant goes where it costs least: into the weights when the
-    tokens outnumber the weights' entries (training and evaluation), onto the activations when a
-    decoding step holds a few tokens."""
+    axial/nn.py. With many tokens (training, evaluation) it runs as Linear -> SiLU -> Linear with
+    the constant moved into the weights, z sigmoid(1.702 z) = silu(1.702 z) / 1.702: SiLU is one
+    fused kernel where the product takes three passes over the hidden activations, and scaling
+    the weights costs next to nothing. A decoding step holds a few tokens, fewer values than the
+    weights: there the product is cheaper."""
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, dim))
@@ -65,8 +70,8 @@ class MLP(nn.Sequential):
         if x.numel() >= inner.weight.numel():
             h = silu(F.linear(x, inner.weight * GELU_SCALE, inner.bias * GELU_SCALE))
             return F.linear(h, outer.weight / GELU_SCALE, outer.bias)
-        h = silu(F.linear(x, inner.weight, inner.bias) * GELU_SCALE)
-        return F.linear(h / GELU_SCALE, outer.weight, outer.bias)
+        z = F.linear(x, inner.weight, inner.bias)
+        return F.linear(z * torch.sigmoid(GELU_SCALE * z), outer.weight, outer.bias)
 
 
 class AxialBlock(nn.Module):
@@ -95,8 +100,8 @@ class AxialBlock(nn.Module):
     ) -> Tensor:
         """x [B, H, W, D] -> [B, H, W, D]; with a key/value `cache`, one decoding step at
         `position` (see `AxialSelfAttention.forward`)."""
-        x = x + self.residual(self.attn(self.attn_norm(x), cache, position))
-        return x + self.residual(self.mlp(self.mlp_norm(x)))
+        x = x + self.residual(self.attn(layer_norm(x, self.attn_norm), cache, position))
+        return x + self.residual(self.mlp(layer_norm(x, self.mlp_norm)))
 
     def residual(self, branch: Tensor) -> Tensor:
         """Dropout on a residual branch in training (the paper's); nothing to call otherwise."""
@@ -241,7 +246,7 @@ class AxialTransformer(nn.Module):
         return self.logits(r)
 
     def logits(self, r: Tensor) -> Tensor:
-        return self.to_logits(self.final_norm(r))
+        return F.linear(layer_norm(r, self.final_norm), self.to_logits.weight, self.to_logits.bias)
 
     # ----------------------------------------------------------------------------------------
     # Decoding one row and one subpixel at a time, through the blocks' own forward with

@@ -45,7 +45,7 @@ class Choice(Protocol):
         """Called before each row, in the model's order, skipped rows included."""
 
     def __call__(self, logits: Tensor, column: Tensor, x_row: Tensor) -> Tensor:
-        """The values [B] of column `column` (0-d long) from their logits [B, V]; x_row [B, W]
+        """The values [B] of column `column` ([1] long) from their logits [B, V]; x_row [B, W]
         is the row so far, known pixels filled in."""
 
 
@@ -115,9 +115,9 @@ def _pixel(
     """One subpixel: its logits, its value written into x_row [B, W], and the value's embedding
     for the pixel on its right -> (embedding [B, D], logits [B, V]). Whole rows go in and the
     column is a tensor, so that one compiled graph serves every column."""
-    j = column.index.view(1)
+    j = column.index
     logits = model.inner_step(h_left + row_inputs.index_select(1, j)[:, 0], caches, column)
-    value = choose(logits, column.index, x_row)
+    value = choose(logits, j, x_row)
     x_row.index_copy_(1, j, value[:, None])
     return F.embedding(value, model.pixel_embedding.weight), logits
 
@@ -331,7 +331,7 @@ class GumbelMax:
         self.gumbel, self.keep = next(self.rows), self.keep_all[:, ci, i]  # [B, W, V], [B, W]
 
     def __call__(self, logits: Tensor, column: Tensor, x_row: Tensor) -> Tensor:
-        j = column.view(1)
+        j = column
         scores = logits.to(self.gumbel.dtype) / self.temperature
         drawn = (scores + self.gumbel.index_select(1, j)[:, 0]).argmax(-1)
         return torch.where(self.keep.index_select(1, j)[:, 0], x_row.index_select(1, j)[:, 0],
