@@ -3,6 +3,7 @@
     python bench/sample_bench.py                 # "small" preset, 16x16 and 32x32 RGB, batch 1, 64
     python bench/sample_bench.py --quick         # a tiny model, a few seconds; checks agreement
     python bench/sample_bench.py --threads 8 --device cuda
+    python bench/sample_bench.py --against HEAD~1  # this tree's sampler against another commit's
 
 Seconds per image for
   naive     one teacher-forced forward pass per subpixel (`sampling.sample_naive`);
@@ -18,6 +19,11 @@ and ours divided by one teacher-forced forward pass over every slice of the same
 the compute bound: sampling does the same arithmetic). Naive and official are timed over their
 first steps and multiplied out to the whole image (marked *): every one of their steps costs the
 same.
+
+--against REV times `sample` (eager and compiled) of this tree and of commit REV in fresh
+processes taken in turn, the order swapping every round, and reports the median over rounds of
+ours / theirs: on a shared machine the speed drifts between processes, and a drift hits both
+sides of a round alike.
 """
 
 from __future__ import annotations
@@ -26,10 +32,13 @@ import argparse
 import datetime
 import json
 import os
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from machine import cpu_model
@@ -131,28 +140,66 @@ def check_agreement(model: AxialTransformer, device: torch.device) -> None:
     print(f"# agreement check (same noise, float64): the three samplers give {verdict} images")
 
 
-def compiled_seconds(preset: str, size: int, batch: int,
-                     args: argparse.Namespace) -> tuple[float, float]:
-    """(first call, best of two later calls) of sample(compile=True), in a fresh process."""
-    command = [sys.executable, os.path.abspath(__file__), "--case", "compiled", "--preset",
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def timed_seconds(tree: Path, preset: str, size: int, batch: int, compiled: bool,
+                  args: argparse.Namespace) -> tuple[float, float]:
+    """(first call, best of two later calls) of `sample` from the package in `tree`, in a fresh
+    process: compiled graphs and autotuning choices of one case otherwise slow the next one."""
+    command = [sys.executable, os.path.abspath(__file__), "--case", "time", "--preset",
                preset, "--size", str(size), "--batch", str(batch), "--device", args.device]
+    if compiled:
+        command.append("--compile")
     if args.threads:
         command += ["--threads", str(args.threads)]
-    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    done = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     return result["first"], result["best"]
 
 
-def run_compiled_case(args: argparse.Namespace) -> None:
+def run_timed_case(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
+    torch.manual_seed(0)
     cfg = AxialTransformerConfig.from_preset(args.preset, image_size=(args.size, args.size),
                                              channels=3)
     model = AxialTransformer(cfg).to(device).eval()
     start = time.perf_counter()
-    sample(model, args.batch, compile=True)  # compiles for this model and batch
+    sample(model, args.batch, compile=args.compile)  # compiles for this model and batch
     first = time.perf_counter() - start
-    best = clock(lambda: sample(model, args.batch, compile=True), device, repeats=2)
+    best = clock(lambda: sample(model, args.batch, compile=args.compile), device, repeats=2)
     print(json.dumps(dict(first=first, best=best)))
+
+
+def compare_with(rev: str, args: argparse.Namespace) -> None:
+    """Seconds per image of this tree's `sample` and of commit `rev`'s, rounds taken in turn."""
+    with tempfile.TemporaryDirectory() as theirs:
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], capture_output=True,
+                                 check=True).stdout
+        subprocess.run(["tar", "-x", "-C", theirs], input=archive, check=True)
+        print(f"# Sampling speed against {rev}, "
+              f"{datetime.datetime.now().isoformat(timespec='seconds')}")
+        print(f"# {cpu_model()}, torch {torch.__version__}, "
+              f"{args.threads or torch.get_num_threads()} threads, device {args.device}, "
+              f"preset 'small', {args.rounds} rounds per case; seconds per image\n")
+        print("| image | batch | sampler | ours | theirs | ours / theirs (range) |")
+        print("|---|--:|---|--:|--:|--:|")
+        for size in args.sizes:
+            for batch in (1, 64):
+                for compiled in (False, True):
+                    ours, their, ratios = [], [], []
+                    for r in range(args.rounds):
+                        trees = [ROOT, Path(theirs)] if r % 2 == 0 else [Path(theirs), ROOT]
+                        times = {tree: timed_seconds(tree, "small", size, batch, compiled,
+                                                     args)[1] / batch for tree in trees}
+                        ours.append(times[ROOT])
+                        their.append(times[Path(theirs)])
+                        ratios.append(ours[-1] / their[-1])
+                    print(f"| {size}x{size}x3 | {batch} | {'compiled' if compiled else 'eager'} "
+                          f"| {statistics.median(ours):.4f} | {statistics.median(their):.4f} | "
+                          f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-"
+                          f"{max(ratios):.2f}) |", flush=True)
 
 
 def main() -> None:
@@ -160,16 +207,25 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny model and sizes, seconds")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
-    # Internal: one compiled case in a fresh process.
-    parser.add_argument("--case", choices=["compiled"], help=argparse.SUPPRESS)
+    parser.add_argument("--against", metavar="REV",
+                        help="compare this tree's sampler with commit REV's instead")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per case with --against")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[16, 32],
+                        help="image sizes with --against")
+    # Internal: one timed case in a fresh process.
+    parser.add_argument("--case", choices=["time"], help=argparse.SUPPRESS)
+    parser.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--preset", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.case == "compiled":
-        run_compiled_case(args)
+    if args.case == "time":
+        run_timed_case(args)
+        return
+    if args.against:
+        compare_with(args.against, args)
         return
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -210,7 +266,7 @@ def main() -> None:
                 per_row = (more - first) / official_rows
                 official = 3 * (first - per_row) + rows * per_row
             ours = clock(lambda: sample(model, batch), device, repeats=2)  # noqa: B023
-            first, compiled = compiled_seconds(preset, size, batch, args)
+            first, compiled = timed_seconds(ROOT, preset, size, batch, True, args)
             compile_seconds.append(f"{size}x{size} batch {batch}: {first - compiled:.0f} s")
             print(f"| {f'{size}x{size}x3':8} | {batch:5d} | {naive / batch:8.3f}* | "
                   f"{official / batch:8.3f}* | {ours / batch:8.4f} | {naive / ours:7.0f}x | "
