@@ -15,9 +15,7 @@ v the 256 pixel values.
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import AttentionPath, AxialSelfAttention, Axis, Position
 from .config import AxialTransformerConfig
+from .hub import HubMixin
 
 __all__ = ["AxialTransformer", "AxialTransformerConfig", "shift_down", "shift_right"]
 
@@ -154,7 +153,9 @@ class AxialStack(nn.Module):
         ]
 
 
-class AxialTransformer(nn.Module):
+class AxialTransformer(nn.Module, HubMixin):
+    """The model; `save_pretrained`, `from_pretrained` and `push_to_hub` come from `HubMixin`."""
+
     def __init__(self, config: AxialTransformerConfig) -> None:
         super().__init__()
         self.config = config
@@ -351,43 +352,3 @@ class AxialTransformer(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-    # ----------------------------------------------------------------------------------------
-    # Inference export: safetensors weights + JSON config, never a pickle.
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        from safetensors.torch import save_file
-
-        from .io import atomic_write, atomic_write_text
-
-        directory = Path(directory)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        atomic_write(directory / "model.safetensors", lambda tmp: save_file(state, tmp))
-        atomic_write_text(directory / "config.json", json.dumps(self.config.to_dict(), indent=2))
-
-    @classmethod
-    def from_pretrained(
-        cls, directory: str | Path, map_location: str | torch.device = "cpu"
-    ) -> AxialTransformer:
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        for name in ("config.json", "model.safetensors"):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"{directory / name} not found: expected a directory "
-                                        "written by AxialTransformer.save_pretrained")
-        config_file = directory / "config.json"
-        try:
-            values = json.loads(config_file.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_file}: not valid JSON ({e})") from None
-        if not isinstance(values, dict):
-            raise ValueError(f"{config_file}: expected a JSON object of model settings")
-        config = AxialTransformerConfig.from_dict(values, str(config_file))
-        model = cls(config)
-        state = load_file(directory / "model.safetensors", device=str(map_location))
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise ValueError(f"{directory}: weights do not match its config.json: {e}") from None
-        return model.to(map_location)

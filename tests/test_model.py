@@ -182,19 +182,6 @@ def test_unknown_objective_and_preset():
         AxialTransformerConfig.from_preset("imagenet128")
 
 
-def test_save_and_load_pretrained(tmp_path):
-    model = randomize_(AxialTransformer(tiny(channels=1)), std=0.1).eval()
-    model.save_pretrained(tmp_path / "export")
-    loaded = AxialTransformer.from_pretrained(tmp_path / "export").eval()
-    assert loaded.config == model.config
-    x = torch.randint(0, 256, (2, 1, 5, 7))
-    assert torch.equal(model(x), loaded(x))
-    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == [
-        "config.json", "model.safetensors"]
-    with pytest.raises(FileNotFoundError, match="config.json"):
-        AxialTransformer.from_pretrained(tmp_path / "nowhere")
-
-
 @pytest.mark.parametrize("tokens", [4, 40])  # constants on the activations, on the weights
 def test_mlp_computes_the_official_sigmoid_gelu(tokens):
     # The MLP runs z sigmoid(1.702 z) as SiLU with 1.702 moved into the weights (many tokens) or
