@@ -34,6 +34,9 @@ class AxialTransformerConfig:
     gradient_checkpointing: bool = False
     # Values a subpixel takes: 256 for 8-bit images.
     levels: int = field(default=256)
+    # Classes of a class-conditional model (0: unconditional). Labels 0..num_classes-1 enter
+    # through a learned embedding; -1 means "no class" (label dropout, guidance).
+    num_classes: int = 0
     # How attention is computed: "sdpa" (torch's fused kernels, what every GPU run takes),
     # "matmul" (plain matmuls, faster on a CPU for axes up to 64 long and in bf16) or "auto"
     # (each where it is faster). The same model and weights whichever is chosen.
@@ -62,6 +65,9 @@ class AxialTransformerConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.mlp_ratio <= 0:
             raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
+        if self.num_classes < 0:
+            raise ValueError(f"num_classes must be 0 (unconditional) or more, got "
+                             f"{self.num_classes}")
         if self.attention not in ATTENTION_PATHS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_PATHS)}, "
                              f"got {self.attention!r}")

@@ -176,6 +176,11 @@ class AxialTransformer(nn.Module, HubMixin):
         self.encoder_input = nn.Conv2d(2 * c.channels, dim, kernel_size=3, padding=1)
         self.encoder_pos_h = nn.Parameter(torch.empty(height, 1, dim))
         self.encoder_pos_w = nn.Parameter(torch.empty(1, width, dim))
+        # Class-conditional models: a learned embedding of the image's class, one row more for
+        # "no class" (label dropout trains it, classifier-free guidance samples with it). It is
+        # added to the channel encoder's input, so it reaches ctx and through ctx the inputs of
+        # both decoders: every subpixel's prediction sees it, the first one included.
+        self.class_embedding = nn.Embedding(c.num_classes + 1, dim) if c.num_classes else None
         self.channel_encoder = AxialStack(
             axes=[("row", False), ("column", False)] * (c.encoder_layers // 2), **stack
         )
@@ -214,8 +219,11 @@ class AxialTransformer(nn.Module, HubMixin):
             variance_scaling(block.mlp[-1].weight, 1e-10)
         variance_scaling(self.to_logits.weight, 1e-10)
         std = 5.0 / math.sqrt(self.config.dim)
-        for p in (self.pixel_embedding.weight, self.pos_h, self.pos_w,
-                  self.encoder_pos_h, self.encoder_pos_w):
+        embeddings = [self.pixel_embedding.weight, self.pos_h, self.pos_w, self.encoder_pos_h,
+                      self.encoder_pos_w]
+        if self.class_embedding is not None:
+            embeddings.append(self.class_embedding.weight)
+        for p in embeddings:
             nn.init.normal_(p, std=std)
 
     # ----------------------------------------------------------------------------------------
@@ -224,8 +232,9 @@ class AxialTransformer(nn.Module, HubMixin):
     def positions(self) -> Tensor:
         return self.pos_h + self.pos_w  # (H, W, D)
 
-    def channel_context(self, x: Tensor, channel: Tensor) -> Tensor:
-        """ctx for modelling channel `channel[b]` of image `x[b]`: [B, C, H, W] -> [B, H, W, D]."""
+    def channel_context(self, x: Tensor, channel: Tensor, labels: Tensor | None = None) -> Tensor:
+        """ctx for modelling channel `channel[b]` of image `x[b]` (of class `labels[b]`, -1 for
+        none, in a class-conditional model): [B, C, H, W] -> [B, H, W, D]."""
         planes = torch.arange(self.config.channels, device=x.device)
         known = (planes[None, :] < channel[:, None])[:, :, None, None]  # channels < c
         values = (x.to(self.encoder_input.weight.dtype) / (self.config.levels - 1)) * known
@@ -236,6 +245,9 @@ class AxialTransformer(nn.Module, HubMixin):
         # layer norm would copy it (16 activation copies per step, 5% of a bf16 step at 32x32).
         ctx = self.encoder_input(planes.contiguous(memory_format=torch.channels_last))
         ctx = rearrange(ctx, "b d h w -> b h w d") + self.encoder_pos_h + self.encoder_pos_w
+        if self.class_embedding is not None:
+            # -1 ("no class") takes the last row.
+            ctx = ctx + self.class_embedding(labels % (self.config.num_classes + 1))[:, None, None]
         return self.channel_encoder(ctx)
 
     def decode(self, x_c: Tensor, ctx: Tensor) -> Tensor:
@@ -271,33 +283,36 @@ class AxialTransformer(nn.Module, HubMixin):
         r = self.inner_decoder.step(inputs[:, None, None], caches, column)
         return self.logits(r[:, 0, 0])
 
-    def slice_logits(self, x: Tensor, channel: Tensor) -> Tensor:
+    def slice_logits(self, x: Tensor, channel: Tensor, labels: Tensor | None = None) -> Tensor:
         """Logits of channel `channel[b]` of each image: [B, C, H, W], [B] -> [B, H, W, V]."""
         x_c = x.gather(1, channel[:, None, None, None].expand(-1, 1, *x.shape[2:]))[:, 0]
-        return self.decode(x_c, self.channel_context(x, channel))
+        return self.decode(x_c, self.channel_context(x, channel, labels))
 
     # ----------------------------------------------------------------------------------------
     # Public API.
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Logits of every subpixel given its past: [B, C, H, W] integers -> [B, C, H, W, 256]."""
+    def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Logits of every subpixel given its past: [B, C, H, W] integers -> [B, C, H, W, 256].
+        A class-conditional model takes the images' classes, `labels` [B] (-1: no class)."""
         self.check_images(x)
+        labels = self.check_labels(labels, x)
         b, c = x.shape[:2]
         x_rep = repeat(x, "b c h w -> (b k) c h w", k=c)  # one copy per slice
         channel = torch.arange(c, device=x.device).repeat(b)
-        logits = self.slice_logits(x_rep, channel)
+        labels_rep = None if labels is None else labels.repeat_interleave(c)
+        logits = self.slice_logits(x_rep, channel, labels_rep)
         return rearrange(logits, "(b c) h w v -> b c h w v", b=b)
 
-    def subpixel_bits(self, x: Tensor) -> Tensor:
+    def subpixel_bits(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         """-log2 p(x[c,i,j] | past) of each subpixel: [B, C, H, W] -> [B, C, H, W], fp32 or more."""
-        logits = at_least_fp32(self(x))
+        logits = at_least_fp32(self(x, labels))
         nats = F.cross_entropy(rearrange(logits, "b c h w v -> b v c h w"), x.long(),
                                reduction="none")
         return nats / math.log(2)
 
-    def bits_per_dim(self, x: Tensor) -> Tensor:
+    def bits_per_dim(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         """Exact bits/dim of each image, every channel scored: [B, C, H, W] -> [B]."""
-        return self.subpixel_bits(x).flatten(1).mean(1)
+        return self.subpixel_bits(x, labels).flatten(1).mean(1)
 
     def loss(
         self,
@@ -305,6 +320,7 @@ class AxialTransformer(nn.Module, HubMixin):
         objective: str = "random",
         generator: torch.Generator | None = None,
         channel: Tensor | None = None,
+        labels: Tensor | None = None,
     ) -> Tensor:
         """Mean training loss in bits/dim.
 
@@ -313,15 +329,16 @@ class AxialTransformer(nn.Module, HubMixin):
         bits/dim, since bits/dim is the mean of the channels' bits, at 1/C of the decoder compute.
         """
         if objective == "all":
-            return self.subpixel_bits(x).mean()
+            return self.subpixel_bits(x, labels).mean()
         if objective != "random":
             raise ValueError(f"objective must be 'random' or 'all', got {objective!r}")
         self.check_images(x)
+        labels = self.check_labels(labels, x)
         if channel is None:
             channel = torch.randint(self.config.channels, (x.shape[0],), generator=generator,
                                     device=generator.device if generator else "cpu")
         channel = channel.to(x.device)
-        logits = at_least_fp32(self.slice_logits(x, channel))
+        logits = at_least_fp32(self.slice_logits(x, channel, labels))
         target = x.gather(1, channel[:, None, None, None].expand(-1, 1, *x.shape[2:]))[:, 0]
         nats = F.cross_entropy(rearrange(logits, "b h w v -> b v h w"), target.long())
         return nats / math.log(2)
@@ -344,11 +361,38 @@ class AxialTransformer(nn.Module, HubMixin):
             )
         if x.ndim != 4 or tuple(x.shape[1:]) != (c, h, w):
             raise ValueError(f"expected images of shape [B, {c}, {h}, {w}], got {list(x.shape)}")
+        if x.dtype == torch.uint8 and self.config.levels == 256:
+            return  # every value fits: no need to read them (a host sync on a GPU)
+        if torch.compiler.is_compiling():
+            return  # reading values would break the graph; the eager calls check them
         if x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.config.levels):
             raise ValueError(
                 f"pixel values must lie in 0..{self.config.levels - 1}, "
                 f"got {int(x.min())}..{int(x.max())}"
             )
+
+    def check_labels(self, labels: Tensor | None, x: Tensor) -> Tensor | None:
+        """The classes [B] of a class-conditional model's images (-1: no class), on x's device;
+        a ValueError that says what was expected otherwise."""
+        k = self.config.num_classes
+        if k == 0:
+            if labels is not None:
+                raise ValueError("this model is not class-conditional (num_classes=0): "
+                                 "pass no labels")
+            return None
+        if labels is None:
+            raise ValueError(f"this model is class-conditional: pass labels [B] in 0..{k - 1} "
+                             "(-1 for no class)")
+        if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or \
+                labels.dtype == torch.bool or tuple(labels.shape) != (x.shape[0],):
+            raise ValueError(f"labels must be an integer tensor of shape [{x.shape[0]}], got "
+                             f"{labels.dtype if isinstance(labels, Tensor) else type(labels)} "
+                             f"{list(getattr(labels, 'shape', []))}")
+        if not torch.compiler.is_compiling() and labels.numel() and \
+                (int(labels.min()) < -1 or int(labels.max()) >= k):
+            raise ValueError(f"labels must lie in 0..{k - 1} (-1: no class), got "
+                             f"{int(labels.min())}..{int(labels.max())}")
+        return labels.to(x.device, torch.long)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

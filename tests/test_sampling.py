@@ -12,7 +12,7 @@ import torch
 from conftest import randomize_
 from scipy.stats import chi2
 
-from axial_transformer import AxialTransformer, AxialTransformerConfig, attention, sampling
+from axial_transformer import AxialTransformer, AxialTransformerConfig, attention, decoding
 from axial_transformer.attention import AxialSelfAttention
 from axial_transformer.sampling import sample, sample_naive
 
@@ -93,7 +93,7 @@ def test_compiled_sampler_equals_naive_sampler_and_follows_new_weights():
 def test_compiled_sampler_check_catches_stale_graphs(monkeypatch):
     """Negative control: graphs kept across a weight change go on drawing from the old
     weights, and the check above sees it."""
-    monkeypatch.setattr(sampling, "weights_key", lambda model: ())
+    monkeypatch.setattr(decoding, "weights_key", lambda model: ())
     assert not compiled_sampler_follows_weight_changes()
 
 
@@ -132,12 +132,12 @@ def forgetful_inner_step(monkeypatch):
 def future_unmasked(monkeypatch):
     """Broken variant: a step's position mask lets it see the whole cache, where positions after
     it still hold the previous row's (or channel's) keys and values."""
-    positions = sampling.decoding_positions
+    positions = decoding.decoding_positions
 
     def unmasked(length, like):
         return [p._replace(bias=torch.zeros_like(p.bias)) for p in positions(length, like)]
 
-    monkeypatch.setattr(sampling, "decoding_positions", unmasked)
+    monkeypatch.setattr(decoding, "decoding_positions", unmasked)
 
 
 def is_causal_left_on(monkeypatch):
