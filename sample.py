@@ -12,7 +12,12 @@ the top K rows of a real image and samples the rest:
     python sample.py --checkpoint runs/demo --complete photo.png --rows-given 8
     python sample.py --checkpoint runs/demo --complete data/cifar10/test.npy:7 --rows-given 16
 
-writing original | given rows | completions side by side (and the completions as .npy).
+writing original | given rows | completions side by side (and the completions as .npy). A
+class-conditional model draws the class given by --class (a number or one of its class names;
+`all` draws a row of --num-samples images per class), with classifier-free guidance --guidance:
+
+    python sample.py --checkpoint runs/digits --class 7 --guidance 3
+    python sample.py --checkpoint runs/cifar --class all --num-samples 8
 """
 
 from __future__ import annotations
@@ -86,6 +91,9 @@ def default_out(checkpoint: Path, name: str) -> Path:
 def output_name(args: argparse.Namespace) -> str:
     """sample_seed0.png, or completion_photo_k8_seed0.png for --complete photo.png."""
     temperature = f"_t{args.temperature:g}" if args.temperature != 1 else ""
+    if args.class_ is not None:
+        guidance = f"_g{args.guidance:g}" if args.guidance != 1 else ""
+        return f"sample_class_{args.class_}_seed{args.seed}{temperature}{guidance}.png"
     if args.complete is None:
         return f"sample_seed{args.seed}{temperature}.png"
     path, _, index = args.complete.rpartition(":")
@@ -134,8 +142,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64, help="images drawn at once")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true",
-                        help="run each decoding step as a torch.compile'd graph: about 2.5x "
-                        "faster at batch 1 on a CPU, after 10-30 s of compilation")
+                        help="run each decoding step as a torch.compile'd graph: faster at "
+                        "batch 1 on a CPU, after compiling once per model and batch size "
+                        "(about a minute on 2 CPU cores)")
+    parser.add_argument("--class", dest="class_", metavar="C",
+                        help="class-conditional models: the class to draw, a number or a class "
+                        "name; 'all' draws --num-samples images (default 8) of each class, one "
+                        "row per class")
+    parser.add_argument("--guidance", type=float, default=1.0,
+                        help="classifier-free guidance scale with --class (1: the conditional "
+                        "model as it is; above 1 more typical of the class; needs a model "
+                        "trained with train.label_dropout)")
     parser.add_argument("--complete", metavar="IMAGE",
                         help="a PNG/JPEG of the model's size, or PATH.npy:INDEX of a prepared "
                         "split: keep its top --rows-given rows and sample the rest. "
@@ -158,6 +175,10 @@ def check_args(args: argparse.Namespace) -> None:
     if args.rows_given is not None and args.rows_given < 0:
         raise CLIError(f"--rows-given must be 0 or more (K rows are kept, the rest sampled), "
                        f"got {args.rows_given}")
+    if not -math.inf < args.guidance < math.inf:
+        raise CLIError(f"--guidance must be a finite number, got {args.guidance}")
+    if args.guidance != 1 and args.class_ is None:
+        raise CLIError("--guidance needs --class (classifier-free guidance toward a class)")
     if args.out is not None and Path(args.out).suffix.lower() != ".png":
         raise CLIError(f"--out {args.out}: expected a .png file (the pixels go beside it as .npy)")
     try:
@@ -166,6 +187,40 @@ def check_args(args: argparse.Namespace) -> None:
         raise CLIError(f"--device {args.device!r}: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CLIError(f"--device {args.device}: CUDA is not available on this machine")
+
+
+def class_labels(spec: str | None, config) -> list[int] | None:
+    """--class as the class numbers to draw: one, or every class for 'all'; None without it."""
+    k, names = config.num_classes, list(config.class_names or [])
+    if spec is None:
+        if k:
+            raise CLIError(f"this model is class-conditional ({k} classes): pass --class C "
+                           "(a number, a class name or 'all')")
+        return None
+    if k == 0:
+        raise CLIError("--class needs a class-conditional model; this one has num_classes=0")
+    if spec == "all":
+        return list(range(k))
+    if spec.lstrip("-").isdigit() and -1 <= int(spec) < k:
+        return [int(spec)]
+    if spec in names:
+        return [names.index(spec)]
+    known = f" or one of {', '.join(names)}" if names else ""
+    raise CLIError(f"--class {spec}: expected a class number 0..{k - 1}{known}, or 'all'")
+
+
+def warm_up(model, batch: int, known, known_mask, labels, guidance: float) -> float:
+    """Compile the decoding steps for this batch size by drawing the first two rows of the first
+    channel (the rest given), and return the seconds it took."""
+    from axial_transformer.sampling import sample
+
+    c, (h, w) = model.config.channels, model.config.image_size
+    mask = torch.ones((1, c, h, w), dtype=torch.bool)
+    mask[:, 0, :2] = False
+    start = time.perf_counter()
+    sample(model, batch, known=torch.zeros((1, c, h, w), dtype=torch.uint8), known_mask=mask,
+           labels=labels, guidance=guidance, compile=True)
+    return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
             raise CLIError(f"--checkpoint {checkpoint} does not exist")
         model, _ = load_trained_model(checkpoint)
         c, (h, w) = model.config.channels, model.config.image_size
+        classes = class_labels(args.class_, model.config)
+        if classes is None and args.guidance != 1:
+            raise CLIError("--guidance needs a class-conditional model")
         known = known_mask = image = None
         if args.complete is not None:
             if args.rows_given >= h:  # all rows given: nothing would be sampled
@@ -198,20 +256,34 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device(args.device)
     model.to(device).eval()
-    num_samples = args.num_samples or (8 if image is not None else 64)
+    per_class = args.num_samples or (8 if image is not None or args.class_ == "all" else 64)
+    num_samples = per_class * len(classes or [None])
+    # One label per image, class after class (the rows of the grid).
+    labels = None if classes is None else torch.tensor(classes).repeat_interleave(per_class)
     generator = torch.Generator(device).manual_seed(args.seed)
+    if args.compile:
+        sizes = sorted({min(args.batch_size, num_samples - first)
+                        for first in range(0, num_samples, args.batch_size)})
+        print(f"compiling the decoding steps for batch size {', '.join(map(str, sizes))} (once "
+              "per model and batch size)...", flush=True)
+        warm = sum(warm_up(model, n, known, known_mask, None if labels is None else labels[:n],
+                           args.guidance) for n in sizes)
+        print(f"compiled in {warm:.0f} s", flush=True)
     start = time.perf_counter()
     batches = []
     for first in range(0, num_samples, args.batch_size):
         n = min(args.batch_size, num_samples - first)
         batches.append(sample(model, n, temperature=args.temperature, generator=generator,
                               known=known, known_mask=known_mask, progress=True,
-                              compile=args.compile).cpu())
+                              compile=args.compile, guidance=args.guidance,
+                              labels=None if labels is None else labels[first:first + n]).cpu())
     seconds = time.perf_counter() - start
     samples = torch.cat(batches)  # (N, C, H, W) uint8
 
     out = Path(args.out) if args.out is not None else default_out(checkpoint, output_name(args))
-    if image is None:
+    if classes is not None:
+        save_grid(samples, out, nrow=per_class)  # one row per class
+    elif image is None:
         save_grid(samples, out, nrow=math.ceil(math.sqrt(num_samples)))
     else:
         given = image * known_mask[0]  # the rows the model saw, black below

@@ -37,6 +37,8 @@ class AxialTransformerConfig:
     # Classes of a class-conditional model (0: unconditional). Labels 0..num_classes-1 enter
     # through a learned embedding; -1 means "no class" (label dropout, guidance).
     num_classes: int = 0
+    # Their names, in label order (None: numbers only); training takes them from the data.
+    class_names: list[str] | None = None
     # How attention is computed: "sdpa" (torch's fused kernels, what every GPU run takes),
     # "matmul" (plain matmuls, faster on a CPU for axes up to 64 long and in bf16) or "auto"
     # (each where it is faster). The same model and weights whichever is chosen.
@@ -68,6 +70,11 @@ class AxialTransformerConfig:
         if self.num_classes < 0:
             raise ValueError(f"num_classes must be 0 (unconditional) or more, got "
                              f"{self.num_classes}")
+        if self.class_names is not None:
+            self.class_names = [str(name) for name in self.class_names]
+            if len(self.class_names) != self.num_classes:
+                raise ValueError(f"class_names has {len(self.class_names)} names for "
+                                 f"num_classes={self.num_classes}")
         if self.attention not in ATTENTION_PATHS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_PATHS)}, "
                              f"got {self.attention!r}")

@@ -68,7 +68,9 @@ def sample(
     """
     r = _start(model, num_samples, temperature, generator, known, known_mask, noise, autocast,
                labels, guidance)
-    keep = r.mask if r.mask is not None else torch.zeros_like(r.x, dtype=torch.bool)
+    # Contiguous whatever the mask's layout, so that compiled steps see the same strides in every
+    # call and are not compiled again.
+    keep = (r.mask if r.mask is not None else torch.zeros_like(r.x, dtype=torch.bool)).contiguous()
     choose: Choice = GumbelMax(r.rows, temperature, keep)
     x, labels = r.x, r.labels
     if guidance != 1:

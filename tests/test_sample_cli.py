@@ -91,7 +91,8 @@ def test_bare_export_samples_go_beside_it(tmp_path, capsys):
     code, _, _ = run_sample(capsys, "--checkpoint", export, "--num-samples", 1,
                             "--temperature", 0.5)
     assert code == 0 and (tmp_path / "models" / "samples" / "sample_seed0_t0.5.png").is_file()
-    assert sorted(p.name for p in export.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in export.iterdir()) == [
+        "README.md", "config.json", "model.safetensors"]
 
 
 def test_default_out_of_a_checkpoint_is_its_run(tmp_path):
@@ -99,3 +100,55 @@ def test_default_out_of_a_checkpoint_is_its_run(tmp_path):
     step.mkdir(parents=True)
     (step / "trainer_state.json").write_text("{}")
     assert sample_cli.default_out(step, "x.png") == tmp_path / "run" / "samples" / "x.png"
+
+
+@pytest.fixture(scope="module")
+def conditional_export(tmp_path_factory) -> Path:
+    from conftest import randomize_
+
+    config = AxialTransformerConfig(image_size=(4, 3), channels=1, dim=8, heads=2,
+                                    encoder_layers=2, outer_layers=2, inner_layers=1,
+                                    num_classes=3, class_names=["cat", "dog", "ship"])
+    directory = tmp_path_factory.mktemp("conditional") / "export"
+    randomize_(AxialTransformer(config), std=0.5).save_pretrained(directory)
+    return directory
+
+
+def test_class_by_number_name_or_all(conditional_export, tmp_path, capsys):
+    args = ["--checkpoint", conditional_export, "--num-samples", 2]
+    code, out, _ = run_sample(capsys, *args, "--class", "ship", "--out", tmp_path / "ship.png")
+    by_number = run_sample(capsys, *args, "--class", 2, "--out", tmp_path / "two.png")
+    assert code == 0 and by_number[0] == 0
+    assert np.array_equal(np.load(tmp_path / "ship.npy"), np.load(tmp_path / "two.npy"))
+    code, out, _ = run_sample(capsys, *args, "--class", "all", "--guidance", 2)
+    grid = conditional_export.parent / "samples" / "sample_class_all_seed0_g2.npy"
+    assert code == 0 and str(grid.with_suffix(".png")) in out
+    drawn = np.load(grid)
+    assert drawn.shape == (6, 4, 3, 1)  # two of each class, class after class
+    assert not np.array_equal(drawn[:2], drawn[4:])
+
+
+def test_class_errors_are_one_line(conditional_export, run_dir, capsys):
+    cases = [
+        (["--checkpoint", conditional_export, "--class", "horse"],
+         "--class horse: expected a class number 0..2 or one of cat, dog, ship, or 'all'"),
+        (["--checkpoint", conditional_export], "class-conditional (3 classes): pass --class"),
+        (["--checkpoint", run_dir, "--class", "1"], "needs a class-conditional model"),
+        (["--checkpoint", conditional_export, "--guidance", "2"], "--guidance needs --class"),
+    ]
+    for args, message in cases:
+        code, _, err = run_sample(capsys, *args)
+        assert code == 2 and message in error_line(err)
+
+
+def test_compiled_sampling_reports_its_compilation_apart(conditional_export, tmp_path, capsys):
+    args = ["--checkpoint", conditional_export, "--num-samples", 2, "--class", "dog",
+            "--guidance", 1.5]
+    run_sample(capsys, *args, "--out", tmp_path / "eager.png")
+    code, out, _ = run_sample(capsys, *args, "--out", tmp_path / "compiled.png", "--compile")
+    assert code == 0
+    assert "compiling the decoding steps for batch size 2" in out
+    compiled_in = float(out.split("compiled in ")[1].split(" s")[0])
+    per_image = float(out.split("(")[-1].split(" s per image")[0])
+    assert per_image < compiled_in / 10  # the time per image leaves the compilation out
+    assert np.array_equal(np.load(tmp_path / "eager.npy"), np.load(tmp_path / "compiled.npy"))
