@@ -37,9 +37,9 @@ from .sampling import decode
 
 __all__ = ["compress", "decompress", "model_fingerprint"]
 
-# Each subpixel's own categorical distribution, quantised by constriction from float
-# probabilities; perfect=False quantises in one deterministic pass (perfect=True searches for
-# the best quantisation, slowly, for a gain of hundredths of a percent).
+# Each subpixel's own categorical distribution, quantised by constriction from its float
+# probabilities in one deterministic pass (perfect=True would search for the closest
+# quantisation, far more slowly); every value keeps a nonzero probability, so any pixel codes.
 CATEGORICAL = constriction.stream.model.Categorical(perfect=False)
 
 
