@@ -31,9 +31,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import runtime
-from .codec_format import Header, image_crc, pack, unpack
+from .codec_format import LABELS, Header, image_crc, pack, unpack
+from .decoding import decode
 from .model import AxialTransformer
-from .sampling import decode
 
 __all__ = ["compress", "decompress", "model_fingerprint"]
 
@@ -49,15 +49,19 @@ def compress(
     batch_size: int = 64,
     threads: int | None = None,
     progress: bool = False,
+    labels: Tensor | None = None,
 ) -> bytes:
     """The .axc file of integer `images` [N, C, H, W] under `model` (fp32, on its device).
 
+    labels:     a class-conditional model's classes of the images, [N] (-1: none); stored in
+                the file, which decodes with them.
     batch_size: images coded at once; decoding runs the same batches.
     threads:    CPU threads for the model, recorded for decoding (default: the sampler's choice,
                 one below a batch of 8, where more threads are slower, otherwise torch's).
     """
     check_model(model)
     model.check_images(images)
+    labels = model.check_labels(labels, images)
     if len(images) == 0:
         raise ValueError("no images to compress")
     for name, value in (("batch_size", batch_size), ("threads", threads)):
@@ -71,13 +75,18 @@ def compress(
     encoder = constriction.stream.queue.RangeEncoder()
     with coding_mode(model, threads), rows_bar(model, len(images), batch_size, "compressing",
                                                progress) as bar:
-        for batch in pixels.split(batch_size):
-            decode(model, batch.to(device, torch.long), Encoding(encoder, bar))
+        for first, batch in zip(range(0, len(pixels), batch_size), pixels.split(batch_size),
+                                strict=True):
+            decode(model, batch.to(device, torch.long), Encoding(encoder, bar),
+                   batch_labels(labels, first, len(batch)))
+    settings = dict(batch_size=batch_size, device=device.type, threads=threads)
+    if labels is not None:
+        settings[LABELS] = labels.tolist()
     header = Header(
         fingerprint=model_fingerprint(model),
         shape=tuple(images.shape),
         levels=model.config.levels,
-        settings=dict(batch_size=batch_size, device=device.type, threads=threads),
+        settings=settings,
         image_crcs=tuple(image_crc(image.numpy().tobytes()) for image in pixels),
     )
     return pack(header, encoder.get_compressed().astype("<u4").tobytes())
@@ -93,6 +102,8 @@ def decompress(model: AxialTransformer, data: bytes, progress: bool = False) -> 
     n, c, h, w = header.shape
     batch_size, threads = header.settings["batch_size"], header.settings["threads"]
     device = next(model.parameters()).device
+    labels = header.settings.get(LABELS)  # there for a class-conditional model (fingerprinted)
+    labels = None if labels is None else torch.tensor(labels, device=device)
     decoder = constriction.stream.queue.RangeDecoder(np.frombuffer(payload, dtype="<u4"))
     batches = []
     with coding_mode(model, threads), rows_bar(model, n, batch_size, "decompressing",
@@ -100,10 +111,15 @@ def decompress(model: AxialTransformer, data: bytes, progress: bool = False) -> 
         for first in range(0, n, batch_size):
             x = torch.zeros((min(batch_size, n - first), c, h, w), dtype=torch.long,
                             device=device)
-            batches.append(decode(model, x, Decoding(decoder, bar)).to("cpu", torch.uint8))
+            x = decode(model, x, Decoding(decoder, bar), batch_labels(labels, first, len(x)))
+            batches.append(x.to("cpu", torch.uint8))
     images = torch.cat(batches)
     check_pixels(images, header)
     return images
+
+
+def batch_labels(labels: Tensor | None, first: int, size: int) -> Tensor | None:
+    return None if labels is None else labels[first : first + size]
 
 
 def probabilities(logits: Tensor) -> np.ndarray:

@@ -12,7 +12,8 @@ Layout, little-endian, in version 1:
     50      2      W, columns (uint16)
     52      2      levels, values a subpixel takes (uint16)
     54      4      S, length of the settings (uint32)
-    58      S      settings: a UTF-8 JSON object, sorted keys: batch_size, device, threads
+    58      S      settings: a UTF-8 JSON object, sorted keys: batch_size, device, threads,
+                   and for a class-conditional model labels (N classes, -1 for none)
     58+S    4N     CRC-32 of each image's pixels, uint8 in [C, H, W] order
     58+S+4N 8      P, length of the payload (uint64)
     66+S+4N P      payload: the range coder's 32-bit words
@@ -20,7 +21,7 @@ Layout, little-endian, in version 1:
 
 Every version starts with the magic bytes and ends with the CRC-32 of the rest, so a damaged
 file is told apart from one of a newer version. The settings section is where later versions
-add what decoding needs (class labels, for instance).
+add what decoding needs.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ MAGIC = b"\x89AXC\r\n\x1a\n"  # PNG's trick: a high bit, CR LF, Ctrl-Z, LF catch
 VERSION = 1
 # Everything decoding needs besides the model; a file with other keys is from another version.
 SETTINGS = ("batch_size", "device", "threads")
+LABELS = "labels"  # the images' classes, in a file of a class-conditional model
 
 _FIXED = struct.Struct("<8sH32sIHHHHI")  # magic .. settings length: offsets 0..57
 _LENGTH = struct.Struct("<Q")
@@ -46,14 +48,15 @@ class Header:
     fingerprint: bytes  # SHA-256 of the model that wrote the file (32 bytes)
     shape: tuple[int, int, int, int]  # N, C, H, W
     levels: int
-    settings: dict  # batch_size: images per batch; device: "cpu" or "cuda"; threads: CPU threads
+    settings: dict  # batch_size: images per batch; device: "cpu" or "cuda"; threads: CPU threads;
+    # labels: the images' classes (class-conditional models only)
     image_crcs: tuple[int, ...]  # CRC-32 of each image's uint8 pixels in [C, H, W] order
 
 
 def pack(header: Header, payload: bytes) -> bytes:
     """The file's bytes: header, payload and the closing CRC-32."""
-    if sorted(header.settings) != sorted(SETTINGS):
-        raise ValueError(f"settings must have exactly the keys {SETTINGS}, "
+    if sorted(set(header.settings) - {LABELS}) != sorted(SETTINGS):
+        raise ValueError(f"settings must have exactly the keys {SETTINGS} (and {LABELS}), "
                          f"got {sorted(header.settings)}")
     settings = json.dumps(header.settings, sort_keys=True).encode()
     body = b"".join([
@@ -88,9 +91,13 @@ def unpack(data: bytes) -> tuple[Header, bytes]:
         end += _LENGTH.size
     except (ValueError, struct.error) as e:  # only a writer that breaks the layout gets here
         raise ValueError(f"a damaged .axc file: its header does not parse ({e})") from None
-    if not isinstance(settings, dict) or sorted(settings) != sorted(SETTINGS):
+    if not isinstance(settings, dict) or sorted(set(settings) - {LABELS}) != sorted(SETTINGS):
         raise ValueError(f"an .axc file with the settings {settings}; version {VERSION} has "
-                         f"exactly {', '.join(SETTINGS)}")
+                         f"exactly {', '.join(SETTINGS)} (and {LABELS})")
+    labels = settings.get(LABELS, [])
+    if LABELS in settings and (not isinstance(labels, list) or len(labels) != n or
+                               not all(type(k) is int and k >= -1 for k in labels)):
+        raise ValueError(f"an .axc file whose labels are not {n} classes (integers, -1 for none)")
     counts = [settings["batch_size"], settings["threads"]]
     if not all(type(k) is int and k > 0 for k in counts) or not isinstance(settings["device"], str):
         raise ValueError(f"an .axc file with the settings {settings}: expected a positive "

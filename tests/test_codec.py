@@ -83,6 +83,24 @@ def test_round_trip_is_bit_exact(channels, size, count, batch_size, attention_pa
     assert payload_bits(data) <= 1.005 * exact_bits(model, images) + CODER_END_BITS
 
 
+def test_class_conditional_files_keep_their_labels():
+    model = tiny_model(1, (3, 4), num_classes=3)
+    labels = torch.tensor([2, 0, -1])
+    images = model.sample(3, temperature=0.5, labels=labels,
+                          generator=torch.Generator().manual_seed(0))
+    data = compress(model, images, batch_size=2, labels=labels)
+    assert codec_format.unpack(data)[0].settings["labels"] == [2, 0, -1]
+    assert torch.equal(decompress(model, data), images)
+    with torch.no_grad():
+        exact = model.subpixel_bits(images, labels).double().sum().item()
+    assert payload_bits(data) <= 1.005 * exact + CODER_END_BITS
+    # Negative control: coded as other classes, the same images give another payload.
+    other = compress(model, images, batch_size=2, labels=labels.roll(1))
+    assert codec_format.unpack(other)[1] != codec_format.unpack(data)[1]
+    with pytest.raises(ValueError, match="pass labels"):
+        compress(model, images)
+
+
 def test_file_takes_the_models_exact_bits():
     model = tiny_model()
     images = likely_images(model, 12, noise=False)
@@ -175,14 +193,14 @@ def test_other_formats_and_versions_are_refused(small_file, tmp_path):
                                          "version 1"):
         decompress(model, newer + zlib.crc32(newer).to_bytes(4, "little"))
     header, payload = codec_format.unpack(data)
-    with pytest.MonkeyPatch.context() as mp:  # a later writer that adds labels to the settings
-        mp.setattr(codec_format, "SETTINGS", (*codec_format.SETTINGS, "labels"))
-        labelled = codec_format.pack(
+    with pytest.MonkeyPatch.context() as mp:  # a later writer that adds a setting
+        mp.setattr(codec_format, "SETTINGS", (*codec_format.SETTINGS, "palette"))
+        later = codec_format.pack(
             codec_format.Header(header.fingerprint, header.shape, header.levels,
-                                {**header.settings, "labels": [0, 1]}, header.image_crcs),
+                                {**header.settings, "palette": [0, 1]}, header.image_crcs),
             payload)
     with pytest.raises(ValueError, match="exactly batch_size, device, threads"):
-        decompress(model, labelled)
+        decompress(model, later)
 
 
 def without_checks(monkeypatch, *names: str) -> None:
