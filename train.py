@@ -62,16 +62,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stopped by {final['preempted']} at step {final['step']}; checkpoint "
                   f"{final['checkpoint']}; continue with resume=auto", file=sys.stderr)
         return 0
-    if "complete" in final:
-        done = final["complete"]
-        print(f"{cfg.run_dir} is already complete: it trained {done['step']} steps "
-              f"(train.steps={cfg.train.steps}); raise train.steps to train on")
-        print_comparison(done)
-        print_outputs(cfg.run_dir)
+    if "outputs" not in final:  # another process than the main one
         return 0
-    if "outputs" in final:  # the main process
-        print_comparison(final)
-        print_outputs(cfg.run_dir)
+    if "complete" in final:
+        print(f"{cfg.run_dir} is already complete: it trained {final['complete']['step']} steps "
+              f"(train.steps={cfg.train.steps}); raise train.steps to train on")
+    print_comparison(final.get("complete", final))
+    print_outputs(cfg.run_dir, final["outputs"])
     return 0
 
 

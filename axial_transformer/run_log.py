@@ -187,10 +187,9 @@ def run_outputs(run_dir: str | Path) -> dict[str, Path]:
     return outputs
 
 
-def print_outputs(run_dir: str | Path, file=sys.stdout) -> None:
+def print_outputs(run_dir: str | Path, outputs: dict[str, Path], file=sys.stdout) -> None:
     notes = {"export": "EMA weights for sample.py and evaluate.py",
              "checkpoint": "resume=auto continues from it"}
-    outputs = run_outputs(run_dir)
     print(f"outputs in {run_dir}:", file=file)
     for kind, path in outputs.items():
         note = f"  ({notes[kind]})" if kind in notes else ""

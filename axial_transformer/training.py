@@ -36,16 +36,19 @@ from .train_step import Objective, learning_rate, optimizer_step, training_batch
 
 
 def train(cfg: RunConfig) -> dict:
-    """Train, evaluate, checkpoint and export as `cfg` says. Returns the final record (with the
-    run's `outputs` on the main process); {"complete": final record} when run_dir holds this run
-    finished already; {"preempted": signal name, "step", "checkpoint"} when SIGTERM or SIGINT
-    stopped it (step and checkpoint None during start-up, when there was nothing to save)."""
+    """Train, evaluate, checkpoint and export as `cfg` says. Returns the final record;
+    {"complete": final record} when run_dir holds this run finished already (both with the
+    run's `outputs` on the main process); {"preempted": signal name, "step", "checkpoint"} when
+    SIGTERM or SIGINT stopped it (step and checkpoint None during start-up, when there was
+    nothing to save)."""
     with Preemption() as preemption:
         try:
             with start_run(cfg) as start:
                 if start.complete is not None:
                     start.accelerator.end_training()
-                    return {"complete": start.complete}
+                    main = start.accelerator.is_main_process
+                    return {"complete": start.complete,
+                            **({"outputs": run_outputs(cfg.run_dir)} if main else {})}
                 return run(cfg, start, preemption)
         except Preempted as stop:
             return {"preempted": stop.signal_name, "step": None, "checkpoint": None}
