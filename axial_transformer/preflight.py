@@ -53,15 +53,16 @@ def start_run(cfg: RunConfig) -> Iterator[Start]:
     accelerator = build_accelerator(cfg)
     main = accelerator.is_main_process
     claim = RunDirClaim(Path(cfg.run_dir)) if main else None
-    error = None
-    if claim is not None:
-        try:
-            claim.take()
-        except SetupError as e:
-            error = e
-    if agree(accelerator, error is not None)[0]:
-        raise error or SetupError("the main process could not claim run_dir; its error says why")
     try:
+        error = None
+        if claim is not None:
+            try:
+                claim.take()
+            except SetupError as e:
+                error = e
+        if agree(accelerator, error is not None)[0]:
+            raise error or SetupError("the main process could not claim run_dir (its error says "
+                                      "why)")
         start = check_run_dir(cfg, accelerator, train_set, test_set, like)
         if start.complete is None:
             init_trackers(accelerator, cfg)
@@ -120,7 +121,9 @@ def check_saved_config(cfg: RunConfig) -> None:
     try:
         previous = config_from_dict(yaml.safe_load(saved.read_text()))
     except (ValueError, yaml.YAMLError) as e:
-        raise SetupError(f"{saved} cannot be read ({e}); move it away to start afresh") from None
+        why = " ".join(str(e).split())  # YAML's messages span lines
+        raise SetupError(f"{saved} cannot be read ({why}); move it away to start afresh"
+                         ) from None
     if previous.model != cfg.model:
         raise SetupError(f"{saved} was trained with model {previous.model}, but this run asks "
                          f"for {cfg.model}; resume with the same model settings")
