@@ -16,9 +16,11 @@ import json
 import os
 import sys
 
-from axial_transformer.evaluation import channel_names, evaluate, save_heatmap
+from axial_transformer.checkpoint import load_trained_model
+from axial_transformer.distributed import cpu_only
+from axial_transformer.evaluation import channel_names, codec_baselines, evaluate, save_heatmap
+from axial_transformer.formats import SPLITS
 from axial_transformer.host_memory import keep_freed_memory
-from axial_transformer.training import codec_baselines, cpu_only, load_trained_model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="run directory, checkpoint directory or export directory")
     parser.add_argument("--data", help="data spec: builtin, a .npy file or a directory with "
                         "test.npy (default: the run's data.spec)")
-    parser.add_argument("--split", default="test")
+    parser.add_argument("--split", default="test", help=f"one of {', '.join(SPLITS)}")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     parser.add_argument("--max-images", type=int, default=0,
                         help="score only the first N images (0: the whole split)")
@@ -46,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     from axial_transformer.data import open_split
 
     try:
+        if args.split not in SPLITS:
+            raise ValueError(f"--split must be one of {', '.join(SPLITS)}, got {args.split!r}")
         model, cfg = load_trained_model(args.checkpoint)
         spec = args.data or (cfg.data.spec if cfg else None)
         if spec is None:
@@ -66,12 +70,13 @@ def main(argv: list[str] | None = None) -> int:
         keep_freed_memory()  # each batch's logits would otherwise page-fault in again
     model.to(accelerator.device)
     metrics, heatmap = evaluate(model, dataset, accelerator, args.batch_size, args.max_images,
-                                args.bf16, per_pixel=args.heatmap is not None)
+                                args.bf16, per_pixel=args.heatmap is not None,
+                                progress=accelerator.is_main_process)
     accelerator.end_training()  # closes the process group cleanly before the processes exit
     if not accelerator.is_main_process:
         return 0
     if args.baselines:
-        metrics.update(codec_baselines(dataset, args.max_images))
+        metrics.update(codec_baselines(dataset, args.max_images, progress=True))
     if heatmap is not None:
         save_heatmap(heatmap, args.heatmap)
     if args.json:

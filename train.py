@@ -9,11 +9,12 @@
 
 Overrides are `section.key=value` (model, data, train, eval, log, checkpoint) or `run_dir=...`,
 `resume=...`; see axial_transformer/train_config.py for every key. The run writes config.yaml,
-metrics.jsonl, checkpoints/, export/ (EMA weights for sample.py) and samples/ into run_dir.
+metrics.jsonl, checkpoints/, export/ (EMA weights for sample.py) and samples/ into run_dir, and
+says where at the end; run again on a finished run, it prints its results instead.
 
-SIGTERM or SIGINT (Ctrl-C) saves a checkpoint at the next step boundary and exits with code 0;
-`resume=auto` continues it. Bad input stops the run at start-up with one line on stderr and exit
-code 2; --debug (or AXIAL_DEBUG=1) shows the traceback instead.
+SIGTERM or SIGINT (Ctrl-C) saves what is not yet saved and exits with code 0; `resume=auto`
+continues. Bad input stops the run at start-up with one line on stderr and exit code 2; --debug
+(or AXIAL_DEBUG=1) shows the traceback instead. docs/training.md has the details.
 """
 
 from __future__ import annotations
@@ -23,8 +24,12 @@ import os
 import sys
 from pathlib import Path
 
+from axial_transformer.distributed import cpu_only
+from axial_transformer.errors import SetupError, TrainingError
+from axial_transformer.host_memory import keep_freed_memory
+from axial_transformer.run_log import print_outputs
 from axial_transformer.train_config import load_config
-from axial_transformer.training import SetupError, TrainingError, train
+from axial_transformer.training import train
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 
@@ -40,29 +45,43 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        if cpu_only():
+            keep_freed_memory()  # CPU steps stop page-faulting their activations in every step
         final = train(cfg)
-    except (ValueError, SetupError, TrainingError, FileNotFoundError) as e:
+    # OSError: a disk that fills up or fails after start-up (a checkpoint write says so itself).
+    except (ValueError, SetupError, TrainingError, OSError) as e:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     if "preempted" in final:
-        print(f"stopped by {final['preempted']} at step {final['step']}; checkpoint "
-              f"{final['checkpoint']}; continue with resume=auto", file=sys.stderr)
+        if final["checkpoint"] is None:
+            print(f"stopped by {final['preempted']} during start-up; nothing to save",
+                  file=sys.stderr)
+        else:
+            print(f"stopped by {final['preempted']} at step {final['step']}; checkpoint "
+                  f"{final['checkpoint']}; continue with resume=auto", file=sys.stderr)
         return 0
-    if "baseline/png_bpd" in final:
-        print_comparison(final)
+    if "outputs" not in final:  # another process than the main one
+        return 0
+    if "complete" in final:
+        print(f"{cfg.run_dir} is already complete: it trained {final['complete']['step']} steps "
+              f"(train.steps={cfg.train.steps}); raise train.steps to train on")
+    print_comparison(final.get("complete", final))
+    print_outputs(cfg.run_dir, final["outputs"])
     return 0
 
 
 def print_comparison(final: dict) -> None:
-    """The model's test bits/dim beside what lossless codecs spend on the same images."""
-    rows = [("Axial Transformer (EMA weights)", final["eval/bpd"]),
-            ("WebP lossless (method 6)", final["baseline/webp_bpd"]),
-            ("PNG (optimize, level 9)", final["baseline/png_bpd"])]
+    """The model's test bits/dim (and per channel), beside what lossless codecs spend on the
+    same images when the run computed it."""
+    channels = ", ".join(f"{k.removeprefix('eval/bpd_')} {v:.3f}" for k, v in final.items()
+                         if k.startswith("eval/bpd_"))
     print(f"\ntest bits/dim over {final['eval/images']} images (lower is better):")
-    for name, bpd in rows:
-        print(f"  {name:<34} {bpd:6.3f}")
+    print(f"  {'Axial Transformer (EMA weights)':<34} {final['eval/bpd']:6.3f}  ({channels})")
+    if "baseline/png_bpd" in final:
+        print(f"  {'WebP lossless (method 6)':<34} {final['baseline/webp_bpd']:6.3f}")
+        print(f"  {'PNG (optimize, level 9)':<34} {final['baseline/png_bpd']:6.3f}")
 
 
 if __name__ == "__main__":

@@ -1,24 +1,48 @@
-"""Checkpoints that a crash cannot corrupt, and the start-up checks that keep a long run from
-failing hours in.
+"""A checkpoint directory that a crash cannot corrupt unnoticed, and the EMA model read from a
+run, a checkpoint or an export.
 
-A checkpoint RUN/checkpoints/step_NNNNNNN/ is written under a temporary name, every file is
-fsynced, and a marker (complete.json, the size of every file) is written last before the rename.
-Resuming takes the newest checkpoint whose marker is there and whose files still have the sizes
-it lists and readable safetensors headers; a newer one that fails is named in a warning and
-skipped. Pruning keeps the newest `keep` complete checkpoints and never deletes the only one.
+RUN/checkpoints/step_NNNNNNN/ holds only safetensors and JSON (never a pickle):
+
+    model.safetensors      the live weights          ema.safetensors     the EMA weights
+    optimizer.safetensors  Adam's moments and steps  optimizer.json      its hyper-parameters
+    trainer_state.json     step, skipped steps       rng_R.safetensors   process R's generators
+    rng_R.json             (Python's and numpy's)    complete.json       the seal, written last
+
+It is written under a temporary name, every file fsynced, then sealed: complete.json lists every
+file with its size and SHA-256, and only then is the directory renamed. A checkpoint is resumed
+only when its seal lists every file it needs and each file still has its size and hash, so a
+torn write, a truncated file or bytes rotted in place are all caught, named, and the previous
+checkpoint used instead (resume.py). A file in the directory that the seal does not list is
+never opened.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
+import re
 import shutil
-import sys
-import tempfile
 from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from .ema import EMA
+from .model import AxialTransformer
+from .train_config import RunConfig, config_from_dict
 
 CHECKPOINT_PREFIX = "step_"
 MARKER = "complete.json"
+# Process 0's generators are always there; a run of N processes adds rng_1 .. rng_{N-1}.
+REQUIRED = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "optimizer.json",
+            "trainer_state.json", "rng_0.safetensors", "rng_0.json")
+_RNG_FILE = re.compile(r"rng_\d+\.(safetensors|json)")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be resumed from; the message names the file and what is wrong."""
 
 
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
@@ -26,64 +50,102 @@ def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
-                  and p.name[len(CHECKPOINT_PREFIX):].isdigit())
+    return sorted(p for p in root.iterdir() if p.is_dir() and is_checkpoint_name(p.name))
+
+
+def checkpoint_path(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:07d}"
+
+
+def is_checkpoint_name(name: str) -> bool:
+    return name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit()
+
+
+def checkpoint_step(directory: Path) -> int:
+    return int(directory.name[len(CHECKPOINT_PREFIX):])
+
+
+def sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        while block := f.read(2**20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def seal(directory: Path) -> None:
-    """Flush every file of a freshly written checkpoint to disk, then write the marker."""
-    sizes = {}
-    for file in sorted(directory.iterdir()):
-        if file.is_file() and file.name != MARKER:
-            with open(file, "rb+") as f:
-                os.fsync(f.fileno())
-            sizes[file.name] = file.stat().st_size
-    marker = directory / MARKER
-    marker.write_text(json.dumps({"files": sizes}, indent=1))
-    with open(marker, "rb+") as f:
-        os.fsync(f.fileno())
+    """Write the marker of a checkpoint whose files are all written and fsynced."""
+    from .io import atomic_write_text
+
+    files = {f.name: {"bytes": f.stat().st_size, "sha256": sha256(f)}
+             for f in sorted(directory.iterdir()) if f.is_file() and f.name != MARKER}
+    atomic_write_text(directory / MARKER, json.dumps({"files": files}, indent=1))
 
 
-def checkpoint_problem(directory: Path) -> str | None:
-    """Why `directory` cannot be resumed from (missing marker, a file missing, truncated or
-    unreadable), or None when it looks whole."""
+def sealed_files(directory: Path) -> dict[str, dict]:
+    """The marker's {name: {"bytes", "sha256"}}, checked for form; raises CheckpointError."""
     try:
-        sizes = json.loads((directory / MARKER).read_text())["files"]
+        marker = json.loads((directory / MARKER).read_text())
     except FileNotFoundError:
-        return f"no {MARKER} marker (the write did not finish)"
-    except (ValueError, KeyError, TypeError) as e:
-        return f"unreadable {MARKER} ({e})"
-    for name, size in sizes.items():
-        file = directory / name
-        if not file.is_file():
-            return f"{name} is missing"
-        if file.stat().st_size != size:
-            return f"{name} has {file.stat().st_size} bytes, the marker says {size} (truncated?)"
-        if name.endswith(".safetensors"):
-            try:
-                safetensors_shapes(file)
-            except ValueError as e:
-                return str(e)
+        raise CheckpointError(f"no {MARKER} marker (the write did not finish)") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{MARKER} is not JSON ({e})") from None
+    files = marker.get("files") if isinstance(marker, dict) else None
+    if not isinstance(files, dict) or not files:
+        raise CheckpointError(f"{MARKER} lists no files")
+    for name, entry in files.items():
+        if name not in REQUIRED and not _RNG_FILE.fullmatch(name):
+            raise CheckpointError(f"{MARKER} lists {name!r}, which is no checkpoint file")
+        if not (isinstance(entry, dict) and type(entry.get("bytes")) is int
+                and isinstance(entry.get("sha256"), str) and _SHA256.fullmatch(entry["sha256"])):
+            raise CheckpointError(f"{MARKER} gives no size and SHA-256 for {name} (a checkpoint "
+                                  "of an older version, which stored pickles: not resumable)")
+    missing = [name for name in REQUIRED if name not in files]
+    if missing:
+        raise CheckpointError(f"{MARKER} does not list {missing[0]}")
+    return files
+
+
+def check_file(directory: Path, name: str, entry: dict, hashes: bool = True) -> None:
+    """Raise CheckpointError unless `name` has the size (and SHA-256) the marker gives."""
+    file = directory / name
+    if not file.is_file():
+        raise CheckpointError(f"{name} is missing")
+    size = file.stat().st_size
+    if size != entry["bytes"]:
+        raise CheckpointError(f"{name} has {size} bytes, {MARKER} says {entry['bytes']} "
+                              "(truncated?)")
+    if hashes and sha256(file) != entry["sha256"]:
+        raise CheckpointError(f"{name} does not match its SHA-256 in {MARKER} (corrupted)")
+
+
+def checkpoint_problem(directory: Path, hashes: bool = True) -> str | None:
+    """Why `directory` cannot be resumed from (no marker, a file missing, truncated or changed
+    since it was sealed), or None. `hashes=False` checks sizes only, for a quick look."""
+    try:
+        for name, entry in sealed_files(directory).items():
+            check_file(directory, name, entry, hashes)
+    except CheckpointError as e:
+        return str(e)
     return None
 
 
-def latest_checkpoint(run_dir: str | Path, warn: bool = True) -> Path | None:
-    """The newest checkpoint that is whole; each newer broken one is named on stderr."""
-    for directory in reversed(checkpoint_dirs(run_dir)):
-        problem = checkpoint_problem(directory)
-        if problem is None:
-            return directory
-        if warn:
-            print(f"warning: skipping checkpoint {directory}: {problem}; trying the previous one",
-                  file=sys.stderr)
-    return None
+def unsealed_files(directory: Path) -> list[str]:
+    """Files in a checkpoint that its marker does not list: never read, named in a warning."""
+    try:
+        listed = set(sealed_files(directory)) | {MARKER}
+    except CheckpointError:
+        return []
+    return sorted(p.name for p in directory.iterdir() if p.name not in listed)
 
 
 def prune_checkpoints(run_dir: str | Path, keep: int) -> list[Path]:
     """Delete all but the newest `keep` complete checkpoints, and broken ones older than the
-    newest complete one. Nothing is deleted while no checkpoint is complete. Returns what went."""
+    newest complete one. Nothing is deleted while no checkpoint is complete. Returns what went.
+    Completeness here is the marker and the sizes: hashing every kept checkpoint at every save
+    would read them all again."""
     directories = checkpoint_dirs(run_dir)
-    complete = [d for d in directories if checkpoint_problem(d) is None]
+    complete = [d for d in directories if checkpoint_problem(d, hashes=False) is None]
     if not complete:
         return []
     kept = set(complete[-keep:])
@@ -95,7 +157,7 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> list[Path]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Shapes: a checkpoint from another configuration is named, parameter by parameter.
+# Tensors: shapes named parameter by parameter, and nothing non-finite loaded.
 
 
 def safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
@@ -106,12 +168,15 @@ def safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
         with safe_open(str(file), "pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for damaged headers
-        raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+        raise ValueError(f"not a readable safetensors file ({e})") from None
 
 
 def check_shapes(file: Path, expected: dict[str, tuple[int, ...]]) -> None:
     """Raise a ValueError naming the first parameter whose shape in `file` differs."""
-    found = safetensors_shapes(file)
+    try:
+        found = safetensors_shapes(file)
+    except ValueError as e:
+        raise ValueError(f"{file}: {e}") from None
     for name, shape in expected.items():
         if name not in found:
             raise ValueError(f"{file}: has no parameter {name}; it was saved from another "
@@ -126,34 +191,68 @@ def check_shapes(file: Path, expected: dict[str, tuple[int, ...]]) -> None:
                          "from another model configuration")
 
 
-# ---------------------------------------------------------------------------------------------
-# Start-up checks on the output directory.
+def read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, on the CPU. A ValueError if it is not safetensors or a
+    tensor holds NaN or inf (weights never start a run poisoned)."""
+    from safetensors.torch import load_file
 
-
-def check_writable(run_dir: str | Path) -> None:
-    """Create `run_dir` and a file in it, or raise a ValueError saying why not."""
-    run_dir = Path(run_dir)
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write_test."):
-            pass
-    except OSError as e:
-        raise ValueError(f"run_dir {run_dir} cannot be written: {e.strerror or e}") from None
+        tensors = load_file(file)
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise ValueError(f"not a readable safetensors file ({e})") from None
+    for name, value in tensors.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise ValueError(f"{name} holds NaN or inf")
+    return tensors
 
 
-def checkpoint_bytes(num_parameters: int, bytes_per_value: int = 4) -> int:
-    """Disk room one checkpoint needs: the weights, Adam's two moments and the EMA, plus the
-    EMA export, with a quarter more and 64 MiB for RNG states, metadata and file-system slack."""
-    copies = 1 + 2 + 1 + 1
-    return int(num_parameters * bytes_per_value * copies * 1.25) + 64 * 2**20
+def nonfinite_parameter(model: nn.Module) -> str | None:
+    """The name of the first parameter holding a NaN or inf, or None."""
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            return name
+    return None
 
 
-def check_disk_space(run_dir: str | Path, num_parameters: int, free_bytes: int = -1) -> None:
-    """Raise a ValueError when the disk of `run_dir` cannot hold one more checkpoint.
-    `free_bytes` >= 0 stands in for the disk's own figure (tests)."""
-    need = checkpoint_bytes(num_parameters)
-    free = shutil.disk_usage(run_dir).free if free_bytes < 0 else free_bytes
-    if free < need:
-        raise ValueError(f"run_dir {run_dir} has {free / 2**30:.2f} GiB free, but one checkpoint "
-                         f"of {num_parameters:,} parameters needs about {need / 2**30:.2f} GiB; "
-                         "free some space or choose another run_dir")
+# ---------------------------------------------------------------------------------------------
+# The trained model, for sampling and evaluation.
+
+
+def load_trained_model(path: str | Path) -> tuple[AxialTransformer, RunConfig | None]:
+    """The EMA model of a run directory, one of its checkpoints, or an export directory, with
+    the run's config when there is one (for its data spec)."""
+    path = Path(path)
+
+    def run_config(run_dir: Path) -> RunConfig | None:
+        saved = run_dir / "config.yaml"
+        return config_from_dict(yaml.safe_load(saved.read_text())) if saved.is_file() else None
+
+    if (path / "config.json").is_file():  # an export: RUN/export or a copy of one
+        return AxialTransformer.from_pretrained(path), run_config(path.parent)
+    if (path / "trainer_state.json").is_file():  # RUN/checkpoints/step_NNNNNNN
+        cfg = run_config(path.parent.parent)
+        if cfg is None:
+            raise FileNotFoundError(f"{path.parent.parent / 'config.yaml'} not found: a "
+                                    "checkpoint is read with its run's config")
+        file = path / "ema.safetensors"
+        try:
+            entry = sealed_files(path)[file.name]
+        except CheckpointError:  # unsealed, or sealed by an older version: sizes only
+            entry = None
+        if entry is not None:  # what was sealed must still be there
+            try:
+                check_file(path, file.name, entry)
+            except CheckpointError as e:
+                raise ValueError(f"{path}: {e}") from None
+        ema = EMA(AxialTransformer(cfg.model), cfg.train.ema_decay)
+        check_shapes(file, {k: tuple(v.shape) for k, v in ema.model.state_dict().items()})
+        try:
+            ema.model.load_state_dict(read_tensors(file))
+        except ValueError as e:
+            raise ValueError(f"{file}: {e}") from None
+        return ema.model, cfg
+    if (path / "export" / "config.json").is_file():  # a run directory
+        return AxialTransformer.from_pretrained(path / "export"), run_config(path)
+    raise FileNotFoundError(f"{path}: expected a run directory, one of its checkpoints "
+                            "(checkpoints/step_NNNNNNN) or an export (config.json + "
+                            "model.safetensors)")

@@ -9,7 +9,6 @@ reaches the nominal decay after about 2/(1 - decay) steps.
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -36,17 +35,3 @@ class EMA:
                                                          strict=True)]
         floats = [(e, v) for e, v in zip(ema, live, strict=True) if e.is_floating_point()]
         torch._foreach_lerp_([e for e, _ in floats], [v for _, v in floats], 1.0 - d)
-
-    def save(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
-
-        from .io import atomic_write
-
-        state = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
-        atomic_write(path, lambda tmp: save_file(state, tmp))
-
-    def load(self, path: str | Path) -> None:
-        from safetensors.torch import load_file
-
-        device = next(self.model.parameters()).device
-        self.model.load_state_dict(load_file(path, device=str(device)))

@@ -18,6 +18,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
 
 
 def shard_indices(num_images: int, rank: int, world: int) -> range:
@@ -48,8 +49,10 @@ def bit_sums(
     bf16: bool = False,
     per_pixel: bool = False,
     workers: int = 0,
+    progress: bool = False,
 ) -> BitSums:
-    """Score the images `dataset[i]` for i in `indices` with `model.subpixel_bits`."""
+    """Score the images `dataset[i]` for i in `indices` with `model.subpixel_bits`; `progress`
+    shows a bar over the batches."""
     was_training = model.training
     model.eval()
     c, (h, w) = model.config.channels, model.config.image_size
@@ -61,7 +64,8 @@ def bit_sums(
     # fp32 by default: bits/dim is the number reported, bf16 logits move it in the 3rd decimal.
     autocast = torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else nullcontext()
     images = 0
-    for x in loader:
+    for x in tqdm(loader, desc="evaluating", unit="batch", leave=False, disable=not progress,
+                  dynamic_ncols=True):
         x = x.to(device)
         with autocast:
             bits = model.subpixel_bits(x).double()  # (B, C, H, W)
@@ -92,15 +96,17 @@ def evaluate(
     bf16: bool = False,
     per_pixel: bool = False,
     workers: int = 0,
+    progress: bool = False,
 ) -> tuple[dict, Tensor | None]:
     """bits/dim of `model` over `dataset` (its first `max_images` if nonzero), on all processes.
 
     Returns the metrics and, with `per_pixel`, the mean bits of each subpixel (C, H, W).
+    `progress` shows a bar over this process's batches (give it to the main process).
     """
     n = len(dataset) if max_images == 0 else min(max_images, len(dataset))
     indices = shard_indices(n, accelerator.process_index, accelerator.num_processes)
     sums = bit_sums(model, dataset, indices, batch_size, accelerator.device, bf16, per_pixel,
-                    workers)
+                    workers, progress)
     images = torch.tensor([sums.images], dtype=torch.float64, device=accelerator.device)
     sums = BitSums(
         accelerator.reduce(sums.channel_bits, "sum"),
@@ -184,10 +190,20 @@ def _encoded_bytes(image: np.ndarray, codec: str) -> int:
     return buffer.tell()
 
 
-def lossless_bits_per_dim(images: np.ndarray, codec: str) -> float:
+def lossless_bits_per_dim(images: np.ndarray, codec: str, progress: bool = False) -> float:
     """File bytes * 8 / (N * H * W * C) of each image encoded on its own: [N, H, W, C] uint8."""
     if images.dtype != np.uint8 or images.ndim != 4:
         raise ValueError(f"expected uint8 images [N, H, W, C], got {images.dtype} "
                          f"{list(images.shape)}")
-    total = sum(_encoded_bytes(image, codec) for image in images)
+    total = sum(_encoded_bytes(image, codec) for image in tqdm(
+        images, desc=f"{codec} baseline", unit="image", leave=False, disable=not progress,
+        dynamic_ncols=True))
     return 8.0 * total / images.size
+
+
+def codec_baselines(test_set: Dataset, max_images: int = 0, progress: bool = False) -> dict:
+    """bits/dim that PNG and WebP lossless spend on the test images, one file per image."""
+    n = len(test_set) if max_images == 0 else min(max_images, len(test_set))
+    images = np.stack([test_set[i].permute(1, 2, 0).numpy() for i in range(n)])  # (N, H, W, C)
+    return {f"baseline/{codec}_bpd": lossless_bits_per_dim(images, codec, progress)
+            for codec in ("png", "webp")}

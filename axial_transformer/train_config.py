@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,8 +140,15 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         t = self.train
-        if t.lr <= 0:
-            raise ValueError(f"train.lr must be positive, got {t.lr}")
+        if not 0 < t.lr < math.inf:  # also refuses NaN, for which every comparison is False
+            raise ValueError(f"train.lr must be a positive finite number, got {t.lr}")
+        for name in ("min_lr", "weight_decay", "grad_clip"):
+            if not 0 <= getattr(t, name) < math.inf:
+                raise ValueError(f"train.{name} must be a finite number >= 0, got "
+                                 f"{getattr(t, name)}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(t, name) < 1:
+                raise ValueError(f"train.{name} must be in [0, 1), got {getattr(t, name)}")
         if not 0.0 <= t.ema_decay < 1.0:
             raise ValueError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
         for key, minimum in _MINIMUMS.items():

@@ -1,6 +1,6 @@
-"""Training: LR schedule, EMA warm-up, exact evaluation, codec baselines, and end-to-end runs
-(train -> checkpoint -> exact resume -> evaluate; two processes with torchrun) in subprocesses,
-since Accelerate keeps process-wide state (DESIGN.md section 7)."""
+"""Training: LR schedule, EMA warm-up, one optimizer step, exact evaluation, codec baselines, and
+end-to-end runs in subprocesses, since Accelerate keeps process-wide state (exact resume and
+fault handling: test_faults.py)."""
 
 import json
 import math
@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from axial_transformer import AxialTransformer, AxialTransformerConfig
 from axial_transformer.data import ImageArrayDataset
+from axial_transformer.distributed import weights_fingerprint
 from axial_transformer.ema import EMA, ema_decay_at
 from axial_transformer.evaluation import (
     bit_sums,
@@ -26,7 +27,7 @@ from axial_transformer.evaluation import (
     summarize,
 )
 from axial_transformer.train_config import OptimConfig
-from axial_transformer.training import learning_rate, weights_fingerprint
+from axial_transformer.train_step import learning_rate
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
@@ -117,9 +118,17 @@ def test_evaluation_counts_each_image_once_across_processes():
     assert not torch.allclose(dropped.channel_bits, whole.channel_bits)
 
 
+def heatmap_panels(channels: int) -> int:
+    """Coloured panels crossed by a row through the middle of the heatmap's tiles."""
+    image = np.asarray(heatmap_image(torch.rand(channels, 4, 5) * 8))
+    row = image[image.shape[0] // 2]
+    coloured = (row != 255).any(axis=-1).astype(int)  # the background is white
+    return int((np.diff(coloured) == 1).sum() + coloured[0])
+
+
 def test_heatmap_has_a_panel_per_channel_plus_mean():
-    image = heatmap_image(torch.rand(3, 4, 5) * 8)
-    assert image.mode == "RGB" and image.width > 4 * image.height // 2
+    assert heatmap_panels(3) == 4
+    assert heatmap_panels(1) == 2
 
 
 def test_lossless_baselines_count_file_bytes():
@@ -138,6 +147,77 @@ def test_lossless_baselines_count_file_bytes():
     assert lossless_bits_per_dim(gray[:1], "png") == 8 * buffer.tell() / (16 * 16)
     with pytest.raises(ValueError, match="uint8 images"):
         lossless_bits_per_dim(noise.astype(np.int32), "png")
+
+
+# ---------------------------------------------------------------------------------------------
+# One optimizer step.
+
+
+def test_accumulating_micro_batches_equals_one_batch(tmp_path):
+    """objective=all, dropout 0: one optimizer step over 4 micro-batches of 2 images has the
+    loss, gradient norm and resulting weights of one step over the 8 images at once."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from axial_transformer.distributed import build_accelerator
+    from axial_transformer.train_config import load_config
+    from axial_transformer.train_step import Objective, optimizer_step
+
+    images = torch.randint(0, 256, (8, 3, 4, 5), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small runs fastest on one thread
+
+    def one_step(micro_batches: list) -> tuple:
+        cfg = load_config(None, [f"train.grad_accumulation={len(micro_batches)}",
+                                 "train.objective=all", f"run_dir={tmp_path}"])
+        accelerator = build_accelerator(cfg)
+        model = tiny_model()
+        # eps 1e-4, not 1e-8: the key biases get gradients of pure rounding noise (softmax
+        # ignores them), which Adam's first step at eps 1e-8 would scale up to +-lr.
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-4)
+        objective, optimizer = accelerator.prepare(Objective(model, "all"), optimizer)
+        try:
+            result = optimizer_step(accelerator, objective, optimizer, iter(micro_batches), 0,
+                                    1e-3, cfg.train, cfg.debug, lambda: False)
+        finally:  # Accelerate's state is process-wide: leave none behind for other tests
+            AcceleratorState._reset_state(True)
+            GradientState._reset_state()
+        assert result.skipped is None
+        return float(result.loss), float(result.grad_norm), model.state_dict()
+
+    try:
+        loss, norm, weights = one_step([images])
+        loss4, norm4, weights4 = one_step(list(images.split(2)))
+        # Negative control: the same four micro-batches but the last one replaced by the first.
+        _, norm_wrong, wrong = one_step([*images.split(2)[:3], images[:2]])
+    finally:
+        torch.set_num_threads(threads)
+    assert loss4 == pytest.approx(loss, rel=1e-6) and norm4 == pytest.approx(norm, rel=1e-5)
+    assert all(torch.allclose(weights[k], weights4[k], rtol=0, atol=1e-7) for k in weights)
+    assert norm_wrong != pytest.approx(norm, rel=1e-3)
+    assert not all(torch.allclose(weights[k], wrong[k], rtol=0, atol=1e-7) for k in weights)
+
+
+def test_the_update_ratio_is_the_step_adam_takes():
+    """The divergence guard's prediction equals |change| / |weights| of the step Adam then
+    takes (weight decay, bias corrections, eps, later steps), and a huge lr exceeds the bound."""
+    from axial_transformer.train_step import MAX_UPDATE_RATIO, adam_update_ratio
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=0.1)
+    x = torch.randn(16, 4)
+    for _ in range(3):
+        model(x).square().mean().backward()
+        predicted = adam_update_ratio(optimizer, 1e-2)
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        optimizer.step()
+        after = torch.cat([p.detach().flatten() for p in model.parameters()])
+        assert predicted == pytest.approx(((after - before).norm() / before.norm()).item(),
+                                          rel=1e-4)
+        optimizer.zero_grad()
+    model(x).square().mean().backward()
+    assert adam_update_ratio(optimizer, 1e-2) < 0.1 < MAX_UPDATE_RATIO
+    assert adam_update_ratio(optimizer, 1e6) > 1000 * MAX_UPDATE_RATIO
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,65 +256,10 @@ def same_weights(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_train_checkpoint_resume_evaluate(data_dir, tmp_path):
-    """Stopping at step 3 and resuming to step 5 gives bit-identical weights to training 5 steps
-    straight (data order, random channels, dropout, Adam and EMA all restored), with gradient
-    accumulation over 2 micro-batches."""
-    extra = ("train.grad_accumulation=2",)
-    straight = train(data_dir, tmp_path / "straight", "train.steps=5", *extra)
-    assert straight["train/loss_bpd"] < 8.0 and straight["eval/images"] == 13
-    assert straight["replicas_in_sync"] is True
-
-    run = tmp_path / "resumed"
-    train(data_dir, run, "train.steps=3", *extra)
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000003"]
-    # An interrupted run may have logged past its last checkpoint; those records are dropped.
-    with open(run / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"step": 4, "train/loss_bpd": -1.0}) + "\n")
-    resumed = train(data_dir, run, "train.steps=5", "resume=auto", *extra)
-    assert same_weights(export_weights(run), export_weights(tmp_path / "straight"))
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
-             if "train/loss_bpd" in line]
-    assert steps == [1, 2, 3, 4, 5]
-    assert resumed["eval/bpd"] == straight["eval/bpd"]
-    kept = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert kept == ["step_0000005"]  # checkpoint.keep=1 in the demo config
-
-    # Negative control: resuming with a different data/channel seed takes different steps.
-    other = tmp_path / "other"
-    train(data_dir, other, "train.steps=3", *extra)
-    train(data_dir, other, "train.steps=5", "resume=auto", "train.seed=1", *extra)
-    assert not same_weights(export_weights(other), export_weights(tmp_path / "straight"))
-
-    # The standalone evaluation of the export and of the checkpoint reproduces the final eval.
-    for target in (run, run / "export", run / "checkpoints" / "step_0000005"):
-        done = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--checkpoint",
-                               str(target), "--json", "--heatmap", str(tmp_path / "h.png")],
-                              cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stderr[-3000:]
-        metrics = json.loads(done.stdout.strip().splitlines()[-1])
-        assert metrics["images"] == 13
-        assert metrics["bpd"] == pytest.approx(resumed["eval/bpd"], rel=1e-9)
-    assert (tmp_path / "h.png").stat().st_size > 0
-    assert AxialTransformer.from_pretrained(run / "export").config.image_size == (6, 7)
-
-
-def test_fresh_run_refuses_a_used_run_dir(data_dir, tmp_path):
-    run = tmp_path / "run"
-    train(data_dir, run, "train.steps=1")
-    done = subprocess.run([sys.executable, str(ROOT / "train.py"),
-                           *run_args(data_dir, run, "train.steps=2")],
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "resume=auto" in done.stderr
-    done = subprocess.run([sys.executable, str(ROOT / "train.py"),
-                           *run_args(data_dir, run, "resume=auto", "model.dim=32")],
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "same model settings" in done.stderr
-
-
-def test_two_processes_count_each_test_image_once(data_dir, tmp_path):
+def test_two_processes_count_each_test_image_once(data_dir, tmp_path, capsys):
     """torchrun with 2 CPU processes (gloo) and gradient accumulation: 13 test images over
-    2 processes x batch 4 are each scored once, and the replicas end with identical weights."""
+    2 processes x batch 4 are each scored once, and the replicas end with identical weights.
+    evaluate.py on one process, on the run, its export and its last checkpoint, agrees."""
     launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone",
                 "--nproc_per_node", "2")
     run = tmp_path / "ddp"
@@ -243,13 +268,25 @@ def test_two_processes_count_each_test_image_once(data_dir, tmp_path):
     assert final["processes"] == 2 and final["eval/images"] == 13
     assert final["replicas_in_sync"] is True
     assert final["train/loss_bpd"] < 8.0
-    done = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--checkpoint", str(run),
-                           "--json", "--batch-size", "5"],
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
-    single = json.loads(done.stdout.strip().splitlines()[-1])
-    assert single["images"] == 13
-    assert final["eval/bpd"] == pytest.approx(single["bpd"], rel=1e-6)
+    for target in (run, run / "export", run / "checkpoints" / "step_0000003"):
+        done = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--checkpoint",
+                               str(target), "--json", "--batch-size", "5", "--heatmap",
+                               str(tmp_path / "h.png")],
+                              cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "evaluating" in done.stderr  # the progress bar
+        single = json.loads(done.stdout.strip().splitlines()[-1])
+        assert single["images"] == 13
+        assert final["eval/bpd"] == pytest.approx(single["bpd"], rel=1e-6)
+    assert (tmp_path / "h.png").stat().st_size > 0
+    assert AxialTransformer.from_pretrained(run / "export").config.image_size == (6, 7)
+
+    sys.path.insert(0, str(ROOT))
+    import evaluate as evaluate_cli
+
+    assert evaluate_cli.main(["--checkpoint", str(run), "--split", "bogus"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --split must be one of train, test, got 'bogus'")
 
 
 def test_demo_smoke_prints_codec_comparison_and_samples(tmp_path):
@@ -265,6 +302,13 @@ def test_demo_smoke_prints_codec_comparison_and_samples(tmp_path):
     assert (run / "heatmap.png").is_file()
     assert [p.name for p in (run / "samples").iterdir()] == ["step_0000002.png"]
     assert (run / "config.yaml").is_file() and (run / "export" / "config.json").is_file()
+    # It says where everything went, and shows progress while it evaluates.
+    for kind, path in [("metrics", "metrics.jsonl"), ("export", "export"),
+                       ("heatmap", "heatmap.png"), ("checkpoint", "checkpoints/step_0000002"),
+                       ("samples", "samples/step_0000002.png")]:
+        assert f"  {kind:<10} {run / path}" in done.stdout, kind
+    for bar in ("evaluating", "png baseline", "webp baseline"):
+        assert f"{bar}:" in done.stderr, bar
 
 
 def test_wandb_that_cannot_start_fails_at_startup(data_dir, tmp_path):
@@ -274,7 +318,7 @@ def test_wandb_that_cannot_start_fails_at_startup(data_dir, tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "wandb could not start" in done.stderr
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "run").exists()  # a failed start-up leaves no run_dir behind
 
 
 @pytest.mark.slow

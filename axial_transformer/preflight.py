@@ -1,0 +1,275 @@
+"""Start-up: every check that can fail, made before hours are spent and before anything is
+written into run_dir, then the claim on run_dir for the run's life.
+
+In order: the data, a run_dir that can be written and a disk with room for what the run will
+hold at its peak (no process group or model needed, so a mistake costs seconds); Accelerate; the
+lock on run_dir, so that no second run writes into it; then, under the lock, what run_dir holds
+(the saved config, the checkpoint to resume from, a run already finished); the batch split; the
+trackers. Only then does the run write: temporary files left by killed runs are removed, records
+past the resumed step dropped, config.yaml saved. A start-up that fails leaves run_dir as it
+found it (a run_dir it created is removed again).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import shutil
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import Dataset
+
+from .distributed import agree, build_accelerator
+from .errors import SetupError
+from .model import AxialTransformer
+from .resume import CheckpointState, select_checkpoint
+from .run_log import drop_stale_records, final_record, init_trackers
+from .train_config import RunConfig, config_from_dict, save_config
+
+
+@dataclass
+class Start:
+    accelerator: object
+    train_set: Dataset
+    test_set: Dataset
+    micro_batch: int  # images per process per micro-batch
+    checkpoint: CheckpointState | None  # what to resume from, read and checked
+    complete: dict | None  # the final record when run_dir holds this run already finished
+
+
+@contextmanager
+def start_run(cfg: RunConfig) -> Iterator[Start]:
+    """Check everything, claim run_dir and prepare it; the lock is held until the block ends.
+    Every process runs this alike, so that all of them stop, not one."""
+    train_set, test_set, like = check_inputs(cfg)
+    accelerator = build_accelerator(cfg)
+    main = accelerator.is_main_process
+    claim = RunDirClaim(Path(cfg.run_dir)) if main else None
+    try:
+        error = None
+        if claim is not None:
+            try:
+                claim.take()
+            except SetupError as e:
+                error = e
+        if agree(accelerator, error is not None)[0]:
+            raise error or SetupError("the main process could not claim run_dir (its error says "
+                                      "why)")
+        start = check_run_dir(cfg, accelerator, train_set, test_set, like)
+        if start.complete is None:
+            init_trackers(accelerator, cfg)
+            if main:
+                prepare_run_dir(cfg, start.checkpoint.step if start.checkpoint else 0)
+        accelerator.wait_for_everyone()
+    except BaseException:  # a failed check, or SIGTERM during start-up (Preempted)
+        if claim is not None:
+            claim.abandon()
+        raise
+    try:
+        yield start
+    finally:
+        if claim is not None:
+            claim.release()
+
+
+def check_inputs(cfg: RunConfig) -> tuple[Dataset, Dataset, nn.Module]:
+    """The data, run_dir and the disk; returns the splits and the model on the meta device."""
+    from .data import open_split
+
+    mc = cfg.model
+    train_set = open_split(cfg.data.spec, "train", mc.image_size, mc.channels)
+    test_set = open_split(cfg.data.spec, "test", mc.image_size, mc.channels)
+    check_writable(cfg.run_dir)
+    with torch.device("meta"):  # shapes and the parameter count without allocating weights
+        like = AxialTransformer(mc)
+    check_disk_space(cfg.run_dir, like.num_parameters(), cfg.checkpoint.keep,
+                     cfg.debug.free_bytes)
+    return train_set, test_set, like
+
+
+def check_run_dir(cfg: RunConfig, accelerator, train_set: Dataset, test_set: Dataset,
+                  like: nn.Module) -> Start:
+    """What run_dir holds, read under the lock: nothing here writes."""
+    run_dir = Path(cfg.run_dir)
+    if cfg.resume:
+        check_saved_config(cfg)
+        complete = final_record(run_dir / "metrics.jsonl", cfg.train.steps)
+        if complete is not None:
+            return Start(accelerator, train_set, test_set, 0, None, complete)
+    main = accelerator.is_main_process
+    checkpoint = select_checkpoint(cfg, like, accelerator.process_index, warn=main)
+    micro = micro_batch_size(cfg, accelerator.num_processes)
+    if len(train_set) < micro * accelerator.num_processes:
+        raise SetupError(f"the train split has {len(train_set)} images, fewer than one batch "
+                         f"({micro} per process x {accelerator.num_processes})")
+    return Start(accelerator, train_set, test_set, micro, checkpoint, None)
+
+
+def check_saved_config(cfg: RunConfig) -> None:
+    """A resumed run must keep the model it was trained with."""
+    saved = Path(cfg.run_dir) / "config.yaml"
+    if not saved.is_file():
+        return
+    try:
+        previous = config_from_dict(yaml.safe_load(saved.read_text()))
+    except (ValueError, yaml.YAMLError) as e:
+        why = " ".join(str(e).split())  # YAML's messages span lines
+        raise SetupError(f"{saved} cannot be read ({why}); move it away to start afresh"
+                         ) from None
+    if previous.model != cfg.model:
+        raise SetupError(f"{saved} was trained with model {previous.model}, but this run asks "
+                         f"for {cfg.model}; resume with the same model settings")
+
+
+def micro_batch_size(cfg: RunConfig, processes: int) -> int:
+    per_step = processes * cfg.train.grad_accumulation
+    if cfg.train.batch_size % per_step:
+        raise SetupError(f"train.batch_size={cfg.train.batch_size} must divide evenly among "
+                         f"{processes} process(es) x train.grad_accumulation="
+                         f"{cfg.train.grad_accumulation}")
+    return cfg.train.batch_size // per_step
+
+
+def prepare_run_dir(cfg: RunConfig, step: int) -> None:
+    """The start-up's only writes, once every check has passed."""
+    run_dir = Path(cfg.run_dir)
+    remove_leftovers(run_dir)
+    drop_stale_records(run_dir / "metrics.jsonl", step)
+    save_config(cfg, run_dir / "config.yaml")
+
+
+# Temporary files of writes that a kill interrupted: atomic_write's `.NAME.XXXXXXXX.tmp`, a
+# checkpoint's `.step_NNNNNNN.tmp/` and the `.tmpXXXXXX` that safetensors writes before its own
+# rename.
+_LEFTOVER = re.compile(r"\..+\.tmp|\.tmp[A-Za-z0-9]{6}")
+
+
+def remove_leftovers(run_dir: Path) -> list[Path]:
+    """Delete the temporary files of earlier runs that were killed while writing."""
+    doomed = [p for folder in (run_dir, run_dir / "checkpoints", run_dir / "export",
+                               run_dir / "samples") if folder.is_dir()
+              for p in folder.iterdir() if _LEFTOVER.fullmatch(p.name)]
+    for path in doomed:
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    return doomed
+
+
+# ---------------------------------------------------------------------------------------------
+# run_dir: writable, room on its disk, and one run at a time.
+
+
+def nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable(run_dir: str | Path) -> None:
+    """Raise a ValueError when `run_dir` could not be created or written (nothing is created)."""
+    run_dir = Path(run_dir)
+    existing = nearest_existing(run_dir)
+    if not existing.is_dir():
+        raise ValueError(f"run_dir {run_dir} cannot be written: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"run_dir {run_dir} cannot be written: no write permission in "
+                         f"{existing}, or a read-only file system")
+
+
+def run_bytes(num_parameters: int, keep: int, bytes_per_value: int = 4) -> int:
+    """Disk room a run needs at its peak: while a new checkpoint is written, `keep` older ones
+    are still there (they are pruned after it is sealed), plus the EMA export. A checkpoint holds
+    the weights, Adam's two moments and the EMA; a tenth more and 64 MiB cover the headers,
+    generator states, metrics, samples and file-system slack."""
+    copies = (keep + 1) * (1 + 2 + 1) + 1
+    return int(num_parameters * bytes_per_value * copies * 1.1) + 64 * 2**20
+
+
+def held_bytes(run_dir: Path) -> int:
+    """Bytes of run_dir's checkpoints and export: a resumed run replaces them in place."""
+    folders = [run_dir / "checkpoints", run_dir / "export"]
+    return sum(f.stat().st_size for folder in folders if folder.is_dir()
+               for f in folder.rglob("*") if f.is_file())
+
+
+def check_disk_space(run_dir: str | Path, num_parameters: int, keep: int,
+                     free_bytes: int = -1) -> None:
+    """Raise a ValueError when the disk of `run_dir` cannot hold the run at its peak.
+    `free_bytes` >= 0 stands in for the disk's own figure (tests)."""
+    run_dir = Path(run_dir)
+    need = run_bytes(num_parameters, keep)
+    free = shutil.disk_usage(nearest_existing(run_dir)).free if free_bytes < 0 else free_bytes
+    room = free + (held_bytes(run_dir) if run_dir.is_dir() else 0)
+    if room < need:
+        raise ValueError(f"run_dir {run_dir} has {room / 2**30:.2f} GiB free, but {keep + 1} "
+                         f"checkpoints (checkpoint.keep={keep} and the one being written) and "
+                         f"the export of {num_parameters:,} parameters need about "
+                         f"{need / 2**30:.2f} GiB; free some space, lower checkpoint.keep or "
+                         "choose another run_dir")
+
+
+class RunDirClaim:
+    """run_dir for one run at a time: an exclusive flock on RUN/.lock, which holds the holder's
+    pid and host. The kernel drops the lock when its process ends, however it ends, so the file
+    left by a killed run never blocks the next one."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.path = run_dir / ".lock"
+        self.fd: int | None = None
+        self.created_dir = self.created_lock = False
+
+    def take(self) -> None:
+        try:
+            self.created_dir = not self.run_dir.exists()
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            while True:
+                self.created_lock = not self.path.exists()
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = os.read(fd, 256).decode(errors="replace").split()
+                    os.close(fd)
+                    self.abandon()
+                    who = f"pid {holder[0]} on {holder[1]}" if len(holder) == 2 else "a process"
+                    raise SetupError(f"run_dir {self.run_dir} is in use by another run ({who} "
+                                     f"holds {self.path}); wait for it to end or choose another "
+                                     "run_dir") from None
+                if self._still_linked(fd):
+                    break
+                os.close(fd)  # removed by a start-up that failed meanwhile: lock the new file
+            self.fd = fd
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        except OSError as e:
+            self.abandon()
+            raise SetupError(f"run_dir {self.run_dir} cannot be written: {e.strerror or e}"
+                             ) from None
+
+    def _still_linked(self, fd: int) -> bool:
+        try:
+            return os.path.samestat(os.fstat(fd), os.stat(self.path))
+        except FileNotFoundError:
+            return False
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def abandon(self) -> None:
+        """Undo the claim of a start-up that failed: what it created goes again."""
+        if self.created_lock:
+            self.path.unlink(missing_ok=True)
+        if self.created_dir:  # still locked, so no other start-up can be claiming it
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        self.release()

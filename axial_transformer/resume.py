@@ -1,0 +1,240 @@
+"""Saving a run's state into a checkpoint, and choosing, checking and restoring the one a
+resumed run continues from (the directory's format is checkpoint.py's).
+
+A resumed run continues bit for bit: the weights, Adam's moments, the EMA and every process's
+random generators are in the checkpoint, and everything else a step draws is a function of the
+step (train_step.py). The step count of consecutive skipped steps is not saved: a run stopped for
+diverging is resumed with a lower learning rate, and must not inherit the streak.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from torch import Tensor, nn
+
+from .checkpoint import (
+    CheckpointError,
+    check_file,
+    check_shapes,
+    checkpoint_dirs,
+    checkpoint_path,
+    checkpoint_step,
+    is_checkpoint_name,
+    nonfinite_parameter,
+    prune_checkpoints,
+    read_tensors,
+    safetensors_shapes,
+    seal,
+    sealed_files,
+    unsealed_files,
+)
+from .distributed import agree
+from .ema import EMA
+from .errors import SetupError, TrainingError
+from .io import atomic_write_text, fsync_directory, write_safetensors
+from .train_config import RunConfig
+from .train_state import (
+    optimizer_from_files,
+    optimizer_to_files,
+    restore_rng,
+    rng_from_files,
+    rng_to_files,
+)
+
+T = TypeVar("T")
+
+
+@dataclass
+class CheckpointState:
+    """A checkpoint read into memory and checked, not yet applied to a model."""
+
+    path: Path
+    step: int
+    skipped_steps: int
+    model: dict[str, Tensor]
+    ema: dict[str, Tensor]
+    optimizer: dict
+    rng: dict | None  # this process's generators; None if the run had fewer processes
+
+
+def save_checkpoint(
+    accelerator, model: nn.Module, optimizer, ema: EMA, state: dict, run_dir: Path, keep: int,
+) -> Path:
+    """Write RUN/checkpoints/step_NNNNNNN (state["step"]) under a temporary name, seal it,
+    rename it, prune the old ones and refresh the EMA export. A failed write (a full disk)
+    removes what it wrote and stops every process with a TrainingError."""
+    for what, weights in (("weights", model), ("EMA weights", ema.model)):
+        bad = nonfinite_parameter(weights)
+        if bad:  # never replace a good checkpoint with a poisoned one
+            raise TrainingError(f"the {what} hold NaN or inf ({bad}) at step {state['step']}; "
+                                "not saving a checkpoint")
+    final = checkpoint_path(run_dir, state["step"])
+    root, tmp = final.parent, final.parent / f".{final.name}.tmp"
+    main = accelerator.is_main_process
+    error: OSError | None = None
+    if main:
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        except OSError as e:
+            error = e
+    accelerator.wait_for_everyone()
+    try:  # every process its own generators; the main process the rest
+        write_files(tmp, f"rng_{accelerator.process_index}", *rng_to_files())
+        if main:
+            write_safetensors(tmp / "model.safetensors", model.state_dict())
+            write_safetensors(tmp / "ema.safetensors", ema.model.state_dict())
+            write_files(tmp, "optimizer", *optimizer_to_files(optimizer.state_dict()))
+            atomic_write_text(tmp / "trainer_state.json", json.dumps(state))
+    except OSError as e:
+        error = error or e
+    failed = agree(accelerator, error is not None)[0]  # every process learns of any failure
+    if main and not failed:
+        try:
+            seal(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            fsync_directory(root)
+            prune_checkpoints(run_dir, keep)
+            ema.model.save_pretrained(run_dir / "export")
+        except OSError as e:
+            error = e
+    if agree(accelerator, error is not None)[0]:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        why = error or "a write failed on another process"
+        raise TrainingError(f"could not write checkpoint {final}: {why}; removed its temporary "
+                            "files. Free some space and continue with resume=auto")
+    return final
+
+
+def write_files(directory: Path, stem: str, tensors: dict[str, Tensor], info: dict) -> None:
+    """STEM.safetensors and STEM.json: the tensors and the rest of one state."""
+    write_safetensors(directory / f"{stem}.safetensors", tensors)
+    atomic_write_text(directory / f"{stem}.json", json.dumps(info, allow_nan=False))
+
+
+def read_checkpoint(directory: Path, like: nn.Module, rank: int = 0) -> CheckpointState:
+    """Check every file of a checkpoint against its seal and read it, checked against the shapes
+    of `like` (the run's model; one on the meta device will do). Raises CheckpointError for
+    anything damaged, and SetupError for a checkpoint of another model configuration."""
+    files = sealed_files(directory)
+    for name, entry in files.items():
+        check_file(directory, name, entry)
+    trainer = read_json(directory / "trainer_state.json")
+    step, skipped = trainer.get("step"), trainer.get("skipped_steps")
+    if not (type(step) is int and step == checkpoint_step(directory)
+            and type(skipped) is int and skipped >= 0):
+        raise CheckpointError(f"trainer_state.json does not hold step {checkpoint_step(directory)}"
+                              " and a count of skipped steps")
+    shapes = {k: tuple(v.shape) for k, v in like.state_dict().items()}
+    model = checked("model.safetensors", lambda: read_weights(directory / "model.safetensors",
+                                                              shapes))
+    ema = checked("ema.safetensors", lambda: read_weights(directory / "ema.safetensors", shapes))
+    moments = checked("optimizer.safetensors",
+                      lambda: read_tensors(directory / "optimizer.safetensors"))
+    optimizer = checked("optimizer state", lambda: optimizer_from_files(
+        moments, read_json(directory / "optimizer.json"),
+        [tuple(p.shape) for p in like.parameters()]))
+    rng = None
+    if f"rng_{rank}.json" in files and f"rng_{rank}.safetensors" in files:
+        generators = checked(f"rng_{rank}.safetensors",
+                             lambda: read_tensors(directory / f"rng_{rank}.safetensors"))
+        rng = checked(f"rng_{rank} state", lambda: rng_from_files(
+            generators, read_json(directory / f"rng_{rank}.json")))
+    return CheckpointState(directory, step, skipped, model, ema, optimizer, rng)
+
+
+def read_weights(file: Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, Tensor]:
+    """A checkpoint's weights; a checkpoint of another model configuration (no earlier one of
+    the run would fit either) is a SetupError, not damage to fall back from."""
+    safetensors_shapes(file)  # a damaged header is damage
+    try:
+        check_shapes(file, shapes)
+    except ValueError as e:
+        raise SetupError(str(e)) from None
+    return read_tensors(file)
+
+
+def checked(name: str, read: Callable[[], T]) -> T:
+    """`read()`, its ValueError turned into a CheckpointError that names the file."""
+    try:
+        return read()
+    except CheckpointError:
+        raise
+    except ValueError as e:
+        raise CheckpointError(f"{name}: {e}") from None
+
+
+def read_json(file: Path) -> dict:
+    try:
+        value = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file.name} is not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{file.name} does not hold a JSON object")
+    return value
+
+
+def restore(checkpoint: CheckpointState, model: nn.Module, optimizer, ema: EMA) -> dict:
+    """Load a read checkpoint into the run's objects; returns the trainer state to go on with."""
+    model.load_state_dict(checkpoint.model)
+    ema.model.load_state_dict(checkpoint.ema)
+    optimizer.load_state_dict(checkpoint.optimizer)
+    if checkpoint.rng is not None:
+        restore_rng(checkpoint.rng)
+    return {"step": checkpoint.step, "skipped_steps": checkpoint.skipped_steps}
+
+
+def select_checkpoint(cfg: RunConfig, like: nn.Module, rank: int, warn: bool
+                      ) -> CheckpointState | None:
+    """The checkpoint to continue from, read and checked, or None for a fresh start.
+
+    resume=auto takes the newest checkpoint in run_dir that passes every check, naming each
+    newer one that fails; resume=PATH takes PATH or stops with why it cannot; resume="" refuses
+    a run_dir that already holds checkpoints.
+    """
+    if cfg.resume == "auto":
+        for directory in reversed(checkpoint_dirs(cfg.run_dir)):
+            try:
+                checkpoint = read_checkpoint(directory, like, rank)
+            except CheckpointError as e:
+                if warn:
+                    print(f"warning: skipping checkpoint {directory}: {e}; trying the previous "
+                          "one", file=sys.stderr)
+                continue
+            if warn:
+                warn_unsealed(directory)
+            return checkpoint
+        return None
+    if cfg.resume:
+        path = Path(cfg.resume)
+        if not path.is_dir() or not is_checkpoint_name(path.name):
+            raise SetupError(f"resume={cfg.resume}: not a checkpoint directory "
+                             f"(expected {Path(cfg.run_dir) / 'checkpoints' / 'step_NNNNNNN'})")
+        try:
+            checkpoint = read_checkpoint(path, like, rank)
+        except CheckpointError as e:
+            raise SetupError(f"resume={cfg.resume}: {e}") from None
+        if warn:
+            warn_unsealed(path)
+        return checkpoint
+    existing = checkpoint_dirs(cfg.run_dir)
+    if existing:
+        raise SetupError(f"{cfg.run_dir} already holds checkpoints ({existing[-1].name}); pass "
+                         "resume=auto to continue that run, or choose another run_dir")
+    return None
+
+
+def warn_unsealed(directory: Path) -> None:
+    extra = unsealed_files(directory)
+    if extra:
+        print(f"warning: {directory} holds {', '.join(extra)}, not part of the checkpoint (not "
+              f"listed in its seal); never read", file=sys.stderr)

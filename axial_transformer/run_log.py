@@ -1,0 +1,196 @@
+"""What a run tells its user: lines on stdout, records in RUN/metrics.jsonl, wandb, sample grids,
+and where its outputs are.
+
+metrics.jsonl holds one JSON object per line, each with the step it belongs to:
+
+    {"step": 0, "start": "fresh", "parameters": ..., "threads": ...}   each start (or resume)
+    {"step": 50, "train/loss_bpd": ..., "train/lr": ...}                every log.every steps
+    {"step": 1000, "eval/bpd": ..., "eval/bpd_R": ...}                  every eval.every steps
+    {"step": 1500, "final": true, "eval/bpd": ..., "baseline/...": ...} once, at the very end
+    {"step": 700, "preempted": "SIGTERM"}                               a run stopped by a signal
+
+A resumed run first drops what the interrupted one wrote past its checkpoint, so that after any
+sequence of kills and resumes every step's records are there once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .ema import EMA
+from .errors import SetupError
+from .train_config import RunConfig
+
+
+class MetricsLog:
+    """Appends records to metrics.jsonl, echoes them above the progress bar and logs them to the
+    trackers; only the main process writes."""
+
+    def __init__(self, accelerator, path: Path, bar: tqdm) -> None:
+        self.accelerator = accelerator
+        self.path = path
+        self.bar = bar
+
+    def __call__(self, step: int, metrics: dict, echo: bool = True) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        record = {"step": step, **metrics}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if echo:
+            self.bar.write(" ".join(f"{k} {_fmt(v)}" for k, v in record.items()))
+        self.accelerator.log(metrics, step=step)
+
+
+class TrainMeter:
+    """The training record of the steps since the last one: their mean loss (skipped steps left
+    out) over every process, and the images per second."""
+
+    def __init__(self, accelerator, batch_size: int) -> None:
+        self.accelerator = accelerator
+        self.batch_size = batch_size
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum = torch.zeros((), device=self.accelerator.device)
+        self.steps = self.good_steps = 0
+        self.start = time.perf_counter()
+
+    def add(self, loss: Tensor | None) -> None:
+        """One step's mean loss, or None for a skipped step."""
+        self.steps += 1
+        if loss is not None:
+            self.loss_sum += loss
+            self.good_steps += 1
+
+    def record(self, lr: float, skipped_steps: int, grad_norm: Tensor | None) -> dict:
+        """The record (an all-reduce: every process calls it), and a fresh interval."""
+        loss = self.accelerator.reduce(self.loss_sum, "mean").item() / max(1, self.good_steps)
+        metrics = {"train/loss_bpd": loss if self.good_steps else None, "train/lr": lr,
+                   "train/images_per_s": self.steps * self.batch_size / (
+                       time.perf_counter() - self.start),
+                   "train/skipped_steps": skipped_steps}
+        if grad_norm is not None:  # null when not finite: metrics.jsonl stays strict JSON
+            norm = float(grad_norm)
+            metrics["train/grad_norm"] = norm if math.isfinite(norm) else None
+        self.reset()
+        return metrics
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def read_records(path: Path) -> list[dict]:
+    """The records of metrics.jsonl; a line that is not a JSON object (torn by a crash, or
+    damaged) is left out."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    return records
+
+
+def drop_stale_records(path: Path, step: int) -> None:
+    """Forget what earlier attempts wrote past `step`, the step this run continues from: every
+    record after it, and the start and stop records at it (this run starts there again)."""
+    if not path.is_file():
+        return
+    from .io import atomic_write_text
+
+    kept = [r for r in read_records(path) if r["step"] < step or
+            (r["step"] == step and "start" not in r and "preempted" not in r)]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def final_record(path: Path, steps: int) -> dict | None:
+    """The record a finished run wrote last, if the run in `path`'s directory got to `steps`."""
+    finals = [r for r in read_records(path) if r.get("final") and r["step"] >= steps]
+    return finals[-1] if finals else None
+
+
+def eval_metrics(metrics: dict, channels: int) -> dict:
+    from .evaluation import channel_names
+
+    out = {"eval/bpd": metrics["bpd"], "eval/images": metrics["images"]}
+    for name, bpd in zip(channel_names(channels), metrics["bpd_channel"], strict=True):
+        out[f"eval/bpd_{name}"] = bpd
+    return out
+
+
+def save_samples(accelerator, ema: EMA, cfg: RunConfig, step: int) -> Path | None:
+    """An EMA sample grid in RUN/samples/step_NNNNNNN.png (main process) and on wandb."""
+    if not accelerator.is_main_process:
+        return None
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    from .io import atomic_write
+
+    g = torch.Generator(accelerator.device).manual_seed(cfg.train.seed + step)
+    images = ema.model.sample(cfg.log.num_samples, generator=g).cpu()  # (N, C, H, W) uint8
+    nrow = math.ceil(math.sqrt(len(images)))
+    grid = make_grid(images, nrow=nrow, padding=2, pad_value=255).permute(1, 2, 0).numpy()
+    # Enlarged (nearest neighbour, pixels stay exact squares) so 32 x 32 samples are visible.
+    zoom = max(1, 256 // grid.shape[1])
+    picture = Image.fromarray(grid).resize((grid.shape[1] * zoom, grid.shape[0] * zoom),
+                                           Image.NEAREST)
+    path = Path(cfg.run_dir) / "samples" / f"step_{step:07d}.png"
+    atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
+    if cfg.log.wandb:
+        accelerator.get_tracker("wandb").log_images({"samples": [picture]}, step=step)
+    return path
+
+
+def init_trackers(accelerator, cfg: RunConfig) -> None:
+    if not cfg.log.wandb:
+        return
+    try:
+        accelerator.init_trackers(
+            cfg.log.wandb_project, config=cfg.to_dict(),
+            init_kwargs={"wandb": {"dir": cfg.run_dir, "name": Path(cfg.run_dir).name}},
+        )
+    except Exception as e:  # wandb raises many types (auth, network, usage): all fatal here
+        raise SetupError(
+            f"log.wandb=true but wandb could not start: {e}. Run `wandb login`, set "
+            "WANDB_MODE=offline to log locally, or set log.wandb=false") from e
+
+
+def run_outputs(run_dir: str | Path) -> dict[str, Path]:
+    """What a run has written that a user looks for, by kind."""
+    from .checkpoint import checkpoint_dirs
+
+    run_dir = Path(run_dir)
+    found = {"metrics": run_dir / "metrics.jsonl", "export": run_dir / "export",
+             "heatmap": run_dir / "heatmap.png"}
+    outputs = {kind: path for kind, path in found.items() if path.exists()}
+    checkpoints = checkpoint_dirs(run_dir)
+    if checkpoints:
+        outputs["checkpoint"] = checkpoints[-1]
+    samples = sorted((run_dir / "samples").glob("step_*.png"))
+    if samples:
+        outputs["samples"] = samples[-1]
+    return outputs
+
+
+def print_outputs(run_dir: str | Path, outputs: dict[str, Path], file=sys.stdout) -> None:
+    notes = {"export": "EMA weights for sample.py and evaluate.py",
+             "checkpoint": "resume=auto continues from it"}
+    print(f"outputs in {run_dir}:", file=file)
+    for kind, path in outputs.items():
+        note = f"  ({notes[kind]})" if kind in notes else ""
+        print(f"  {kind:<10} {path}{note}", file=file)

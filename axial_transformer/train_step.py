@@ -1,0 +1,148 @@
+"""One optimizer step: its learning rate, its data, its random channels and dropout, gradient
+accumulation, and the checks that skip a step instead of letting it spoil the weights.
+
+Everything a step draws is a pure function of the step (and the seed): the learning rate, the
+data position, the channel scored for each image and the dropout masks. That is what makes a
+resumed run take, bit for bit, the steps it would have taken without the interruption.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from .distributed import agree
+from .model import AxialTransformer
+from .train_config import DebugConfig, OptimConfig
+
+# A step whose Adam update would move the weights by more than this fraction of their norm is
+# skipped like a non-finite one. Adam moves every weight by about lr per step whatever the
+# gradient, so a sane step moves the whole weight vector by a small fraction of its norm; a
+# step past this bound comes from a learning rate orders of magnitude too high, and would write
+# finite garbage (|w| ~ lr) that no NaN check catches.
+MAX_UPDATE_RATIO = 1.0
+
+
+def learning_rate(step: int, cfg: OptimConfig) -> float:
+    """The learning rate of optimizer step `step` (0-based): linear warm-up from 0, then constant
+    (the paper) or a cosine decay to `min_lr` at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - 1 - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class Objective(nn.Module):
+    """The training loss as a module's forward, so that DDP (which only hooks `forward`)
+    synchronises its gradients and torch.compile sees the whole computation."""
+
+    def __init__(self, model: AxialTransformer, objective: str) -> None:
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(self, x: Tensor, channel: Tensor) -> Tensor:
+        return self.model.loss(x, self.objective, channel=channel)
+
+
+def position_seed(seed: int, micro_batch: int, rank: int) -> int:
+    """The seed of one micro-batch on one process. The channels it draws and its dropout masks
+    come from this seed, so they are a pure function of the position in the run: a resumed run
+    draws the same ones, whatever else consumed random numbers in between (a DataLoader draws a
+    seed from the global generator each time an iterator starts, e.g. after a resume)."""
+    return int(np.random.SeedSequence([seed, micro_batch, rank]).generate_state(1)[0])
+
+
+def training_batches(loader: DataLoader, accelerator, position: int) -> Iterator[Tensor]:
+    """Micro-batches forever, starting `position` micro-batches into the run.
+
+    The prepared loader shuffles with a seedable sampler (seed + epoch), so epoch e has the same
+    order in every run; a resume skips the batches of its epoch that were already used.
+    """
+    epoch, skip = divmod(position, len(loader))
+    while True:
+        loader.set_epoch(epoch)
+        yield from accelerator.skip_first_batches(loader, skip) if skip else loader
+        epoch, skip = epoch + 1, 0
+
+
+@torch.no_grad()
+def adam_update_ratio(optimizer: torch.optim.Optimizer, lr: float) -> float:
+    """|update| / |weights| of the step `optimizer.step()` would now take, for torch's Adam
+    (L2 weight decay, no amsgrad): the same moments, bias corrections and eps, without
+    touching the weights or the optimizer's state."""
+    update_sq = weights_sq = 0.0
+    for group in optimizer.param_groups:
+        beta1, beta2 = group["betas"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = optimizer.state.get(p, {})
+            step = float(state["step"]) + 1 if "step" in state else 1.0
+            grad = p.grad + group["weight_decay"] * p if group["weight_decay"] else p.grad
+            exp_avg = state["exp_avg"].lerp(grad, 1 - beta1) if state else (1 - beta1) * grad
+            exp_avg_sq = (state["exp_avg_sq"] * beta2 if state else 0) + (1 - beta2) * grad**2
+            denom = (exp_avg_sq / (1 - beta2**step)).sqrt() + group["eps"]
+            update = exp_avg / denom * (lr / (1 - beta1**step))
+            update_sq += float(update.double().square().sum())
+            weights_sq += float(p.double().square().sum())
+    return math.sqrt(update_sq / weights_sq) if weights_sq > 0 else 0.0
+
+
+@dataclass
+class StepResult:
+    loss: Tensor  # mean loss of the step's micro-batches on this process
+    grad_norm: Tensor  # global gradient norm before clipping
+    skipped: str | None  # why no update was made (on every process), or None
+    stop: bool  # some process was asked to stop (SIGTERM / SIGINT)
+
+
+def optimizer_step(
+    accelerator, objective: nn.Module, optimizer, batches: Iterator[Tensor], step: int,
+    lr: float, t: OptimConfig, debug: DebugConfig, stop_requested: Callable[[], bool],
+) -> StepResult:
+    """One optimizer step over `t.grad_accumulation` micro-batches, skipped (no update) on every
+    process when on any of them the loss or the gradient is not finite or the update would be
+    absurdly large (MAX_UPDATE_RATIO)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    channels = accelerator.unwrap_model(objective).model.config.channels
+    poisoned = step + 1 in debug.nan_at_steps and debug.rank in (-1, accelerator.process_index)
+    loss_sum, grad_norm = torch.zeros((), device=accelerator.device), torch.zeros(())
+    skipped, stop = None, False
+    for k in range(t.grad_accumulation):
+        x = next(batches)
+        seed = position_seed(t.seed, step * t.grad_accumulation + k, accelerator.process_index)
+        torch.manual_seed(seed)  # dropout
+        channel = torch.randint(channels, (x.shape[0],),
+                                generator=torch.Generator().manual_seed(seed + 1))
+        with accelerator.accumulate(objective):  # syncs gradients on the last micro-batch
+            loss = objective(x, channel.to(x.device))
+            if poisoned:
+                loss = loss * math.nan
+            accelerator.backward(loss)
+            loss_sum = loss_sum + loss.detach() / t.grad_accumulation
+            if accelerator.sync_gradients:
+                # An infinite max_norm clips nothing but still gives the norm to check.
+                max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
+                grad_norm = accelerator.clip_grad_norm_(objective.parameters(), max_norm)
+                finite = bool(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
+                absurd = finite and adam_update_ratio(optimizer, lr) > MAX_UPDATE_RATIO
+                nonfinite, absurd, stop = agree(accelerator, not finite, absurd,
+                                                stop_requested())
+                if nonfinite:
+                    skipped = "non-finite loss or gradient"
+                elif absurd:
+                    skipped = f"update larger than {MAX_UPDATE_RATIO:g}x the weights' norm"
+                else:
+                    optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss_sum, grad_norm, skipped, stop)
