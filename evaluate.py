@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
                         default=os.environ.get("AXIAL_DEBUG") == "1",
                         help="show the traceback of an error (also AXIAL_DEBUG=1)")
     parser.add_argument("--checkpoint", required=True,
-                        help="run directory, checkpoint directory or export directory")
+                        help="run directory, checkpoint directory, export directory or Hub "
+                        "repository id (owner/name)")
     parser.add_argument("--data", help="data spec: builtin, a .npy file or a directory with "
                         "test.npy (default: the run's data.spec)")
     parser.add_argument("--split", default="test", help=f"one of {', '.join(SPLITS)}")

@@ -79,7 +79,10 @@ def load_image(spec: str, channels: int, size: tuple[int, int]) -> np.ndarray:
 
 def default_out(checkpoint: Path, name: str) -> Path:
     """RUN/samples/NAME for a run directory, one of its checkpoints or its export; for an export
-    outside a run, samples/NAME beside it (as RUN/samples is beside RUN/export)."""
+    outside a run, samples/NAME beside it (as RUN/samples is beside RUN/export); for a Hub
+    repository id, samples/OWNER--NAME/NAME here."""
+    if not checkpoint.exists():  # a Hub repository id
+        return Path("samples") / str(checkpoint).replace("/", "--") / name
     checkpoint = checkpoint.resolve()
     if (checkpoint / "trainer_state.json").is_file():  # RUN/checkpoints/step_NNNNNNN
         return checkpoint.parent.parent / "samples" / name
@@ -128,7 +131,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         default=os.environ.get("AXIAL_DEBUG") == "1",
                         help="show the traceback of an error (also AXIAL_DEBUG=1)")
     parser.add_argument("--checkpoint", required=True,
-                        help="run directory, checkpoint directory or export directory")
+                        help="run directory, checkpoint directory, export directory or Hub "
+                        "repository id (owner/name)")
     parser.add_argument("--num-samples", type=int, default=None,
                         help="images to draw (default 64, or 8 completions with --complete)")
     parser.add_argument("--out",
@@ -227,12 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         check_args(args)
-        from axial_transformer.training import load_trained_model
+        from axial_transformer.checkpoint import load_trained_model
 
         checkpoint = Path(args.checkpoint)
-        if not checkpoint.exists():
-            raise CLIError(f"--checkpoint {checkpoint} does not exist")
-        model, _ = load_trained_model(checkpoint)
+        model, _ = load_trained_model(args.checkpoint)
         c, (h, w) = model.config.channels, model.config.image_size
         classes = class_labels(args.class_, model.config)
         if classes is None and args.guidance != 1:

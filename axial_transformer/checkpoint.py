@@ -29,7 +29,9 @@ import yaml
 from torch import nn
 
 from .ema import EMA
+from .hub import REPO_ID
 from .model import AxialTransformer
+from .tensor_files import check_shapes, read_tensors
 from .train_config import RunConfig, config_from_dict
 
 CHECKPOINT_PREFIX = "step_"
@@ -160,52 +162,6 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> list[Path]:
 # Tensors: shapes named parameter by parameter, and nothing non-finite loaded.
 
 
-def safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes from a safetensors header, without reading (or unpickling) any data."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(file), "pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for damaged headers
-        raise ValueError(f"not a readable safetensors file ({e})") from None
-
-
-def check_shapes(file: Path, expected: dict[str, tuple[int, ...]]) -> None:
-    """Raise a ValueError naming the first parameter whose shape in `file` differs."""
-    try:
-        found = safetensors_shapes(file)
-    except ValueError as e:
-        raise ValueError(f"{file}: {e}") from None
-    for name, shape in expected.items():
-        if name not in found:
-            raise ValueError(f"{file}: has no parameter {name}; it was saved from another "
-                             "model configuration")
-        if found[name] != tuple(shape):
-            raise ValueError(f"{file}: parameter {name} has shape {list(found[name])}, this model "
-                             f"expects {list(shape)}: the checkpoint is from another model "
-                             "configuration")
-    extra = sorted(set(found) - set(expected))
-    if extra:
-        raise ValueError(f"{file}: has parameter {extra[0]} that this model lacks; it was saved "
-                         "from another model configuration")
-
-
-def read_tensors(file: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file, on the CPU. A ValueError if it is not safetensors or a
-    tensor holds NaN or inf (weights never start a run poisoned)."""
-    from safetensors.torch import load_file
-
-    try:
-        tensors = load_file(file)
-    except Exception as e:  # safetensors raises its own error types for damaged files
-        raise ValueError(f"not a readable safetensors file ({e})") from None
-    for name, value in tensors.items():
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            raise ValueError(f"{name} holds NaN or inf")
-    return tensors
-
-
 def nonfinite_parameter(model: nn.Module) -> str | None:
     """The name of the first parameter holding a NaN or inf, or None."""
     for name, p in model.named_parameters():
@@ -219,9 +175,14 @@ def nonfinite_parameter(model: nn.Module) -> str | None:
 
 
 def load_trained_model(path: str | Path) -> tuple[AxialTransformer, RunConfig | None]:
-    """The EMA model of a run directory, one of its checkpoints, or an export directory, with
-    the run's config when there is one (for its data spec)."""
+    """The EMA model of a run directory, one of its checkpoints, an export directory or a Hub
+    repository id ("owner/name"), with the run's config when there is one (for its data spec)."""
+    if not Path(path).exists() and REPO_ID.match(str(path)):
+        return AxialTransformer.from_pretrained(str(path)), None
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist (nor is it a Hub repository id, "
+                                "owner/name)")
 
     def run_config(run_dir: Path) -> RunConfig | None:
         saved = run_dir / "config.yaml"
@@ -254,5 +215,5 @@ def load_trained_model(path: str | Path) -> tuple[AxialTransformer, RunConfig | 
     if (path / "export" / "config.json").is_file():  # a run directory
         return AxialTransformer.from_pretrained(path / "export"), run_config(path)
     raise FileNotFoundError(f"{path}: expected a run directory, one of its checkpoints "
-                            "(checkpoints/step_NNNNNNN) or an export (config.json + "
-                            "model.safetensors)")
+                            "(checkpoints/step_NNNNNNN), an export (config.json + "
+                            "model.safetensors) or a Hub repository id (owner/name)")

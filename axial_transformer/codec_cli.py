@@ -7,7 +7,6 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
@@ -20,8 +19,8 @@ class CLIError(ValueError):
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True,
-                        help="run directory, checkpoint directory or export directory (the "
-                        "same model compresses and decompresses)")
+                        help="run directory, checkpoint directory, export directory or Hub "
+                        "repository id (the same model compresses and decompresses)")
     parser.add_argument("--debug", action="store_true",
                         default=os.environ.get("AXIAL_DEBUG") == "1",
                         help="show the traceback of an error (also AXIAL_DEBUG=1)")
@@ -29,7 +28,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_model(checkpoint: str, device: str) -> AxialTransformer:
     """The model of a run, checkpoint or export directory, on `device`."""
-    from .training import load_trained_model
+    from .checkpoint import load_trained_model
 
     try:
         device = torch.device(device)
@@ -37,8 +36,6 @@ def load_model(checkpoint: str, device: str) -> AxialTransformer:
         raise CLIError(f"--device {device!r}: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CLIError(f"--device {device}: CUDA is not available on this machine")
-    if not Path(checkpoint).exists():
-        raise CLIError(f"--checkpoint {checkpoint} does not exist")
     model, _ = load_trained_model(checkpoint)
     return model.to(device)
 

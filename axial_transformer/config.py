@@ -37,8 +37,8 @@ class AxialTransformerConfig:
     # Classes of a class-conditional model (0: unconditional). Labels 0..num_classes-1 enter
     # through a learned embedding; -1 means "no class" (label dropout, guidance).
     num_classes: int = 0
-    # Their names, in label order (None: numbers only); training takes them from the data.
-    class_names: list[str] | None = None
+    # Their names, in label order (empty: numbers only); training takes them from the data.
+    class_names: tuple[str, ...] = ()
     # How attention is computed: "sdpa" (torch's fused kernels, what every GPU run takes),
     # "matmul" (plain matmuls, faster on a CPU for axes up to 64 long and in bf16) or "auto"
     # (each where it is faster). The same model and weights whichever is chosen.
@@ -70,8 +70,8 @@ class AxialTransformerConfig:
         if self.num_classes < 0:
             raise ValueError(f"num_classes must be 0 (unconditional) or more, got "
                              f"{self.num_classes}")
-        if self.class_names is not None:
-            self.class_names = [str(name) for name in self.class_names]
+        self.class_names = tuple(str(name) for name in self.class_names)
+        if self.class_names:
             if len(self.class_names) != self.num_classes:
                 raise ValueError(f"class_names has {len(self.class_names)} names for "
                                  f"num_classes={self.num_classes}")
@@ -103,6 +103,7 @@ class AxialTransformerConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["image_size"] = list(self.image_size)
+        d["class_names"] = list(self.class_names)
         return d
 
 

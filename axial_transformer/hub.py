@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
 
-from .checkpoint import check_shapes
 from .config import AxialTransformerConfig
-from .io import atomic_write, atomic_write_text
+from .io import atomic_write_text, write_safetensors
+from .tensor_files import check_shapes, read_tensors
 
 WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"
 # owner/name, as the Hub spells repository ids.
@@ -70,11 +70,8 @@ class HubMixin(
         card into `save_directory`, each atomically: a reader sees the old file or the new one.
         With `push_to_hub=True` also upload them (`push_to_hub`). `config` is accepted for the
         mixin's sake and ignored: the model's own config is what gets saved."""
-        from safetensors.torch import save_file
-
         directory = Path(save_directory)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        atomic_write(directory / WEIGHTS, lambda tmp: save_file(state, tmp))
+        write_safetensors(directory / WEIGHTS, self.state_dict())
         atomic_write_text(directory / CONFIG, json.dumps(self.config.to_dict(), indent=2))
         if not (directory / CARD).exists():
             card_kwargs = {"source": repo_id or str(directory), **(model_card_kwargs or {})}
@@ -137,11 +134,8 @@ class HubMixin(
 def load_weights(model: torch.nn.Module, file: Path) -> None:
     """Load a safetensors file whose every tensor must match the model's, and hold finite values:
     otherwise a ValueError that names the first parameter that does not."""
-    from safetensors.torch import load_file
-
     check_shapes(file, {k: tuple(v.shape) for k, v in model.state_dict().items()})
-    state = load_file(file)
-    for name, tensor in state.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise ValueError(f"{file}: parameter {name} holds NaN or inf (a damaged file?)")
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(read_tensors(file))
+    except ValueError as e:
+        raise ValueError(f"{file}: {e}") from None

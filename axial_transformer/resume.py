@@ -22,15 +22,12 @@ from torch import Tensor, nn
 from .checkpoint import (
     CheckpointError,
     check_file,
-    check_shapes,
     checkpoint_dirs,
     checkpoint_path,
     checkpoint_step,
     is_checkpoint_name,
     nonfinite_parameter,
     prune_checkpoints,
-    read_tensors,
-    safetensors_shapes,
     seal,
     sealed_files,
     unsealed_files,
@@ -39,6 +36,7 @@ from .distributed import agree
 from .ema import EMA
 from .errors import SetupError, TrainingError
 from .io import atomic_write_text, fsync_directory, write_safetensors
+from .tensor_files import check_shapes, read_tensors, safetensors_shapes
 from .train_config import RunConfig
 from .train_state import (
     optimizer_from_files,

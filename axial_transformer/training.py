@@ -21,7 +21,6 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .checkpoint import checkpoint_path
-from .checkpoint import load_trained_model as load_trained_model  # sample.py imports it here
 from .distributed import agree, replicas_in_sync
 from .ema import EMA
 from .errors import TrainingError

@@ -30,12 +30,12 @@ import torch
 from machine import cpu_model
 from PIL import Image
 
+from axial_transformer.checkpoint import load_trained_model
 from axial_transformer.codec import compress, decompress
 from axial_transformer.codec_format import unpack
 from axial_transformer.data import open_split
 from axial_transformer.evaluation import lossless_bits_per_dim
 from axial_transformer.sampling import sample
-from axial_transformer.training import load_trained_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_RUN = ROOT / "runs" / "demo"
