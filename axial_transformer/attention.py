@@ -278,10 +278,16 @@ class AxialSelfAttention(nn.Module):
         return F.linear(out.view(x.shape), self.to_out.weight, self.to_out.bias)
 
     def project(self, x: Tensor) -> Tensor:
-        """[B, H, W, D] -> fused q, k, v [B, H, W, 3, heads, e], the queries already scaled by
-        1/sqrt(e): scaling the [3D, D] weights costs nothing next to scaling every score, forward
-        and backward."""
-        return F.linear(x, *self.scaled_qkv()).unflatten(-1, (3, self.heads, self.head_dim))
+        """[B, H, W, D] -> fused q, k, v [B, H, W, 3, heads, e], the queries scaled by 1/sqrt(e).
+        The scale goes where it costs least: into the [3D, D] weights when the tokens outnumber
+        the weights' entries (training, evaluation: it then costs nothing next to scaling every
+        score, forward and backward), onto the queries when a few tokens come (decoding)."""
+        shape = (*x.shape[:-1], 3, self.heads, self.head_dim)
+        if x.numel() >= self.to_qkv.weight.numel():
+            return F.linear(x, *self.scaled_qkv()).view(shape)
+        qkv = F.linear(x, self.to_qkv.weight, self.to_qkv.bias).view(shape)
+        qkv.select(-3, 0).mul_(self.head_dim**-0.5)  # a fresh tensor, not saved for backward
+        return qkv
 
     def scaled_qkv(self) -> tuple[Tensor, Tensor]:
         """The fused projection's (weight [3D, D], bias [3D]), query rows times 1/sqrt(e)."""

@@ -68,10 +68,12 @@ def sample(
     """
     r = _start(model, num_samples, temperature, generator, known, known_mask, noise, autocast,
                labels, guidance)
-    # Contiguous whatever the mask's layout, so that compiled steps see the same strides in every
-    # call and are not compiled again.
-    keep = (r.mask if r.mask is not None else torch.zeros_like(r.x, dtype=torch.bool)).contiguous()
-    choose: Choice = GumbelMax(r.rows, temperature, keep)
+    # Eager, no mask is no work. Compiled steps always take a contiguous mask, whatever the
+    # caller's layout, so that every call (a warm-up with known pixels too) uses one graph.
+    keep = r.mask
+    if compile:
+        keep = torch.zeros_like(r.x, dtype=torch.bool) if keep is None else keep.contiguous()
+    choose: Choice = GumbelMax(r.rows, temperature, keep, r.x.device)
     x, labels = r.x, r.labels
     if guidance != 1:
         x, labels, choose = doubled(x), with_no_class(labels), Guided(choose, guidance)
@@ -129,18 +131,23 @@ def sample_naive(
 
 class GumbelMax:
     """The sampler's choice: argmax(logits / T + g) with the Gumbel noise g of the current row,
-    except where `keep` [B, C, H, W] says a pixel is known."""
+    except where `keep` [B, C, H, W] (if given) says a pixel is known."""
 
-    def __init__(self, rows: Iterator[Tensor], temperature: float, keep: Tensor) -> None:
-        self.rows, self.keep_all = rows, keep
-        self.temperature = torch.tensor(float(temperature), device=keep.device)
+    def __init__(self, rows: Iterator[Tensor], temperature: float, keep: Tensor | None,
+                 device: torch.device) -> None:
+        self.rows, self.keep_all, self.keep = rows, keep, None
+        self.temperature = torch.tensor(float(temperature), device=device)
 
     def start_row(self, ci: int, i: int) -> None:
-        self.gumbel, self.keep = next(self.rows), self.keep_all[:, ci, i]  # [B, W, V], [B, W]
+        self.gumbel = next(self.rows)  # [B, W, V]
+        if self.keep_all is not None:
+            self.keep = self.keep_all[:, ci, i]  # [B, W]
 
     def __call__(self, logits: Tensor, column: Tensor, x_row: Tensor) -> Tensor:
         scores = logits.to(self.gumbel.dtype) / self.temperature
         drawn = (scores + self.gumbel.index_select(1, column)[:, 0]).argmax(-1)
+        if self.keep is None:
+            return drawn
         return torch.where(self.keep.index_select(1, column)[:, 0],
                            x_row.index_select(1, column)[:, 0], drawn)
 
