@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heatmap", metavar="PNG", help="write the bits-per-pixel heatmap here")
     parser.add_argument("--baselines", action="store_true",
                         help="also print the bits/dim of PNG and WebP lossless")
+    parser.add_argument("--no-class", action="store_true",
+                        help="class-conditional models: score the images told 'no class' (the "
+                        "unconditional model of a run trained with train.label_dropout)")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
     args = parser.parse_args(argv)
 
@@ -59,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.batch_size < 1 or args.max_images < 0:
             raise ValueError("--batch-size must be >= 1 and --max-images >= 0")
         c = model.config
-        dataset = open_split(spec, args.split, c.image_size, c.channels)
+        if args.no_class and not c.num_classes:
+            raise ValueError("--no-class needs a class-conditional model")
+        dataset = open_split(spec, args.split, c.image_size, c.channels, c.num_classes)
     except (ValueError, FileNotFoundError) as e:
         if args.debug:
             raise
@@ -72,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     model.to(accelerator.device)
     metrics, heatmap = evaluate(model, dataset, accelerator, args.batch_size, args.max_images,
                                 args.bf16, per_pixel=args.heatmap is not None,
-                                progress=accelerator.is_main_process)
+                                progress=accelerator.is_main_process, no_class=args.no_class)
     accelerator.end_training()  # closes the process group cleanly before the processes exit
     if not accelerator.is_main_process:
         return 0
@@ -80,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics.update(codec_baselines(dataset, args.max_images, progress=True))
     if heatmap is not None:
         save_heatmap(heatmap, args.heatmap)
+    metrics["conditioned_on"] = conditioned_on(c.num_classes, args.no_class)
     if args.json:
         print(json.dumps(metrics))
         return 0
@@ -87,13 +93,22 @@ def main(argv: list[str] | None = None) -> int:
     per_channel = ", ".join(f"{n} {b:.4f}" for n, b in zip(names, metrics["bpd_channel"],
                                                            strict=True))
     print(f"{args.split} bits/dim {metrics['bpd']:.4f} over {metrics['images']} images of {spec} "
-          f"({per_channel}){' [bf16]' if args.bf16 else ''}")
+          f"({per_channel}){' [bf16]' if args.bf16 else ''}, conditioned on "
+          f"{metrics['conditioned_on']}")
     for codec in ("webp", "png"):
         if f"baseline/{codec}_bpd" in metrics:
             print(f"  {codec} lossless: {metrics[f'baseline/{codec}_bpd']:.4f} bits/dim")
     if heatmap is not None:
         print(f"heatmap: {args.heatmap}")
     return 0
+
+
+def conditioned_on(num_classes: int, no_class: bool) -> str:
+    if not num_classes:
+        return "nothing (an unconditional model)"
+    if no_class:
+        return f"no class (a model of {num_classes} classes told none)"
+    return f"each image's class ({num_classes} classes)"
 
 
 if __name__ == "__main__":

@@ -177,3 +177,10 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def split_batch(batch: torch.Tensor | list) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(images, labels) of a batch of a labelled split; (images, None) of an unlabelled one."""
+    if isinstance(batch, (list, tuple)):
+        return batch[0], batch[1]
+    return batch, None

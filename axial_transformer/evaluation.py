@@ -20,6 +20,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from .data import split_batch
+
 
 def shard_indices(num_images: int, rank: int, world: int) -> range:
     """The test images that process `rank` of `world` scores: every world-th one."""
@@ -50,9 +52,11 @@ def bit_sums(
     per_pixel: bool = False,
     workers: int = 0,
     progress: bool = False,
+    no_class: bool = False,
 ) -> BitSums:
-    """Score the images `dataset[i]` for i in `indices` with `model.subpixel_bits`; `progress`
-    shows a bar over the batches."""
+    """Score the images `dataset[i]` for i in `indices` with `model.subpixel_bits`, given their
+    labels in a labelled split (or "no class" with `no_class`); `progress` shows a bar over the
+    batches."""
     was_training = model.training
     model.eval()
     c, (h, w) = model.config.channels, model.config.image_size
@@ -64,11 +68,14 @@ def bit_sums(
     # fp32 by default: bits/dim is the number reported, bf16 logits move it in the 3rd decimal.
     autocast = torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else nullcontext()
     images = 0
-    for x in tqdm(loader, desc="evaluating", unit="batch", leave=False, disable=not progress,
-                  dynamic_ncols=True):
+    for batch in tqdm(loader, desc="evaluating", unit="batch", leave=False,
+                      disable=not progress, dynamic_ncols=True):
+        x, labels = split_batch(batch)
         x = x.to(device)
+        if labels is not None and no_class:
+            labels = torch.full_like(labels, -1)
         with autocast:
-            bits = model.subpixel_bits(x).double()  # (B, C, H, W)
+            bits = model.subpixel_bits(x, labels).double()  # (B, C, H, W)
         channel_bits += bits.sum(dim=(0, 2, 3))
         if per_pixel:
             pixel_bits += bits.sum(dim=0)
@@ -97,16 +104,18 @@ def evaluate(
     per_pixel: bool = False,
     workers: int = 0,
     progress: bool = False,
+    no_class: bool = False,
 ) -> tuple[dict, Tensor | None]:
     """bits/dim of `model` over `dataset` (its first `max_images` if nonzero), on all processes.
 
     Returns the metrics and, with `per_pixel`, the mean bits of each subpixel (C, H, W).
-    `progress` shows a bar over this process's batches (give it to the main process).
+    `progress` shows a bar over this process's batches (give it to the main process). A
+    class-conditional model is given each image's label, or "no class" with `no_class`.
     """
     n = len(dataset) if max_images == 0 else min(max_images, len(dataset))
     indices = shard_indices(n, accelerator.process_index, accelerator.num_processes)
     sums = bit_sums(model, dataset, indices, batch_size, accelerator.device, bf16, per_pixel,
-                    workers, progress)
+                    workers, progress, no_class)
     images = torch.tensor([sums.images], dtype=torch.float64, device=accelerator.device)
     sums = BitSums(
         accelerator.reduce(sums.channel_bits, "sum"),
@@ -204,6 +213,7 @@ def lossless_bits_per_dim(images: np.ndarray, codec: str, progress: bool = False
 def codec_baselines(test_set: Dataset, max_images: int = 0, progress: bool = False) -> dict:
     """bits/dim that PNG and WebP lossless spend on the test images, one file per image."""
     n = len(test_set) if max_images == 0 else min(max_images, len(test_set))
-    images = np.stack([test_set[i].permute(1, 2, 0).numpy() for i in range(n)])  # (N, H, W, C)
+    images = np.stack([split_batch(test_set[i])[0].permute(1, 2, 0).numpy()
+                       for i in range(n)])  # (N, H, W, C)
     return {f"baseline/{codec}_bpd": lossless_bits_per_dim(images, codec, progress)
             for codec in ("png", "webp")}

@@ -82,11 +82,14 @@ def start_run(cfg: RunConfig) -> Iterator[Start]:
 
 def check_inputs(cfg: RunConfig) -> tuple[Dataset, Dataset, nn.Module]:
     """The data, run_dir and the disk; returns the splits and the model on the meta device."""
-    from .data import open_split
+    from .data import class_names, open_split
 
     mc = cfg.model
-    train_set = open_split(cfg.data.spec, "train", mc.image_size, mc.channels)
-    test_set = open_split(cfg.data.spec, "test", mc.image_size, mc.channels)
+    train_set = open_split(cfg.data.spec, "train", mc.image_size, mc.channels, mc.num_classes)
+    test_set = open_split(cfg.data.spec, "test", mc.image_size, mc.channels, mc.num_classes)
+    if mc.num_classes and not mc.class_names:  # the data's names travel with the model
+        mc.class_names = tuple(class_names(cfg.data.spec, "train") or ())
+        mc.__post_init__()
     check_writable(cfg.run_dir)
     with torch.device("meta"):  # shapes and the parameter count without allocating weights
         like = AxialTransformer(mc)

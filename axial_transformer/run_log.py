@@ -142,7 +142,9 @@ def save_samples(accelerator, ema: EMA, cfg: RunConfig, step: int) -> Path | Non
     from .io import atomic_write
 
     g = torch.Generator(accelerator.device).manual_seed(cfg.train.seed + step)
-    images = ema.model.sample(cfg.log.num_samples, generator=g).cpu()  # (N, C, H, W) uint8
+    n, classes = cfg.log.num_samples, cfg.model.num_classes
+    labels = torch.arange(n) % classes if classes else None  # class after class
+    images = ema.model.sample(n, generator=g, labels=labels).cpu()  # (N, C, H, W) uint8
     nrow = math.ceil(math.sqrt(len(images)))
     grid = make_grid(images, nrow=nrow, padding=2, pad_value=255).permute(1, 2, 0).numpy()
     # Enlarged (nearest neighbour, pixels stay exact squares) so 32 x 32 samples are visible.

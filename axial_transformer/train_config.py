@@ -68,6 +68,10 @@ class OptimConfig:
     # torch.compile the training forward pass (pays off on GPU for long runs).
     compile: bool = False
     seed: int = 0
+    # Class-conditional models (model.num_classes > 0): the share of training images shown with
+    # "no class" instead of their label, so that one model is conditional and unconditional and
+    # can sample with classifier-free guidance (0: conditional only; Ho and Salimans use 0.1-0.2).
+    label_dropout: float = 0.0
 
 
 @dataclass
@@ -151,6 +155,11 @@ class RunConfig:
                 raise ValueError(f"train.{name} must be in [0, 1), got {getattr(t, name)}")
         if not 0.0 <= t.ema_decay < 1.0:
             raise ValueError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+        if not 0.0 <= t.label_dropout < 1.0:
+            raise ValueError(f"train.label_dropout must be in [0, 1), got {t.label_dropout}")
+        if t.label_dropout and not self.model.num_classes:
+            raise ValueError("train.label_dropout needs a class-conditional model: set "
+                             "model.num_classes to the number of classes in the data")
         for key, minimum in _MINIMUMS.items():
             section, name = key.split(".")
             value = getattr(getattr(self, section), name)

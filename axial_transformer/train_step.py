@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from .data import split_batch
 from .distributed import agree
 from .model import AxialTransformer
 from .train_config import DebugConfig, OptimConfig
@@ -49,8 +50,8 @@ class Objective(nn.Module):
         self.model = model
         self.objective = objective
 
-    def forward(self, x: Tensor, channel: Tensor) -> Tensor:
-        return self.model.loss(x, self.objective, channel=channel)
+    def forward(self, x: Tensor, channel: Tensor, labels: Tensor | None = None) -> Tensor:
+        return self.model.loss(x, self.objective, channel=channel, labels=labels)
 
 
 def position_seed(seed: int, micro_batch: int, rank: int) -> int:
@@ -119,13 +120,16 @@ def optimizer_step(
     loss_sum, grad_norm = torch.zeros((), device=accelerator.device), torch.zeros(())
     skipped, stop = None, False
     for k in range(t.grad_accumulation):
-        x = next(batches)
+        x, labels = split_batch(next(batches))
         seed = position_seed(t.seed, step * t.grad_accumulation + k, accelerator.process_index)
         torch.manual_seed(seed)  # dropout
         channel = torch.randint(channels, (x.shape[0],),
                                 generator=torch.Generator().manual_seed(seed + 1))
+        if labels is not None and t.label_dropout:
+            dropped = torch.rand(len(labels), generator=torch.Generator().manual_seed(seed + 2))
+            labels = torch.where(dropped.to(labels.device) < t.label_dropout, -1, labels)
         with accelerator.accumulate(objective):  # syncs gradients on the last micro-batch
-            loss = objective(x, channel.to(x.device))
+            loss = objective(x, channel.to(x.device), labels)
             if poisoned:
                 loss = loss * math.nan
             accelerator.backward(loss)

@@ -118,7 +118,7 @@ def run(cfg: RunConfig, start: Start, preemption: Preemption) -> dict:
                     saved_at = checkpoint()
                 raise Preempted(preemption.received or "a signal to another process")
             if cfg.eval.every and step % cfg.eval.every == 0 and step < t.steps:
-                log(step, eval_metrics(run_eval(cfg, ema, start)[0], cfg.model.channels))
+                log(step, eval_record(cfg, ema, start)[0])
             if cfg.log.sample_every and step % cfg.log.sample_every == 0 and step < t.steps:
                 save_samples(accelerator, ema, cfg, step)
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < t.steps:
@@ -163,11 +163,21 @@ def build(cfg: RunConfig, start: Start) -> tuple:
     return model, ema, objective, optimizer, loader
 
 
-def run_eval(cfg: RunConfig, ema: EMA, start: Start, per_pixel: bool = False):
-    accelerator = start.accelerator
-    return evaluate(ema.model, start.test_set, accelerator, cfg.eval.batch_size,
-                    cfg.eval.max_images, cfg.eval.bf16, per_pixel, cfg.data.workers,
-                    progress=accelerator.is_main_process)
+def eval_record(cfg: RunConfig, ema: EMA, start: Start, per_pixel: bool = False):
+    """The EMA model's test bits/dim as a record, and the heatmap with `per_pixel`. A model
+    trained with label dropout is also scored told "no class" (eval/bpd_no_class): its
+    unconditional bits/dim."""
+
+    def run_eval(per_pixel: bool, no_class: bool = False):
+        return evaluate(ema.model, start.test_set, start.accelerator, cfg.eval.batch_size,
+                        cfg.eval.max_images, cfg.eval.bf16, per_pixel, cfg.data.workers,
+                        progress=start.accelerator.is_main_process, no_class=no_class)
+
+    metrics, heatmap = run_eval(per_pixel)
+    record = eval_metrics(metrics, cfg.model.channels)
+    if cfg.train.label_dropout:
+        record["eval/bpd_no_class"] = run_eval(False, no_class=True)[0]["bpd"]
+    return record, heatmap
 
 
 def finish(cfg: RunConfig, start: Start, model: AxialTransformer, ema: EMA, log: MetricsLog,
@@ -176,9 +186,8 @@ def finish(cfg: RunConfig, start: Start, model: AxialTransformer, ema: EMA, log:
     The final record is written last, once all of them are done: a run stopped before that
     does them all again when resumed, and a run that has it is complete."""
     accelerator = start.accelerator
-    metrics, heatmap = run_eval(cfg, ema, start, per_pixel=cfg.eval.heatmap)
-    final = {"final": True, **eval_metrics(metrics, cfg.model.channels),
-             "replicas_in_sync": replicas_in_sync(accelerator, model)}
+    record, heatmap = eval_record(cfg, ema, start, per_pixel=cfg.eval.heatmap)
+    final = {"final": True, **record, "replicas_in_sync": replicas_in_sync(accelerator, model)}
     if cfg.log.sample_every:
         save_samples(accelerator, ema, cfg, step)
     if accelerator.is_main_process:
