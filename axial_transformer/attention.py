@@ -36,7 +36,7 @@ MAX_FOLDED_BATCH = 65_535
 # materialises the [t, t] scores.
 MATMUL_MAX_LEN = 64
 # A decoding step (one query per sequence) of fewer sequences than this is cheaper as one fused
-# call than as the matmuls' separate ops.
+# call than as the matmuls' separate ops, in eager mode.
 FUSED_STEP_BELOW = 8
 
 
@@ -49,8 +49,8 @@ def uses_matmuls(
         raise ValueError(f"attention path must be one of {ATTENTION_PATHS}, got {path!r}")
     if path != "auto":
         return path == "matmul"
-    if q.shape[-2] == 1 and q.shape[0] < FUSED_STEP_BELOW:
-        return False
+    if q.shape[-2] == 1 and q.shape[0] < FUSED_STEP_BELOW and not torch.compiler.is_compiling():
+        return False  # compiled, the matmuls fuse with what surrounds them
     return q.device.type == "cpu" and (q.dtype == torch.bfloat16 or length <= matmul_max_len)
 
 

@@ -3,11 +3,10 @@
 glibc's malloc serves blocks above a threshold (at most 32 MiB) with fresh `mmap`s and gives
 them back to the kernel when freed, and trims freed memory at the top of its heap. A CPU training
 step allocates and frees the same activation-sized tensors every step, so without this each step
-faults its activations in again, page by page, from zeroed kernel pages: an fp32 step of the
-"small" preset at 64x64x3 took 3.52 s instead of 3.20 s (`bench/model_bench.py --case step`,
-with and without `--system-malloc`). With mmap off and trimming out of reach, freed blocks stay
-in malloc's heap for the next step (tests/test_host_memory.py counts the faults), and the
-process's memory is held at its peak, as it is during a step anyway: 3,530 vs 3,507 MiB.
+faults its activations in again, page by page, from zeroed kernel pages (the cost is measured in
+docs/benchmarks.md). With mmap off and trimming out of reach, freed blocks stay in malloc's heap
+for the next step (tests/test_host_memory.py counts the faults), and the process's memory is held
+at its peak, as it is during a step anyway. train.py and evaluate.py call it on CPU runs.
 """
 
 from __future__ import annotations

@@ -21,9 +21,8 @@ from torch import Tensor, nn
 from .attention import MAX_FOLDED_BATCH, attend
 
 # The fused CPU kernel reads these layers' folded q, k, v as strided views, without the copies
-# that plain matmuls need, so it wins from shorter axes on than in the model's attention: at
-# 64x64 (batch 8, 128 channels) row + column attention forward and backward took 449 ms through
-# it and 706 ms through plain matmuls, with 386 instead of 690 MB of net peak memory.
+# that plain matmuls need, so it wins from shorter axes on than in the model's attention, in
+# time and memory (docs/benchmarks.md).
 MATMUL_MAX_LEN = 32
 
 __all__ = [

@@ -242,7 +242,7 @@ class AxialTransformer(nn.Module, HubMixin):
         planes = torch.cat([values, one_hot.to(values.dtype)], dim=1)
         # Channels-last convolution, so that its output seen as [B, H, W, D] is contiguous: a
         # permuted view would carry its layout into every residual add of the encoder, and each
-        # layer norm would copy it (16 activation copies per step, 5% of a bf16 step at 32x32).
+        # layer norm would copy it.
         ctx = self.encoder_input(planes.contiguous(memory_format=torch.channels_last))
         ctx = rearrange(ctx, "b d h w -> b h w d") + self.encoder_pos_h + self.encoder_pos_w
         if self.class_embedding is not None:
