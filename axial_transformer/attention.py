@@ -49,9 +49,15 @@ def uses_matmuls(
         raise ValueError(f"attention path must be one of {ATTENTION_PATHS}, got {path!r}")
     if path != "auto":
         return path == "matmul"
-    if q.shape[-2] == 1 and q.shape[0] < FUSED_STEP_BELOW and not torch.compiler.is_compiling():
-        return False  # compiled, the matmuls fuse with what surrounds them
     return q.device.type == "cpu" and (q.dtype == torch.bfloat16 or length <= matmul_max_len)
+
+
+def step_path(path: AttentionPath, sequences: int) -> AttentionPath:
+    """The path of a decoding step of `sequences` queries: "auto" takes SDPA in eager mode for
+    fewer than FUSED_STEP_BELOW of them; compiled, the matmuls fuse with what surrounds them."""
+    if path == "auto" and sequences < FUSED_STEP_BELOW and not torch.compiler.is_compiling():
+        return "sdpa"
+    return path
 
 
 def attend(
@@ -274,7 +280,8 @@ class AxialSelfAttention(nn.Module):
         # values, or zeros): so the step attends to all of it, not causally. SDPA's is_causal
         # would align its mask top-left and let this one query see only key 0.
         keys, values = cache.unbind(0)
-        out = attend(qkv.select(0, 0), keys, values, False, self.path, bias=position.bias)
+        out = attend(qkv.select(0, 0), keys, values, False, step_path(self.path, n),
+                     bias=position.bias)
         return F.linear(out.view(x.shape), self.to_out.weight, self.to_out.bias)
 
     def project(self, x: Tensor) -> Tensor:

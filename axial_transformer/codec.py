@@ -8,7 +8,7 @@ given everything before it in the model's order, so a file costs the images' exa
 the model, plus the coder's last word and the header (codec_format.py).
 
 The decoder must see bit for bit the probabilities the encoder saw, or it decodes garbage. Both
-compute them through ONE code path, `sampling.decode`, the loop of the model's cached decoding
+compute them through ONE code path, `decoding.decode`, the loop of the model's cached decoding
 steps that the sampler runs: the encoder with every pixel known, the decoder taking each value
 from the range decoder where the sampler takes a Gumbel-max draw. Both run the same batches of
 the same images, in fp32 without autocast or compilation, on the same kind of device with the

@@ -89,13 +89,15 @@ def decode(
                 continue
             row_inputs = u + pos[i] + ctx[:, i]  # (B, W, D): all but shift_right(h)
             h_left = pos.new_zeros((b, model.config.dim))  # shift_right's zero column
-            for j in range(w):
-                with runtime.skip_guard_checks(compile and pixel_checked):
+            x_row = x[:, ci, i]
+            # The stance is global: user code (on_logits) must not run inside it.
+            with runtime.skip_guard_checks(compile and pixel_checked and on_logits is None):
+                for j in range(w):
                     h_left, logits = pixel_step(model, choose, h_left, row_inputs, inner_caches,
-                                                columns[j], x[:, ci, i])
-                if on_logits is not None:
-                    on_logits(ci, i, j, at_least_fp32(logits))
-                pixel_checked = True
+                                                columns[j], x_row)
+                    if on_logits is not None:
+                        on_logits(ci, i, j, at_least_fp32(logits))
+            pixel_checked = True
     bar.close()
     return x
 
@@ -140,21 +142,16 @@ def decoding_mode(model: nn.Module, x: Tensor, autocast: bool,
 _compiled: tuple[weakref.ref, tuple, tuple[Callable, Callable]] | None = None
 
 
-def weights_key(model: nn.Module) -> tuple:
-    """Changes whenever a parameter is replaced or written in place."""
-    return tuple((p.data_ptr(), p._version) for p in model.parameters())
-
-
 def compiled_steps(model: AxialTransformer) -> tuple[Callable, Callable]:
     """`model.outer_step` and `_pixel`, compiled with the weights frozen in as constants.
 
     Dynamo's guards do not look at tensor values: a graph compiled before the weights changed (an
     optimizer step, a loaded checkpoint) would go on sampling from the old ones. So the graphs
-    are kept for one model whose parameters are the same tensors at the same versions (every
-    in-place write bumps a tensor's version), and otherwise compiled afresh.
+    are kept for one model whose parameters are the same tensors at the same versions
+    (`runtime.weights_version`), and otherwise compiled afresh.
     """
     global _compiled
-    weights = weights_key(model)
+    weights = runtime.weights_version(model)
     if _compiled is not None and _compiled[0]() is model and _compiled[1] == weights:
         return _compiled[2]
     for function in (AxialTransformer.outer_step, _pixel):

@@ -13,6 +13,8 @@ import copy
 import torch
 from torch import nn
 
+from .runtime import lerp_all_
+
 
 def ema_decay_at(step: int, decay: float) -> float:
     """The decay of the update after `step` earlier updates."""
@@ -34,4 +36,4 @@ class EMA:
         live = [v.detach().to(e.dtype) for v, e in zip(model.state_dict().values(), ema,
                                                          strict=True)]
         floats = [(e, v) for e, v in zip(ema, live, strict=True) if e.is_floating_point()]
-        torch._foreach_lerp_([e for e, _ in floats], [v for _, v in floats], 1.0 - d)
+        lerp_all_([e for e, _ in floats], [v for _, v in floats], 1.0 - d)

@@ -263,7 +263,7 @@ class AxialTransformer(nn.Module, HubMixin):
 
     # ----------------------------------------------------------------------------------------
     # Decoding one row and one subpixel at a time, through the blocks' own forward with
-    # key/value caches: the steps of the sampler's and the codec's loop (sampling.decode).
+    # key/value caches: the steps of the sampler's and the codec's loop (decoding.decode).
 
     def new_caches(self, batch: int, like: Tensor) -> tuple[list, list]:
         """Zeroed key/value caches of the outer decoder (over rows, for each column of each

@@ -6,6 +6,8 @@ Private APIs used here (checked against torch 2.6 and later):
   torch.ops.aten._softmax_backward_data   the fused softmax backward that autograd itself runs
   torch._inductor.config                  freezing and autotuning for the compiled sampler
   torch._dynamo.reset_code                forget the graphs compiled for a function
+  Tensor._version                         tell weights written in place since a compilation
+  torch._foreach_lerp_                    the EMA's update of every weight in one call
 """
 
 from __future__ import annotations
@@ -48,6 +50,17 @@ def frozen_weights_compilation(device: torch.device) -> contextlib.AbstractConte
         freezing=True, max_autotune=device.type == "cpu", autotune_num_choices_displayed=0,
         max_autotune_report_choices_stats=False,
     )
+
+
+def weights_version(model: torch.nn.Module) -> tuple:
+    """Changes whenever a parameter is replaced or written in place (every in-place write bumps
+    a tensor's version counter)."""
+    return tuple((p.data_ptr(), p._version) for p in model.parameters())
+
+
+def lerp_all_(targets: list[Tensor], sources: list[Tensor], weight: float) -> None:
+    """targets[k] += weight * (sources[k] - targets[k]) for every k, in one fused call."""
+    torch._foreach_lerp_(targets, sources, weight)
 
 
 def forget_compiled(function: Callable) -> None:

@@ -42,7 +42,7 @@ from machine import cpu_model
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from axial_transformer import AxialTransformer, AxialTransformerConfig, attention
+from axial_transformer import AxialTransformer, AxialTransformerConfig
 from axial_transformer.attention import AxialSelfAttention
 from axial_transformer.host_memory import keep_freed_memory
 from axial_transformer.model import MLP
@@ -217,12 +217,15 @@ def run_step_case(args: argparse.Namespace) -> dict:
     # Model FLOPs, the same whatever runs the attention: counted on an fp32 step through SDPA,
     # whose causal kernels count only the query-key pairs they need. The plain-matmul attention
     # used for short axes computes the masked half too; that work is not credited.
-    explicit_max_len = attention.EXPLICIT_MAX_LEN
-    attention.EXPLICIT_MAX_LEN = 0
+    layers = [m for m in model.modules() if isinstance(m, AxialSelfAttention)]
+    paths = [layer.path for layer in layers]
+    for layer in layers:
+        layer.path = "sdpa"
     counter = FlopCounterMode(display=False, custom_mapping=CPU_FLASH_FLOPS)
     with counter:
         step(bf16=False)
-    attention.EXPLICIT_MAX_LEN = explicit_max_len
+    for layer, path in zip(layers, paths, strict=True):
+        layer.path = path
 
     bf16 = args.precision == "bf16"
     if args.compile:

@@ -13,7 +13,7 @@ def randomize_(model: torch.nn.Module, std: float = 0.3, seed: int = 0) -> torch
 
     At the official init every residual branch and the logits layer are ~1e-5, so the logits
     barely depend on the input and causality or cache-parity checks would pass on a broken model
-    (DESIGN.md section 1.8). Property tests run on randomised weights instead.
+    (official init, variance scale 1e-10). Property tests run on randomised weights instead.
     """
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -101,13 +101,13 @@ def sdpa_reference(attn: AxialSelfAttention, x):
     return attn.to_out(rearrange(out, unfold, b=x.shape[0]))
 
 
-def matmul_path_matches_sdpa(axis: str, causal: bool) -> bool:
+def matmul_path_matches_sdpa(axis: str, causal: bool, shape=(2, 5, 7)) -> bool:
     """Output and every gradient of the plain-matmul path (FoldedAttention, short axes on the
     CPU, backward written by hand) against SDPA and autograd, in float64, non-square."""
     torch.manual_seed(0)
     attn = AxialSelfAttention(16, 2, axis, causal).double()
-    x = torch.randn(2, 5, 7, 16, dtype=torch.float64, requires_grad=True)
-    grad = torch.randn(2, 5, 7, 16, dtype=torch.float64)
+    x = torch.randn(*shape, 16, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(*shape, 16, dtype=torch.float64)
     results = []
     for forward in (attn, lambda t: sdpa_reference(attn, t)):
         x.grad = None
@@ -121,8 +121,11 @@ def matmul_path_matches_sdpa(axis: str, causal: bool) -> bool:
 
 @pytest.mark.parametrize("axis", ["row", "column"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_matmul_path_forward_and_backward_match_sdpa(axis, causal):
-    assert matmul_path_matches_sdpa(axis, causal)
+# Many tokens scale the queries through the weights, a few (fewer values than the weights) after
+# the projection: both must give the same output and gradients.
+@pytest.mark.parametrize("shape", [(2, 5, 7), (1, 2, 3)], ids=["many-tokens", "few-tokens"])
+def test_matmul_path_forward_and_backward_match_sdpa(axis, causal, shape):
+    assert matmul_path_matches_sdpa(axis, causal, shape)
 
 
 def test_matmul_path_check_catches_a_wrong_backward(monkeypatch):

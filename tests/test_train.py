@@ -327,3 +327,30 @@ def test_compiled_training_matches_eager(data_dir, tmp_path):
     compiled = train(data_dir, tmp_path / "compiled", "train.steps=2", "model.dropout=0.0",
                      "train.compile=true")
     assert math.isclose(compiled["train/loss_bpd"], eager["train/loss_bpd"], rel_tol=1e-4)
+
+
+def test_a_label_dropout_model_is_conditional_and_unconditional(data_dir, tmp_path):
+    """model.num_classes trains on the labels beside each split; with label dropout the final
+    evaluation scores the model given each image's class and given none, and the export carries
+    the class names. A label outside the classes stops the run at start-up, naming the file."""
+    labelled = tmp_path / "labelled"
+    labelled.mkdir()
+    for split in ("train", "test"):
+        images = np.load(data_dir / f"{split}.npy")
+        np.save(labelled / f"{split}.npy", images)
+        np.save(labelled / f"{split}_labels.npy", np.arange(len(images)) % 2)
+        (labelled / f"{split}_classes.json").write_text(json.dumps(["even", "odd"]))
+    classes = ("model.num_classes=2", "train.label_dropout=0.5", "train.steps=4")
+    final = train(labelled, tmp_path / "run", *classes)
+    assert final["eval/images"] == 13
+    assert final["eval/bpd_no_class"] != final["eval/bpd"]  # two modes of one model
+    exported = json.loads((tmp_path / "run" / "export" / "config.json").read_text())
+    assert exported["num_classes"] == 2 and exported["class_names"] == ["even", "odd"]
+
+    np.save(labelled / "test_labels.npy", np.full(13, 5))
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"),
+                           *run_args(labelled, tmp_path / "bad", *classes)],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    error = done.stderr.strip().splitlines()
+    assert len(error) == 1 and "test_labels.npy" in error[0], error

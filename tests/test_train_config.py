@@ -65,7 +65,7 @@ def test_shipped_configs_load_and_round_trip(name, tmp_path):
 
 @pytest.mark.parametrize("name", ["imagenet32", "imagenet64"])
 def test_paper_configs_match_the_paper(name):
-    """DESIGN.md 1.10: the official models and recipe."""
+    """The official models and recipe (official config_imagenet32.py, config_imagenet64.py)."""
     cfg = load_config(CONFIGS / f"{name}.yaml")
     preset = PRESETS[name]
     assert cfg.model.image_size == preset["image_size"]
