@@ -1,13 +1,18 @@
 """Saving and loading models: local export directories and Hub repository ids, offline."""
 
+import importlib.util
 import json
 import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import randomize_
 
 from axial_transformer import AxialTransformer, AxialTransformerConfig
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny(**overrides) -> AxialTransformerConfig:
@@ -34,15 +39,20 @@ def test_save_and_load_pretrained(export):
     assert 'from_pretrained("' + str(directory) + '")' in (directory / "README.md").read_text()
 
 
-def test_a_hub_repository_id_loads_from_the_cache(export, tmp_path):
-    # The Hub's cache layout (models--owner--name/snapshots/REV), as a download leaves it; with
-    # local_files_only nothing reaches the network.
-    model, directory = export
-    cache = tmp_path / "hub"
+def hub_cache(directory, cache):
+    """The Hub's cache layout (models--owner--name/snapshots/REV), as a download of
+    someone/axial-tiny leaves it."""
     snapshot = cache / "models--someone--axial-tiny" / "snapshots" / ("0" * 40)
     shutil.copytree(directory, snapshot)
     (cache / "models--someone--axial-tiny" / "refs").mkdir()
     (cache / "models--someone--axial-tiny" / "refs" / "main").write_text("0" * 40)
+    return cache
+
+
+def test_a_hub_repository_id_loads_from_the_cache(export, tmp_path):
+    # With local_files_only nothing reaches the network.
+    model, directory = export
+    cache = hub_cache(directory, tmp_path / "hub")
     loaded = AxialTransformer.from_pretrained("someone/axial-tiny", cache_dir=cache,
                                               local_files_only=True)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
@@ -85,3 +95,24 @@ def test_nonfinite_weights_are_refused(tmp_path):
     model.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="to_logits.bias holds NaN"):
         AxialTransformer.from_pretrained(tmp_path)
+
+
+def test_sample_and_evaluate_take_a_hub_repository_id(export, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from axial_transformer.checkpoint import load_trained_model
+
+    model, directory = export
+    cache = hub_cache(directory, tmp_path / "hub")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    loaded, run_config = load_trained_model("someone/axial-tiny")  # what evaluate.py calls
+    assert run_config is None and loaded.config == model.config
+    spec = importlib.util.spec_from_file_location("sample_cli", ROOT / "sample.py")
+    sample_cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sample_cli)
+    monkeypatch.chdir(tmp_path)
+    assert sample_cli.main(["--checkpoint", "someone/axial-tiny", "--num-samples", "2",
+                            "--device", "cpu"]) == 0
+    drawn = np.load(tmp_path / "samples" / "someone--axial-tiny" / "sample_seed0.npy")
+    assert drawn.shape == (2, 5, 7, 1)
