@@ -29,6 +29,7 @@ from axial_transformer.codec_cli import (
     load_model,
     run_reporting_errors,
 )
+from axial_transformer.data import read_image_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 ARRAY_RANGE = re.compile(r"(?P<path>.+\.npy)(:(?P<start>\d*):(?P<stop>\d*))?")
@@ -68,27 +69,6 @@ def read_array_range(spec: str, channels: int, size: tuple[int, int]) -> np.ndar
     if len(selected) == 0:
         raise CLIError(f"{spec}: selects no images (the array holds {len(array)})")
     return np.array(selected)
-
-
-def read_image_file(path: Path, channels: int, size: tuple[int, int]) -> np.ndarray:
-    """A PNG or JPEG file -> uint8 [H, W, C]."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not path.is_file():
-        raise CLIError(f"{path} not found")
-    try:
-        with Image.open(path) as img:
-            image = np.array(img.convert("RGB") if img.mode == "P" else img)
-    except (UnidentifiedImageError, OSError) as e:
-        raise CLIError(f"{path}: not a readable image ({e})") from None
-    if image.dtype != np.uint8:
-        raise CLIError(f"{path}: expected 8-bit pixels, got {image.dtype}")
-    image = image[:, :, None] if image.ndim == 2 else image
-    if image.shape != (*size, channels):
-        raise CLIError(f"{path}: the model codes {size[0]}x{size[1]} images with {channels} "
-                       f"channel(s), got {image.shape[0]}x{image.shape[1]} with "
-                       f"{image.shape[2]}")
-    return image
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

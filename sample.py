@@ -45,36 +45,20 @@ class CLIError(ValueError):
 
 def load_image(spec: str, channels: int, size: tuple[int, int]) -> np.ndarray:
     """A PNG/JPEG file, or PATH.npy:INDEX of a prepared uint8 [N, H, W, C] array -> [H, W, C]."""
+    from axial_transformer.data import read_image_file
+    from axial_transformer.formats import load_array
+
     path, _, index = spec.rpartition(":")
-    if path.endswith(".npy") and index.lstrip("-").isdigit():
-        from axial_transformer.formats import load_array
-
-        array = load_array(path)  # a missing, damaged or object array is an error naming it
-        if not 0 <= int(index) < len(array):
-            raise CLIError(f"{path} holds {len(array)} images; index {index} is out of range")
-        image = np.array(array[int(index)])
-    else:
-        from PIL import Image, UnidentifiedImageError
-
-        if not Path(spec).is_file():
-            raise CLIError(f"{spec} not found")
-        try:
-            with Image.open(spec) as img:
-                image = np.array(img.convert("RGB") if img.mode == "P" else img)
-        except (UnidentifiedImageError, OSError) as e:
-            raise CLIError(f"{spec}: not a readable image ({e})") from None
-        if image.ndim == 2:
-            image = image[:, :, None]
-        if image.dtype != np.uint8:
-            raise CLIError(f"{spec}: expected 8-bit pixels, got {image.dtype}")
-    h, w = size
-    if image.shape[:2] != (h, w):
-        raise CLIError(f"{spec}: the model draws {h}x{w} images (height x width), got "
-                       f"{image.shape[0]}x{image.shape[1]}")
-    if image.shape[2] != channels:
-        raise CLIError(f"{spec}: the model draws {channels}-channel images, got "
-                       f"{image.shape[2]} channels")
-    return image
+    if not (path.endswith(".npy") and index.lstrip("-").isdigit()):
+        return read_image_file(spec, channels, size)
+    array = load_array(path)  # a missing, damaged or object array is an error naming it
+    if not 0 <= int(index) < len(array):
+        raise CLIError(f"{path} holds {len(array)} images; index {index} is out of range")
+    if tuple(array.shape[1:]) != (*size, channels):
+        raise CLIError(f"{path}: the model takes {size[0]}x{size[1]} images with {channels} "
+                       f"channel(s), got {'x'.join(map(str, array.shape[1:3]))} with "
+                       f"{array.shape[3]}")
+    return np.array(array[int(index)])
 
 
 def default_out(checkpoint: Path, name: str) -> Path:

@@ -184,3 +184,26 @@ def split_batch(batch: torch.Tensor | list) -> tuple[torch.Tensor, torch.Tensor 
     if isinstance(batch, (list, tuple)):
         return batch[0], batch[1]
     return batch, None
+
+
+def read_image_file(path: str | Path, channels: int, size: tuple[int, int]) -> np.ndarray:
+    """One PNG or JPEG file as a model of `size` (H, W) and `channels` takes it -> uint8
+    [H, W, C]; a ValueError naming the file when it cannot be read or does not fit."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path} not found")
+    try:
+        with Image.open(path) as img:
+            image = np.array(img.convert("RGB") if img.mode == "P" else img)
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{path}: not a readable image ({e})") from None
+    if image.dtype != np.uint8:
+        raise ValueError(f"{path}: expected 8-bit pixels, got {image.dtype}")
+    image = image[:, :, None] if image.ndim == 2 else image
+    if image.shape != (*size, channels):
+        raise ValueError(f"{path}: the model takes {size[0]}x{size[1]} images with {channels} "
+                         f"channel(s), got {image.shape[0]}x{image.shape[1]} with "
+                         f"{image.shape[2]}")
+    return image

@@ -1,6 +1,6 @@
 """Class-conditional generation on scikit-learn's bundled 8x8 digits (no download).
 
-    python bench/conditional_bench.py                # ~10 minutes on 2 CPU cores
+    python bench/conditional_bench.py                # ~15 minutes on 2 idle CPU cores
     python bench/conditional_bench.py --steps 200    # a quick look
 
 1,797 digits with their classes, pixel values 0..16 (a model of 17 levels); a fixed 20% is held
@@ -90,7 +90,7 @@ def recognised(model: AxialTransformer, classifier, guidance: float, per_class: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--dim", type=int, default=64)

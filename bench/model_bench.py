@@ -44,8 +44,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from axial_transformer import AxialTransformer, AxialTransformerConfig
 from axial_transformer.attention import AxialSelfAttention
-from axial_transformer.host_memory import keep_freed_memory
 from axial_transformer.blocks import MLP
+from axial_transformer.host_memory import keep_freed_memory
 
 CHANNELS = 3
 PRESET = "small"

@@ -316,7 +316,7 @@ def test_cli_errors_are_one_clean_line(exports, tmp_path, capsys):
     (tmp_path / "taken").write_text("")
     compress_cases = [
         (["--checkpoint", tmp_path / "missing", "fits.png", "-o", "x.axc"], "does not exist"),
-        ([*rgb, "tall.png", "-o", "x.axc"], "tall.png: the model codes 4x5 images with 3 "
+        ([*rgb, "tall.png", "-o", "x.axc"], "tall.png: the model takes 4x5 images with 3 "
                                             "channel(s), got 5x4 with 3"),
         ([*rgb, "split.npy:1", "-o", "x.axc"], "expected PATH.npy or PATH.npy:START:STOP"),
         ([*rgb, "split.npy:3:", "-o", "x.axc"], "selects no images (the array holds 3)"),
