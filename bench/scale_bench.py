@@ -24,6 +24,7 @@ import json
 import math
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -65,13 +66,14 @@ def spawn(script: str, arguments: list[str], label: str, args: argparse.Namespac
     """Run `script` (in bench/) in a fresh process under the memory cap; its last JSON line."""
     cap = memory_cap()
     command = [sys.executable, str(HERE / script), *arguments]
-    if script == "scale_cases.py":
-        command += ["--max-bytes", str(cap)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     print(f"running {label} ...", file=sys.stderr, flush=True)
     try:
+        # RLIMIT_DATA: an allocation past the cap fails inside torch (an error the case reports)
+        # instead of waking the kernel's OOM killer, which could pick another process.
         done = subprocess.run(command, capture_output=True, text=True, env=env,
-                              timeout=args.case_timeout)
+                              timeout=args.case_timeout, preexec_fn=lambda: resource.setrlimit(
+                                  resource.RLIMIT_DATA, (cap, cap)))
     except subprocess.TimeoutExpired:
         return {"error": f"did not finish in {args.case_timeout:.0f} s"}
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -169,14 +171,16 @@ def step_memory(name: str, gc: bool, layers: int | None, args: argparse.Namespac
                                      str(batch), *extra], label, args)
         depth = f"{layers}/{layers}/{layers}" if layers else "full"
         if "error" in r:
-            rows.append([name, "on" if gc else "off", depth, str(batch), r["error"], "", ""])
+            rows.append([name, "on" if gc else "off", depth, str(batch), r["error"], "", "", ""])
             return None, rows
         runs[batch] = r
-        rows.append([name, "on" if gc else "off", depth, str(batch), gib(r["growth"]),
-                     f"{r['seconds']:.0f}", gib(r["peak"])])
-    per_image = runs[b0 + 1]["growth"] - runs[b0]["growth"]
-    fixed = runs[b0]["growth"] - b0 * per_image
-    return Activation(per_image, fixed, f"measured, batch {b0 + 1} minus batch {b0}"), rows
+        rows.append([name, "on" if gc else "off", depth, str(batch), gib(r["tensors"]),
+                     gib(r["rss"]), f"{r['seconds']:.0f}", gib(r["peak"])])
+    per_image = runs[b0 + 1]["tensors"] - runs[b0]["tensors"]
+    fixed = runs[b0]["tensors"] - b0 * per_image
+    rss = runs[b0 + 1]["rss"] - runs[b0]["rss"]
+    return Activation(per_image, fixed, f"measured, batch {b0 + 1} minus batch {b0} (RSS: "
+                      f"{gib(rss)})"), rows
 
 
 def memory_section(names: list[str], args: argparse.Namespace
@@ -208,11 +212,16 @@ def memory_section(names: list[str], args: argparse.Namespace
     print("## Memory of a bf16 training step (measured on this CPU)")
     print("A fresh process per row builds the fp32 model (attention=\"sdpa\", what GPUs run) and "
           "takes one forward (torch.autocast(\"cpu\", bfloat16)) and backward of the "
-          "random-channel loss. 'step adds' = peak RSS (ru_maxrss) during the step minus the RSS "
-          "just before it: the fp32 gradients, autocast's bf16 copies of the weights, the saved "
-          "activations and scratch.")
-    print_table(["config", "GC", "layers", "batch", "step adds GiB", "step s", "process peak GiB"],
-                rows)
+          "random-channel loss. 'tensors' = the peak of the tensor bytes the step holds alive "
+          "(gradients, autocast's bf16 weight copies, saved activations, outputs), counted op by "
+          "op by a TorchDispatchMode: the CPU's counterpart of torch.cuda.max_memory_allocated, "
+          "and what the figures below use. 'RSS' = the process's peak resident memory during "
+          "the step minus its RSS just before (glibc set to map every block of 1 MiB or more "
+          "apart), a cross-check that includes the allocator and the kernels' scratch. Per "
+          "image = the difference of two batches that take the same code paths (scale_bench."
+          "clean_batch).")
+    print_table(["config", "GC", "layers", "batch", "tensors GiB", "RSS GiB", "step s",
+                 "process peak GiB"], rows)
     print_table(["config", "GC", "per image GiB", "fixed GiB (at batch 0)", "how"], notes)
     return found
 

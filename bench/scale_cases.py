@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import shutil
 import sys
@@ -21,6 +22,9 @@ from fractions import Fraction
 from pathlib import Path
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from axial_transformer import AxialTransformer, AxialTransformerConfig
@@ -120,6 +124,37 @@ def flops_at_width(name: str, dim: int, widths: tuple[int, int, int], **override
 # Memory of a training step.
 
 
+class LiveTensorBytes(TorchDispatchMode):
+    """Bytes of tensor storage alive while the mode is on, op by op, and their peak: on the CPU
+    what torch.cuda.max_memory_allocated() reports on a GPU (where the caching allocator's
+    fragmentation comes on top). A storage counts from the op that returns it until it is freed;
+    those of `existing` tensors (the weights, the batch) are not counted."""
+
+    def __init__(self, existing: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.existing = {t.untyped_storage().data_ptr() for t in existing}
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.now = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        # Freed storages go first, so that a new one at a freed one's address is counted.
+        for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
+            self.now -= self.live.pop(key)[1]
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.count(t.untyped_storage())
+        self.peak = max(self.peak, self.now)
+        return out
+
+    def count(self, storage: torch.UntypedStorage) -> None:
+        key = storage.data_ptr()
+        if key in self.existing or key in self.live or storage.nbytes() == 0:
+            return  # a view or an in-place result of a storage already known
+        self.live[key] = (StorageWeakRef(storage), storage.nbytes())
+        self.now += storage.nbytes()
+
+
 def rss_bytes() -> int:
     """This process's resident memory now."""
     with open("/proc/self/statm") as f:
@@ -130,29 +165,46 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def map_large_blocks_apart() -> None:
+    """Make glibc's malloc serve every block of 1 MiB or more from its own mmap, returned to the
+    kernel when freed. By default that threshold rises as blocks are freed, up to 32 MiB, and
+    blocks below it then come from the heap, whose freed holes stay resident: the RSS of a step
+    at 32x32 then depends on whether its tensors are just under 32 MiB or just over (batch 5 of
+    imagenet32 showed 0.5 GiB more than batch 6). Fixed, the RSS follows the live tensors."""
+    import ctypes
+
+    m_mmap_threshold = -3  # <malloc.h>
+    ctypes.CDLL(None).mallopt(m_mmap_threshold, 2**20)
+
+
 def memory_case(args: argparse.Namespace) -> dict:
-    """Resident memory that one bf16 training step (forward and backward of the random-channel
-    loss, as train_step.py takes it) adds to a process holding the fp32 model and the batch:
-    the gradients, autocast's bf16 copies of the weights, the activations saved for the backward
-    and the kernels' scratch, at their peak."""
+    """The memory one bf16 training step (forward and backward of the random-channel loss, as
+    train_step.py takes it) adds to a process holding the fp32 model and the batch: the
+    gradients, autocast's bf16 copies of the weights, the activations saved for the backward
+    and the kernels' outputs, at their peak, counted as live tensors and as resident memory."""
+    map_large_blocks_apart()
     config = preset(args.config, args.dim, args.layers, gradient_checkpointing=args.gc)
     torch.manual_seed(0)
     model = AxialTransformer(config)  # training mode: dropout masks are saved as on a GPU
     x = random_images(config, args.batch)
     channel = torch.arange(args.batch) % config.channels
+    tensors = LiveTensorBytes([*model.parameters(), *model.buffers(), x, channel])
     before = rss_bytes()
     start = time.perf_counter()
     try:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model.loss(x, "random", channel=channel)
-        loss.backward()
+        with tensors:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model.loss(x, "random", channel=channel)
+            loss.backward()
     except (RuntimeError, MemoryError) as e:
         if isinstance(e, RuntimeError) and not any(w in str(e) for w in ("memory", "alloc")):
             raise
-        return {"error": f"out of memory under the {args.max_bytes / 2**30:.1f} GiB cap "
-                         f"({str(e).splitlines()[0][:100]})"}
-    return {"batch": args.batch, "before": before, "peak": peak_rss_bytes(),
-            "growth": peak_rss_bytes() - before, "seconds": time.perf_counter() - start,
+        cap = resource.getrlimit(resource.RLIMIT_DATA)[0]
+        size = re.search(r"allocate (\d+) bytes", str(e))
+        failed = f", allocating {int(size[1]) / 2**30:.2f} GiB" if size else ""
+        return {"error": f"out of memory under the {cap / 2**30:.1f} GiB cap{failed}"}
+    return {"batch": args.batch, "tensors": tensors.peak, "rss": peak_rss_bytes() - before,
+            "peak": peak_rss_bytes(), "seconds": time.perf_counter() - start,
             "params": model.num_parameters()}
 
 
@@ -198,12 +250,7 @@ def main() -> None:
     parser.add_argument("--gc", action="store_true", help="gradient checkpointing")
     parser.add_argument("--layers", type=int, help="blocks in each of the three stacks")
     parser.add_argument("--dir", help="where the checkpoint case writes (removed after)")
-    parser.add_argument("--max-bytes", type=int, default=0,
-                        help="cap on the process's data memory (RLIMIT_DATA): an allocation past "
-                        "it fails inside torch instead of waking the kernel's OOM killer")
     args = parser.parse_args()
-    if args.max_bytes:
-        resource.setrlimit(resource.RLIMIT_DATA, (args.max_bytes, args.max_bytes))
     result = memory_case(args) if args.case == "memory" else checkpoint_case(args)
     print(json.dumps(result))
     sys.stdout.flush()

@@ -55,10 +55,13 @@ def ddp_bucket_bytes(params: int, gpus: int) -> int:
 
 
 def gpu_memory(params: int, fixed: float, per_image: float, gpus: int, micro_batch: int) -> float:
-    """Bytes on each GPU at the peak of a step: states + DDP buckets + the step's fixed part
-    (measured: gradients, bf16 weight copies, scratch) + micro_batch x per-image activations."""
-    return (states_bytes(params) + ddp_bucket_bytes(params, gpus) + fixed
-            + micro_batch * per_image)
+    """Bytes on each GPU at the higher of a step's two peaks, both over the states and DDP's
+    buckets: the backward's, with the step's measured fixed part (gradients, bf16 weight copies,
+    scratch) and micro_batch x the activations per image; and the optimizer step's, with the
+    4 P of gradients and the 4 P square root of Adam's second moments that torch's foreach Adam
+    (the GPU's) takes out of place."""
+    step = max(fixed + micro_batch * per_image, 8 * params)
+    return states_bytes(params) + ddp_bucket_bytes(params, gpus) + step
 
 
 def largest_fitting_micro_batch(params: int, fixed: float, per_image: float, gpus: int,
@@ -102,8 +105,10 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
 def memory_table(configs: dict[str, AxialTransformerConfig], activations: dict) -> None:
     print(f"## Memory per GPU at global batch {GLOBAL_BATCH} (DERIVED from the measurements)")
     print("total = 16 P (fp32 weights 4 P + Adam's moments 8 P + EMA 4 P, replicated on every GPU "
-          "under DDP) + 4 P (DDP's gradient buckets, with more than one GPU) + fixed + m x per "
-          "image (the step's measured parts, bf16 autocast); m = the per-GPU micro-batch. Fits "
+          "under DDP) + 4 P (DDP's gradient buckets, with more than one GPU) + max(fixed + m x "
+          "per image, 8 P): the backward's peak (the step's measured parts, bf16 autocast; m = "
+          "the per-GPU micro-batch) or the optimizer step's (gradients 4 P + the 4 P square root "
+          "of Adam's second moments that torch's foreach Adam takes out of place). Fits "
           f"when total <= {(GPU_MEMORY - HEADROOM) / GiB:.0f} GiB of an 80 GiB A100/H100 "
           f"({HEADROOM / GiB:.0f} GiB assumed for the CUDA context, workspaces and "
           "fragmentation). Evaluation (no gradients, fp32, eval.batch_size per process) is "

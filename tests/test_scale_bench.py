@@ -1,5 +1,6 @@
-"""bench/scale_bench.py's own arithmetic: the attention FLOPs it counts on the CPU's fused kernel,
-and the micro-batch it advises when a step does not fit a GPU."""
+"""bench/scale_bench.py's own instruments and arithmetic: the attention FLOPs it counts on the
+CPU's fused kernel, the live tensor bytes it counts op by op, and the micro-batch it advises when a
+step does not fit a GPU."""
 
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from scale_cases import CPU_ATTENTION_FLOPS  # noqa: E402
+from scale_cases import CPU_ATTENTION_FLOPS, LiveTensorBytes  # noqa: E402
 from scale_plan import GPU_MEMORY, HEADROOM, gpu_memory, largest_fitting_micro_batch  # noqa: E402
 
 from axial_transformer.attention import AxialSelfAttention  # noqa: E402
@@ -38,6 +39,23 @@ def test_attention_flops_count_the_causal_pairs():
     assert attention_layer_flops(CPU_ATTENTION_FLOPS) == dense + attention
     # Without the entries for the CPU's fused kernel its attention goes uncounted.
     assert attention_layer_flops({}) == dense
+
+
+def test_live_tensor_bytes_peak_counts_each_storage_while_alive():
+    weights = torch.ones(1000)
+    tensors = LiveTensorBytes([weights])
+    with tensors:
+        a = weights * 2  # 4,000 bytes
+        view = a[:10]  # the same storage
+        view.mul_(3)  # in place: still the same storage
+        b = a + 1  # 8,000 alive
+        del a, view
+        c = torch.zeros(3000)  # b and c: 16,000 alive, the peak
+        del b
+        total = c.sum()  # 4 more bytes; b's 4,000 are gone
+    # A tracker that missed the frees would end at 20,004; one that counted views, higher.
+    assert (tensors.peak, tensors.now) == (16_000, 12_004)
+    assert float(total) == 0
 
 
 @pytest.mark.parametrize("gpus, per_image, expected", [
