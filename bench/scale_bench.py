@@ -35,23 +35,29 @@ from pathlib import Path
 import torch
 from machine import cpu_model
 from scale_cases import FIT_WIDTHS, QUICK_DIM, QUICK_FIT_WIDTHS, flops_at_width, preset
-from scale_plan import GLOBAL_BATCH, GiB, derived_tables, print_table
+from scale_plan import GLOBAL_BATCH, Activation, GiB, derived_tables, print_table
 from scale_rehearsal import STAGES
 
 from axial_transformer.preflight import run_bytes
 
 HERE = Path(__file__).resolve().parent
 KEEP = 3  # checkpoint.keep in both paper configs
+MICRO_BATCHES = (1, 8, 64)  # the per-GPU batches at global batch 64 on 64, 8 and 1 GPUs
 
 
 @dataclass
-class Activation:
-    """Memory a bf16 training step adds: `fixed` whatever the batch (gradients, bf16 copies of
-    the weights, scratch) plus `per_image` for each image of the micro-batch."""
+class DeeperActivation:
+    """A full-depth step's memory from steps at 2 and 4 layers per stack, linear in depth
+    (every block of a stack holds the same activations, and the three stacks grow together)."""
 
-    per_image: float
-    fixed: float
+    shallow: Activation
+    deeper: Activation
+    steps: float  # from 2 layers to the config's, in steps of 2
     how: str
+
+    def at(self, micro_batch: int) -> float:
+        a = self.shallow.at(micro_batch)
+        return a + self.steps * (self.deeper.at(micro_batch) - a)
 
 
 def memory_cap() -> int:
@@ -151,10 +157,12 @@ def clean_batch(name: str, args: argparse.Namespace) -> int:
     """The smallest batch whose step takes the model's large-batch code paths. The model scales
     a weight instead of its activations once a batch holds more numbers than the weight
     (attention.py's project: 3D x D, model.py's MLP: hidden x D); below that its step saves
-    other tensors, so the two batches compared must both be at or above it."""
+    other tensors, so the two batches compared must both be at or above it. And at least 2:
+    at batch 1 the column attention's fold of (batch, width) into one axis is a view where larger
+    batches copy."""
     config = preset(name, args.dim)
     tokens = config.image_size[0] * config.image_size[1]
-    return max(1, math.ceil(max(3 * config.dim, round(config.dim * config.mlp_ratio)) / tokens))
+    return max(2, math.ceil(max(3 * config.dim, round(config.dim * config.mlp_ratio)) / tokens))
 
 
 def step_memory(name: str, gc: bool, layers: int | None, args: argparse.Namespace
@@ -176,18 +184,17 @@ def step_memory(name: str, gc: bool, layers: int | None, args: argparse.Namespac
         runs[batch] = r
         rows.append([name, "on" if gc else "off", depth, str(batch), gib(r["tensors"]),
                      gib(r["rss"]), f"{r['seconds']:.0f}", gib(r["peak"])])
-    per_image = runs[b0 + 1]["tensors"] - runs[b0]["tensors"]
-    fixed = runs[b0]["tensors"] - b0 * per_image
     rss = runs[b0 + 1]["rss"] - runs[b0]["rss"]
-    return Activation(per_image, fixed, f"measured, batch {b0 + 1} minus batch {b0} (RSS: "
-                      f"{gib(rss)})"), rows
+    how = (f"measured, op by op from batches {b0} and {b0 + 1} (peak RSS per image: "
+           f"{gib(rss)})")
+    return Activation.from_traces(runs[b0]["trace"], b0, runs[b0 + 1]["trace"], b0 + 1,
+                                  how), rows
 
 
 def memory_section(names: list[str], args: argparse.Namespace
-                   ) -> dict[tuple[str, bool], Activation]:
+                   ) -> dict[tuple[str, bool], Activation | DeeperActivation]:
     """Full size where it fits in this machine's memory; where it does not, the same width and
-    image size at 2 and 4 layers per stack, extrapolated linearly in depth (every block of a
-    stack holds the same activations, and the three stacks grow together)."""
+    image size at 2 and 4 layers per stack, extrapolated linearly in depth (DeeperActivation)."""
     found, rows, notes = {}, [], []
     for name in names:
         for gc in (False, True):
@@ -200,15 +207,13 @@ def memory_section(names: list[str], args: argparse.Namespace
                 rows += rows_2 + rows_4
                 if shallow is None or deeper is None:
                     continue
-                steps = layers / 2 - 1  # from 2 to `layers` layers, in steps of 2
-                activation = Activation(
-                    shallow.per_image + steps * (deeper.per_image - shallow.per_image),
-                    shallow.fixed + steps * (deeper.fixed - shallow.fixed),
-                    "DERIVED: full depth did not fit; a(8) = a(2) + 3 (a(4) - a(2)) from 2 and "
-                    "4 layers per stack")
+                steps = layers / 2 - 1
+                activation = DeeperActivation(
+                    shallow, deeper, steps, f"DERIVED: full depth did not fit; a({layers}) = "
+                    f"a(2) + {steps:g} (a(4) - a(2)) from 2 and 4 layers per stack")
             found[name, gc] = activation
-            notes.append([name, "on" if gc else "off", gib(activation.per_image),
-                          gib(activation.fixed), activation.how])
+            notes.append([name, "on" if gc else "off",
+                          *(gib(activation.at(m)) for m in MICRO_BATCHES), activation.how])
     print("## Memory of a bf16 training step (measured on this CPU)")
     print("A fresh process per row builds the fp32 model (attention=\"sdpa\", what GPUs run) and "
           "takes one forward (torch.autocast(\"cpu\", bfloat16)) and backward of the "
@@ -217,12 +222,15 @@ def memory_section(names: list[str], args: argparse.Namespace
           "op by a TorchDispatchMode: the CPU's counterpart of torch.cuda.max_memory_allocated, "
           "and what the figures below use. 'RSS' = the process's peak resident memory during "
           "the step minus its RSS just before (glibc set to map every block of 1 MiB or more "
-          "apart), a cross-check that includes the allocator and the kernels' scratch. Per "
-          "image = the difference of two batches that take the same code paths (scale_bench."
-          "clean_batch).")
+          "apart), a cross-check that includes the allocator and the kernels' scratch. The step "
+          "at micro-batch m: two batches that run the same ops (scale_bench.clean_batch) give, "
+          "after each op, live bytes = fixed + m x per image; the step takes the highest over its "
+          "ops. (The peak's op moves with m: with gradient checkpointing a few images peak at "
+          "the end of the backward, where every gradient is alive, and 64 at the end of the "
+          "forward; one line through the two batches' peaks would miss that.)")
     print_table(["config", "GC", "layers", "batch", "tensors GiB", "RSS GiB", "step s",
                  "process peak GiB"], rows)
-    print_table(["config", "GC", "per image GiB", "fixed GiB (at batch 0)", "how"], notes)
+    print_table(["config", "GC", *(f"step at m={m} GiB" for m in MICRO_BATCHES), "how"], notes)
     return found
 
 

@@ -128,13 +128,16 @@ class LiveTensorBytes(TorchDispatchMode):
     """Bytes of tensor storage alive while the mode is on, op by op, and their peak: on the CPU
     what torch.cuda.max_memory_allocated() reports on a GPU (where the caching allocator's
     fragmentation comes on top). A storage counts from the op that returns it until it is freed;
-    those of `existing` tensors (the weights, the batch) are not counted."""
+    those of `existing` tensors (the weights, the batch) are not counted. `trace` holds the
+    bytes alive after each op: two batches' traces, op by op, give the step's memory at any
+    batch (scale_bench.Activation), wherever its peak falls."""
 
     def __init__(self, existing: list[torch.Tensor]) -> None:
         super().__init__()
         self.existing = {t.untyped_storage().data_ptr() for t in existing}
         self.live: dict[int, tuple[StorageWeakRef, int]] = {}
         self.now = self.peak = 0
+        self.trace: list[int] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -145,6 +148,7 @@ class LiveTensorBytes(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self.count(t.untyped_storage())
         self.peak = max(self.peak, self.now)
+        self.trace.append(self.now)
         return out
 
     def count(self, storage: torch.UntypedStorage) -> None:
@@ -203,7 +207,8 @@ def memory_case(args: argparse.Namespace) -> dict:
         size = re.search(r"allocate (\d+) bytes", str(e))
         failed = f", allocating {int(size[1]) / 2**30:.2f} GiB" if size else ""
         return {"error": f"out of memory under the {cap / 2**30:.1f} GiB cap{failed}"}
-    return {"batch": args.batch, "tensors": tensors.peak, "rss": peak_rss_bytes() - before,
+    return {"batch": args.batch, "tensors": tensors.peak, "trace": tensors.trace,
+            "rss": peak_rss_bytes() - before,
             "peak": peak_rss_bytes(), "seconds": time.perf_counter() - start,
             "params": model.num_parameters()}
 

@@ -5,6 +5,7 @@ assumptions below. Nothing here ran on a GPU; every figure is printed with its f
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,34 @@ GPUS = (GPU("A100", 312e12, 19.5e12, 240e9, 20e9),
         GPU("H100 SXM", 989e12, 67e12, 360e9, 40e9))
 
 
+@dataclass
+class Activation:
+    """Memory a bf16 training step adds at micro-batch m: after each of the step's ops, the live
+    bytes are `fixed + m x per_image` (its own pair for each op: gradients and bf16 weight
+    copies do not grow with the batch, saved activations do), and the step takes the highest.
+    Which op that is moves with m: at a few images it can be the end of the backward, where
+    every gradient is alive; at 64, the end of the forward, where every activation is."""
+
+    lines: list[tuple[float, float]]  # (fixed, per_image), one per op
+    how: str
+
+    @classmethod
+    def from_traces(cls, trace_a: list[int], batch_a: int, trace_b: list[int], batch_b: int,
+                    how: str) -> Activation:
+        """From the live bytes after each op at two batches that run the same ops."""
+        if len(trace_a) != len(trace_b):
+            raise ValueError(f"batches {batch_a} and {batch_b} ran different ops "
+                             f"({len(trace_a)} and {len(trace_b)})")
+        lines = set()
+        for a, b in zip(trace_a, trace_b, strict=True):
+            per_image = (b - a) / (batch_b - batch_a)
+            lines.add((a - batch_a * per_image, per_image))
+        return cls(sorted(lines), how)
+
+    def at(self, micro_batch: int) -> float:
+        return max(fixed + micro_batch * per_image for fixed, per_image in self.lines)
+
+
 def parameter_count(config: AxialTransformerConfig) -> int:
     with torch.device("meta"):
         return AxialTransformer(config).num_parameters()
@@ -54,22 +83,22 @@ def ddp_bucket_bytes(params: int, gpus: int) -> int:
     return 4 * params if gpus > 1 else 0
 
 
-def gpu_memory(params: int, fixed: float, per_image: float, gpus: int, micro_batch: int) -> float:
+def gpu_memory(params: int, step: float, gpus: int) -> float:
     """Bytes on each GPU at the higher of a step's two peaks, both over the states and DDP's
-    buckets: the backward's, with the step's measured fixed part (gradients, bf16 weight copies,
-    scratch) and micro_batch x the activations per image; and the optimizer step's, with the
-    4 P of gradients and the 4 P square root of Adam's second moments that torch's foreach Adam
-    (the GPU's) takes out of place."""
-    step = max(fixed + micro_batch * per_image, 8 * params)
-    return states_bytes(params) + ddp_bucket_bytes(params, gpus) + step
+    buckets: the forward and backward's, `step` (Activation.at the micro-batch: gradients, bf16
+    weight copies, activations); and the optimizer step's, with the 4 P of gradients and the
+    4 P square root of Adam's second moments that torch's foreach Adam (the GPU's) takes out of
+    place."""
+    return states_bytes(params) + ddp_bucket_bytes(params, gpus) + max(step, 8 * params)
 
 
-def largest_fitting_micro_batch(params: int, fixed: float, per_image: float, gpus: int,
+def largest_fitting_micro_batch(params: int, step: Callable[[int], float], gpus: int,
                                 per_gpu: int) -> int | None:
     """The largest divisor of the per-GPU batch whose step fits (train.grad_accumulation then
-    takes per_gpu / it micro-batches per step), or None when not even one image fits."""
+    takes per_gpu / it micro-batches per step), or None when not even one image fits; `step`
+    gives a micro-batch's step memory."""
     fitting = [m for m in range(per_gpu, 0, -1) if per_gpu % m == 0
-               and gpu_memory(params, fixed, per_image, gpus, m) <= GPU_MEMORY - HEADROOM]
+               and gpu_memory(params, step(m), gpus) <= GPU_MEMORY - HEADROOM]
     return fitting[0] if fitting else None
 
 
@@ -105,9 +134,9 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
 def memory_table(configs: dict[str, AxialTransformerConfig], activations: dict) -> None:
     print(f"## Memory per GPU at global batch {GLOBAL_BATCH} (DERIVED from the measurements)")
     print("total = 16 P (fp32 weights 4 P + Adam's moments 8 P + EMA 4 P, replicated on every GPU "
-          "under DDP) + 4 P (DDP's gradient buckets, with more than one GPU) + max(fixed + m x "
-          "per image, 8 P): the backward's peak (the step's measured parts, bf16 autocast; m = "
-          "the per-GPU micro-batch) or the optimizer step's (gradients 4 P + the 4 P square root "
+          "under DDP) + 4 P (DDP's gradient buckets, with more than one GPU) + max(step(m), 8 P): "
+          "the forward and backward's peak at the per-GPU micro-batch m (measured above, bf16 "
+          "autocast) or the optimizer step's (gradients 4 P + the 4 P square root "
           "of Adam's second moments that torch's foreach Adam takes out of place). Fits "
           f"when total <= {(GPU_MEMORY - HEADROOM) / GiB:.0f} GiB of an 80 GiB A100/H100 "
           f"({HEADROOM / GiB:.0f} GiB assumed for the CUDA context, workspaces and "
@@ -122,23 +151,22 @@ def memory_table(configs: dict[str, AxialTransformerConfig], activations: dict) 
                 continue
             for gpus in GPU_COUNTS:
                 per_gpu = GLOBAL_BATCH // gpus
-                total = gpu_memory(params, act.fixed, act.per_image, gpus, per_gpu)
-                m = largest_fitting_micro_batch(params, act.fixed, act.per_image, gpus, per_gpu)
+                total = gpu_memory(params, act.at(per_gpu), gpus)
+                m = largest_fitting_micro_batch(params, act.at, gpus, per_gpu)
                 if m == per_gpu:
                     verdict = "fits"
                 elif m is None:
                     verdict = "does NOT fit, even at micro-batch 1"
                 else:
-                    total_m = gpu_memory(params, act.fixed, act.per_image, gpus, m)
+                    total_m = gpu_memory(params, act.at(m), gpus)
                     verdict = (f"no: train.grad_accumulation={per_gpu // m} (micro-batch {m}, "
                                f"{total_m / GiB:.1f} GiB)")
                 rows.append([name, "on" if gc else "off", str(gpus), str(per_gpu),
                              f"{states_bytes(params) / GiB:.1f}",
                              f"{ddp_bucket_bytes(params, gpus) / GiB:.1f}",
-                             f"{act.fixed / GiB:.1f}", f"{per_gpu * act.per_image / GiB:.1f}",
-                             f"{total / GiB:.1f}", verdict])
-    print_table(["config", "GC", "GPUs", "per GPU", "states GiB", "buckets GiB", "fixed GiB",
-                 "activations GiB", "total GiB", "fits 80 GiB?"], rows)
+                             f"{act.at(per_gpu) / GiB:.1f}", f"{total / GiB:.1f}", verdict])
+    print_table(["config", "GC", "GPUs", "per GPU", "states GiB", "buckets GiB", "step(m) GiB",
+                 "total GiB", "fits 80 GiB?"], rows)
 
 
 def time_table(configs: dict[str, AxialTransformerConfig], flops: dict, mfu: float) -> None:

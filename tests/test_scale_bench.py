@@ -12,7 +12,13 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 from scale_cases import CPU_ATTENTION_FLOPS, LiveTensorBytes  # noqa: E402
-from scale_plan import GPU_MEMORY, HEADROOM, gpu_memory, largest_fitting_micro_batch  # noqa: E402
+from scale_plan import (  # noqa: E402
+    GPU_MEMORY,
+    HEADROOM,
+    Activation,
+    gpu_memory,
+    largest_fitting_micro_batch,
+)
 
 from axial_transformer.attention import AxialSelfAttention  # noqa: E402
 
@@ -66,6 +72,31 @@ def test_live_tensor_bytes_peak_counts_each_storage_while_alive():
 ])
 def test_micro_batch_is_the_largest_divisor_that_fits(gpus, per_image, expected):
     params, fixed = GiB // 4, 2 * GiB  # 16 bytes of states per parameter: 4 GiB
-    assert largest_fitting_micro_batch(params, fixed, per_image, gpus, 64 // gpus) == expected
+    step = Activation([(fixed, per_image)], "").at
+    assert largest_fitting_micro_batch(params, step, gpus, 64 // gpus) == expected
     if expected is not None:
-        assert gpu_memory(params, fixed, per_image, gpus, expected) <= GPU_MEMORY - HEADROOM
+        assert gpu_memory(params, step(expected), gpus) <= GPU_MEMORY - HEADROOM
+
+
+def toy_step(batch: int) -> LiveTensorBytes:
+    """A step whose peak moves with the batch, as gradient checkpointing's does: 4,000 bytes an
+    image of activations, freed before 20,000 bytes of "gradients" and 400 bytes an image."""
+    tensors = LiveTensorBytes([])
+    with tensors:
+        activations = torch.zeros(1000 * batch)
+        del activations
+        gradients = torch.zeros(5000)
+        last = torch.zeros(100 * batch)
+        del gradients, last
+        torch.zeros(1)  # an op after the frees
+    return tensors
+
+
+def test_activation_from_traces_follows_the_peak_to_any_batch():
+    one, two, ten = toy_step(1), toy_step(2), toy_step(10)
+    assert (one.peak, two.peak, ten.peak) == (20_400, 20_800, 40_000)
+    activation = Activation.from_traces(one.trace, 1, two.trace, 2, "")
+    assert activation.at(10) == ten.peak
+    # The line through the two peaks puts batch 10 at the gradients' op: 24,000 bytes.
+    per_image = two.peak - one.peak
+    assert one.peak + 9 * per_image == 24_000 != ten.peak
