@@ -145,7 +145,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def timed_seconds(tree: Path, preset: str, size: int, batch: int, compiled: bool,
                   args: argparse.Namespace) -> tuple[float, float]:
-    """(first call, best of two later calls) of `sample` from the package in `tree`, in a fresh
+    """(first call, best later call) of `sample` from the package in `tree`, in a fresh
     process: compiled graphs and autotuning choices of one case otherwise slow the next one."""
     command = [sys.executable, os.path.abspath(__file__), "--case", "time", "--preset",
                preset, "--size", str(size), "--batch", str(batch), "--device", args.device]
