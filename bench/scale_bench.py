@@ -1,19 +1,20 @@
 """Will the paper's configs run on my GPUs? A scale rehearsal of imagenet32 and imagenet64.
 
-    python bench/scale_bench.py                  # everything, about an hour on 2 quiet cores
+    python bench/scale_bench.py                  # everything, about 25 minutes on 2 quiet cores
     python bench/scale_bench.py --skip-run       # the tables only, without the end-to-end run
     python bench/scale_bench.py --quick          # width 32: checks the script runs; numbers mean
                                                  # nothing
     python bench/scale_bench.py --configs imagenet64 --mfu 0.35
 
-For each paper config at full size it MEASURES, on this CPU: the parameters; the model FLOPs per
-training image (random-channel objective) and per evaluated image, counted on real steps
+For each paper config at full size it MEASURES, on this CPU: the parameters; the model FLOPs
+per training image (random-channel objective) and per evaluated image, counted on real steps
 (scale_cases.py); a checkpoint and export written by the training code; and the memory a bf16
-training step adds per image, with and without gradient checkpointing. From these it DERIVES,
-with the formulas printed beside them, the memory per GPU at batch 64 over 1, 8 and 64 GPUs and
-the time per 100k steps on A100s and H100s at an assumed share of their peak. Then it runs the
-imagenet32 config end to end on this CPU (scale_rehearsal.py). Every measurement runs in a fresh
-process, capped below the memory available so that a case that does not fit fails in torch.
+training step adds, op by op at two batches, with and without gradient checkpointing. From
+these it DERIVES, with the formulas printed beside them, the memory per GPU at batch 64 over 1,
+8 and 64 GPUs and the time per 100k steps on A100s and H100s at an assumed share of their peak.
+Then it runs the imagenet32 config end to end on this CPU (scale_rehearsal.py). Every
+measurement runs in a fresh process, capped below the memory available so that a case that does
+not fit fails in torch.
 """
 
 from __future__ import annotations
