@@ -22,6 +22,13 @@ def randomize_(model: torch.nn.Module, std: float = 0.3, seed: int = 0) -> torch
     return model
 
 
+def error_line(err: str) -> str:
+    """A command line's stderr when it refuses: one `error: ...` line, no traceback."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, lines
+    return lines[0]
+
+
 @pytest.fixture(params=["matmul", "sdpa", "chunked-sdpa"])
 def attention_path(request, monkeypatch) -> str:
     """Each way the model computes attention (`AxialTransformerConfig.attention`): plain matmuls

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import randomize_
+from conftest import error_line, randomize_
 from PIL import Image
 
 from axial_transformer import AxialTransformer, AxialTransformerConfig, codec, codec_format
@@ -261,12 +261,6 @@ def run(capsys, script, *args) -> tuple[int, str, str]:
     code = script.main([*map(str, args)])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
-
-
-def error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, lines
-    return lines[0]
 
 
 def test_cli_round_trip_of_files_folders_and_array_ranges(exports, tmp_path, capsys):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import error_line, randomize_
 from PIL import Image
 
 from axial_transformer import AxialTransformer, AxialTransformerConfig
@@ -34,12 +35,6 @@ def run_sample(capsys, *args) -> tuple[int, str, str]:
     code = sample_cli.main(["--device", "cpu", *map(str, args)])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
-
-
-def error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, lines
-    return lines[0]
 
 
 def test_rows_given_must_leave_rows_to_sample(run_dir, tmp_path, capsys):
@@ -104,7 +99,6 @@ def test_default_out_of_a_checkpoint_is_its_run(tmp_path):
 
 @pytest.fixture(scope="module")
 def conditional_export(tmp_path_factory) -> Path:
-    from conftest import randomize_
 
     config = AxialTransformerConfig(image_size=(4, 3), channels=1, dim=8, heads=2,
                                     encoder_layers=2, outer_layers=2, inner_layers=1,
