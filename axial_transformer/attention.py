@@ -123,10 +123,11 @@ def explicit_attention(
         mask = causal_bias(q.shape[-2], k.shape[-2], q)
         bias = mask if bias is None else bias + mask
     q3, k3, v3 = (z.reshape(-1, *z.shape[-2:]) for z in (q, k, v))
-    if bias is None:
-        scores = torch.bmm(q3, k3.mT).mul_(scale)
-    else:
-        scores = torch.baddbmm(bias, q3, k3.mT, alpha=scale)
+    # Not one baddbmm: compiled, it stays an external call, where a bmm of one query (a decoding
+    # step) becomes a kernel of inductor's own that the mask and the softmax fuse into.
+    scores = torch.bmm(q3, k3.mT).mul_(scale)
+    if bias is not None:
+        scores.add_(bias)
     return torch.bmm(softmax(scores).to(v.dtype), v3).view(*q.shape[:-1], v.shape[-1])
 
 

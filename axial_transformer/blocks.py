@@ -66,8 +66,11 @@ class AxialBlock(nn.Module):
     ) -> Tensor:
         """x [B, H, W, D] -> [B, H, W, D]; with a key/value `cache`, one decoding step at
         `position` (see `AxialSelfAttention.forward`)."""
-        x = x + self.residual(self.attn(layer_norm(x, self.attn_norm), cache, position))
-        return x + self.residual(self.mlp(layer_norm(x, self.mlp_norm)))
+        attn, mlp = self.attn, self.mlp
+        if cache is not None:  # a decoding step: at batch 1, nn.Module's call machinery costs
+            attn, mlp = attn.forward, mlp.forward  # more than the sublayers' arithmetic
+        x = x + self.residual(attn(layer_norm(x, self.attn_norm), cache, position))
+        return x + self.residual(mlp(layer_norm(x, self.mlp_norm)))
 
     def residual(self, branch: Tensor) -> Tensor:
         """Dropout on a residual branch in training (the paper's); nothing to call otherwise."""
@@ -109,7 +112,7 @@ class AxialStack(nn.Module):
         along that axis) and passes through every block; each masked block writes its keys and
         values into its cache, and the unmasked ones (cache None) see their whole axis in x."""
         for block, cache in zip(self.blocks, caches, strict=True):
-            x = block(x, cache, position)
+            x = block.forward(x, cache, position)  # not block(...): see AxialBlock.forward
         return x
 
     def new_caches(self, folded_batch: int, length: int, like: Tensor) -> list[Tensor | None]:

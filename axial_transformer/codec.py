@@ -69,7 +69,7 @@ def compress(
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     device = next(model.parameters()).device
     if threads is None:
-        single = device.type == "cpu" and batch_size < runtime.SINGLE_THREAD_BELOW_BATCH
+        single = device.type == "cpu" and batch_size < runtime.MATRIX_VECTOR_BELOW_BATCH
         threads = 1 if single else torch.get_num_threads()
     pixels = images.to(device="cpu", dtype=torch.uint8)
     encoder = constriction.stream.queue.RangeEncoder()
@@ -219,7 +219,10 @@ def coding_mode(model: AxialTransformer, threads: int) -> Iterator[None]:
     torch.set_float32_matmul_precision("highest")
     try:
         device = next(model.parameters()).device.type
-        with torch.inference_mode(), torch.autocast(device, enabled=False):
+        # Plain attribute lookups speed up the eager loop without touching its arithmetic; the
+        # other eager-decoding settings are left out, so that files decode as they always have.
+        with torch.inference_mode(), torch.autocast(device, enabled=False), \
+                runtime.plain_attributes(model):
             yield
     finally:
         torch.set_float32_matmul_precision(precision)

@@ -124,14 +124,14 @@ def _pixel(
 @contextlib.contextmanager
 def decoding_mode(model: nn.Module, x: Tensor, autocast: bool,
                   compiled: bool = False) -> Iterator[None]:
-    """Eval mode (no dropout), no autograd, bf16 autocast if asked, one CPU thread for small
-    eager batches; restores the training flag."""
+    """Eval mode (no dropout), no autograd, bf16 autocast if asked, and the runtime settings of
+    a compiled or an eager decoding loop; restores the training flag."""
     was_training = model.training
     model.eval()
-    frozen = runtime.frozen_weights_compilation(x.device) if compiled else contextlib.nullcontext()
+    settings = (runtime.frozen_weights_compilation(x.device) if compiled
+                else runtime.eager_decoding(model, x.shape[0], x.device))
     try:
-        with torch.inference_mode(), frozen, \
-                runtime.decoding_threads(x.shape[0], x.device, compiled), \
+        with settings, torch.inference_mode(), \
                 torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
             yield
     finally:

@@ -6,8 +6,10 @@ Private APIs used here (checked against torch 2.6 and later):
   torch.ops.aten._softmax_backward_data   the fused softmax backward that autograd itself runs
   torch._inductor.config                  freezing and autotuning for the compiled sampler
   torch._dynamo.reset_code                forget the graphs compiled for a function
-  Tensor._version                         tell weights written in place since a compilation
+  Tensor._version                         tell weights written in place (since a compilation,
+                                          or while laid out column-major)
   torch._foreach_lerp_                    the EMA's update of every weight in one call
+  Module._parameters, Module._modules     the dicts behind a module's attributes
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
-# Below this batch a CPU sampling step is a chain of matrix-vector products too small to split
-# between threads: two threads are slower than one there.
-SINGLE_THREAD_BELOW_BATCH = 8
+# Below this batch a CPU decoding step is a chain of matrix-vector products: too small to split
+# between threads, and faster with each weight stored transposed. From it on they are
+# matrix-matrix products, which take the weights as they are.
+MATRIX_VECTOR_BELOW_BATCH = 8
 
 
 def softmax_backward_kernel(grad: Tensor, p: Tensor) -> Tensor:
@@ -30,15 +33,72 @@ def softmax_backward_kernel(grad: Tensor, p: Tensor) -> Tensor:
 
 
 @contextlib.contextmanager
-def decoding_threads(batch: int, device: torch.device, compiled: bool) -> Iterator[None]:
-    """One CPU thread while an eager decoding loop runs at a small batch; restored after."""
+def eager_decoding(model: torch.nn.Module, batch: int, device: torch.device) -> Iterator[None]:
+    """What an eager decoding loop wants while it runs, all restored after: its steps hold a few
+    tokens each, so Python and memory layout cost it more than arithmetic. Plain attribute
+    lookups; on the CPU below batch 8, one thread and the linear layers' weights column-major."""
+    small = device.type == "cpu" and batch < MATRIX_VECTOR_BELOW_BATCH
+    with decoding_threads(batch, device), plain_attributes(model), \
+            column_major_linears(model) if small else contextlib.nullcontext():
+        yield
+
+
+@contextlib.contextmanager
+def decoding_threads(batch: int, device: torch.device) -> Iterator[None]:
+    """One CPU thread while a decoding loop runs at a small batch; restored after."""
     threads = torch.get_num_threads()
-    if device.type == "cpu" and batch < SINGLE_THREAD_BELOW_BATCH and not compiled:
+    if device.type == "cpu" and batch < MATRIX_VECTOR_BELOW_BATCH:
         torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def column_major_linears(model: torch.nn.Module) -> Iterator[None]:
+    """Each `nn.Linear` weight W [out, in] stored transposed while inside: W^T contiguous, so
+    that `F.linear` computes x W^T without a transpose in the BLAS call, as the CPU's
+    matrix-vector products run faster. The parameters stay the same objects with the same values;
+    on the way out each takes back its own storage (its version and address unchanged, so
+    compiled graphs stay valid), with anything written to the copy copied back. The copies take
+    as much memory again as the weights they copy."""
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    originals = [w.data for w in weights]
+    for w in weights:
+        w.data = w.data.t().contiguous().t()
+    versions = [w._version for w in weights]
+    try:
+        yield
+    finally:
+        for w, original, version in zip(weights, originals, versions, strict=True):
+            if w._version != version:
+                original.copy_(w.data)
+            w.data = original
+
+
+@contextlib.contextmanager
+def plain_attributes(model: torch.nn.Module) -> Iterator[None]:
+    """Every module's parameters and submodules found by plain attribute lookup while inside.
+
+    `nn.Module` keeps them in dicts of its own that Python reaches through `Module.__getattr__`,
+    about a microsecond per lookup, and a decoding step at batch 1 looks up some twenty per
+    block. References in each module's `__dict__` are found directly; they are the same objects,
+    `Module.__setattr__` drops a reference when a new parameter or submodule takes its name, and
+    the rest are dropped on the way out."""
+    added = []
+    for module in model.modules():
+        found = {**module._parameters, **module._modules}
+        refs = {k: v for k, v in found.items() if v is not None and k not in module.__dict__}
+        module.__dict__.update(refs)
+        added.append((module, refs))
+    try:
+        yield
+    finally:
+        for module, refs in added:
+            for name, value in refs.items():
+                if module.__dict__.get(name) is value:
+                    del module.__dict__[name]
 
 
 def frozen_weights_compilation(device: torch.device) -> contextlib.AbstractContextManager:

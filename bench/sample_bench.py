@@ -4,6 +4,7 @@
     python bench/sample_bench.py --quick         # a tiny model, a few seconds; checks agreement
     python bench/sample_bench.py --threads 8 --device cuda
     python bench/sample_bench.py --against HEAD~1  # this tree's sampler against another commit's
+    python bench/sample_bench.py --settings      # what each eager-decoding setting buys
 
 Seconds per image for
   naive     one teacher-forced forward pass per subpixel (`sampling.sample_naive`);
@@ -24,11 +25,16 @@ same.
 processes taken in turn, the order swapping every round, and reports the median over rounds of
 ours / theirs: on a shared machine the speed drifts between processes, and a drift hits both
 sides of a round alike.
+
+--settings times eager `sample` with each setting of `runtime.eager_decoding` turned off in
+turn against all of them on, in one process, the order swapping every round, and reports the
+median over rounds of off / on.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -43,7 +49,7 @@ from pathlib import Path
 import torch
 from machine import cpu_model
 
-from axial_transformer import AxialTransformer, AxialTransformerConfig
+from axial_transformer import AxialTransformer, AxialTransformerConfig, runtime
 from axial_transformer.model import shift_down, shift_right
 from axial_transformer.sampling import sample, sample_naive
 
@@ -203,6 +209,44 @@ def compare_with(rev: str, args: argparse.Namespace) -> None:
                           f"{max(ratios):.2f}) |", flush=True)
 
 
+EAGER_SETTINGS = ("decoding_threads", "column_major_linears", "plain_attributes")
+
+
+def compare_settings(args: argparse.Namespace) -> None:
+    """Seconds per image of eager `sample` with each eager-decoding setting off, against all on."""
+    device = torch.device(args.device)
+    print(f"# Eager decoding settings, {datetime.datetime.now().isoformat(timespec='seconds')}")
+    print(f"# {cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"device {device}, preset 'small', {args.rounds} rounds per case; seconds per image\n")
+    print("| image | batch | setting turned off | all on | this one off | off / on (range) |")
+    print("|---|--:|---|--:|--:|--:|")
+    for size in args.sizes:
+        cfg = AxialTransformerConfig.from_preset("small", image_size=(size, size), channels=3)
+        torch.manual_seed(0)
+        model = AxialTransformer(cfg).to(device).eval()
+        for batch in (1, 64):
+            sample(model, batch)  # warm-up
+            for name in EAGER_SETTINGS:
+                real = getattr(runtime, name)
+                on, off = [], []
+                for r in range(args.rounds):
+                    for enabled in ((True, False) if r % 2 == 0 else (False, True)):
+                        setattr(runtime, name, real if enabled else
+                                lambda *_: contextlib.nullcontext())
+                        try:
+                            start = time.perf_counter()
+                            sample(model, batch)
+                            sync(device)
+                            seconds = (time.perf_counter() - start) / batch
+                        finally:
+                            setattr(runtime, name, real)
+                        (on if enabled else off).append(seconds)
+                ratios = [b / a for a, b in zip(on, off, strict=True)]
+                print(f"| {size}x{size}x3 | {batch} | `{name}` | {statistics.median(on):.4f} | "
+                      f"{statistics.median(off):.4f} | {statistics.median(ratios):.2f} "
+                      f"({min(ratios):.2f}-{max(ratios):.2f}) |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny model and sizes, seconds")
@@ -210,9 +254,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--against", metavar="REV",
                         help="compare this tree's sampler with commit REV's instead")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds per case with --against")
+    parser.add_argument("--settings", action="store_true",
+                        help="time each eager-decoding setting off against all on")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds per case with --against or --settings")
     parser.add_argument("--sizes", type=int, nargs="+", default=[16, 32],
-                        help="image sizes with --against")
+                        help="image sizes with --against or --settings")
     # Internal: one timed case in a fresh process.
     parser.add_argument("--case", choices=["time"], help=argparse.SUPPRESS)
     parser.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
@@ -227,6 +274,9 @@ def main() -> None:
         return
     if args.against:
         compare_with(args.against, args)
+        return
+    if args.settings:
+        compare_settings(args)
         return
     device = torch.device(args.device)
     torch.manual_seed(0)
