@@ -193,8 +193,8 @@ def compare_with(rev: str, args: argparse.Namespace) -> None:
         print("| image | batch | sampler | ours | theirs | ours / theirs (range) |")
         print("|---|--:|---|--:|--:|--:|")
         for size in args.sizes:
-            for batch in (1, 64):
-                for compiled in (False, True):
+            for batch in args.batches:
+                for compiled in [sampler == "compiled" for sampler in args.samplers]:
                     ours, their, ratios = [], [], []
                     for r in range(args.rounds):
                         trees = [ROOT, Path(theirs)] if r % 2 == 0 else [Path(theirs), ROOT]
@@ -224,7 +224,7 @@ def compare_settings(args: argparse.Namespace) -> None:
         cfg = AxialTransformerConfig.from_preset("small", image_size=(size, size), channels=3)
         torch.manual_seed(0)
         model = AxialTransformer(cfg).to(device).eval()
-        for batch in (1, 64):
+        for batch in args.batches:
             sample(model, batch)  # warm-up
             for name in EAGER_SETTINGS:
                 real = getattr(runtime, name)
@@ -260,6 +260,10 @@ def main() -> None:
                         help="rounds per case with --against or --settings")
     parser.add_argument("--sizes", type=int, nargs="+", default=[16, 32],
                         help="image sizes with --against or --settings")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64],
+                        help="batch sizes with --against or --settings")
+    parser.add_argument("--samplers", nargs="+", choices=["eager", "compiled"],
+                        default=["eager", "compiled"], help="samplers timed with --against")
     # Internal: one timed case in a fresh process.
     parser.add_argument("--case", choices=["time"], help=argparse.SUPPRESS)
     parser.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
