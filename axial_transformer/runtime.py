@@ -101,13 +101,17 @@ def plain_attributes(model: torch.nn.Module) -> Iterator[None]:
                     del module.__dict__[name]
 
 
-def frozen_weights_compilation(device: torch.device) -> contextlib.AbstractContextManager:
+def frozen_weights_compilation(
+    device: torch.device, autotune: bool = True
+) -> contextlib.AbstractContextManager:
     """Inductor settings for graphs whose weights are constants: `freezing` folds them in, and on
-    the CPU max-autotune lets its GEMM templates pack the matrix-vector products of a decoding
-    step (it times them against mkl's and keeps the faster). `torch.compile(options=...)` does
-    not pass `freezing` through, hence the config patch."""
+    the CPU max-autotune (unless `autotune` is False) lets its GEMM templates pack the
+    matrix-vector products of a decoding step (it times them against mkl's and keeps the
+    faster; compiling the candidates takes most of a first compilation).
+    `torch.compile(options=...)` does not pass `freezing` through, hence the config patch."""
     return torch._inductor.config.patch(
-        freezing=True, max_autotune=device.type == "cpu", autotune_num_choices_displayed=0,
+        freezing=True, max_autotune=autotune and device.type == "cpu",
+        autotune_num_choices_displayed=0,
         max_autotune_report_choices_stats=False,
     )
 

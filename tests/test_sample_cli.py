@@ -1,6 +1,7 @@
 """sample.py's argument checks and where it writes, through `sample.main([...])` on a tiny
 exported model."""
 
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 from conftest import error_line, randomize_
 from PIL import Image
 
-from axial_transformer import AxialTransformer, AxialTransformerConfig
+from axial_transformer import AxialTransformer, AxialTransformerConfig, runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("sample_cli", ROOT / "sample.py")
@@ -135,7 +136,12 @@ def test_class_errors_are_one_line(conditional_export, run_dir, capsys):
         assert code == 2 and message in error_line(err)
 
 
-def test_compiled_sampling_reports_its_compilation_apart(conditional_export, tmp_path, capsys):
+def test_compiled_sampling_reports_its_compilation_apart(conditional_export, tmp_path, capsys,
+                                                        monkeypatch):
+    # What the command line reports is under test here, not the autotuned GEMM kernels
+    # (test_sampling's compiled sampler test has them), whose search takes a minute when cold.
+    monkeypatch.setattr(runtime, "frozen_weights_compilation",
+                        functools.partial(runtime.frozen_weights_compilation, autotune=False))
     args = ["--checkpoint", conditional_export, "--num-samples", 2, "--class", "dog",
             "--guidance", 1.5]
     run_sample(capsys, *args, "--out", tmp_path / "eager.png")
