@@ -67,8 +67,10 @@ class AxialBlock(nn.Module):
         """x [B, H, W, D] -> [B, H, W, D]; with a key/value `cache`, one decoding step at
         `position` (see `AxialSelfAttention.forward`)."""
         attn, mlp = self.attn, self.mlp
-        if cache is not None:  # a decoding step: at batch 1, nn.Module's call machinery costs
-            attn, mlp = attn.forward, mlp.forward  # more than the sublayers' arithmetic
+        if cache is not None:
+            # A decoding step: at batch 1, nn.Module's call machinery costs more than the
+            # sublayers' arithmetic.
+            attn, mlp = attn.forward, mlp.forward
         x = x + self.residual(attn(layer_norm(x, self.attn_norm), cache, position))
         return x + self.residual(mlp(layer_norm(x, self.mlp_norm)))
 
