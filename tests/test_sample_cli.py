@@ -100,7 +100,6 @@ def test_default_out_of_a_checkpoint_is_its_run(tmp_path):
 
 @pytest.fixture(scope="module")
 def conditional_export(tmp_path_factory) -> Path:
-
     config = AxialTransformerConfig(image_size=(4, 3), channels=1, dim=8, heads=2,
                                     encoder_layers=2, outer_layers=2, inner_layers=1,
                                     num_classes=3, class_names=["cat", "dog", "ship"])
