@@ -7,6 +7,11 @@ import torch
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 
+# pytest-xdist runs the tests in one worker per core: a second thread in a worker would only
+# contend with the other workers for the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 
 def randomize_(model: torch.nn.Module, std: float = 0.3, seed: int = 0) -> torch.nn.Module:
     """Draw every parameter from N(0, std^2).
