@@ -21,11 +21,11 @@ the compute bound: sampling does the same arithmetic). Naive and official are ti
 first steps and multiplied out to the whole image (marked *): every one of their steps costs the
 same.
 
---against REV times `sample` (eager and compiled) of this tree and of commit REV in fresh
-processes taken in turn, the order swapping every round, and reports the median over rounds of
-ours / theirs: on a shared machine the speed drifts between processes, and a drift hits both
-sides of a round alike. Each process times its best call after a warm-up: of 5 at batch 1, of
-one at batch 64.
+--against REV times `sample` (eager and compiled) of this tree and of commit REV, each held
+warm in a fresh process of its own, the calls taken in turn between the two (the order swapping
+every call), and reports the median over rounds of ours / theirs, each side's best call of the
+round after a warm-up (of 5 at batch 1, of one at batch 64): on a shared machine the speed
+drifts, in stalls that last seconds, and calls in turn meet a drift alike.
 
 --settings times eager `sample` with each setting of `runtime.eager_decoding` turned off in
 turn against all of them on, in one process, the order swapping every round, and reports the
@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import os
 import statistics
 import subprocess
@@ -150,36 +149,61 @@ def check_agreement(model: AxialTransformer, device: torch.device) -> None:
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def timed_seconds(tree: Path, preset: str, size: int, batch: int, compiled: bool,
-                  args: argparse.Namespace) -> tuple[float, float]:
-    """(first call, best later call) of `sample` from the package in `tree`, in a fresh
-    process: compiled graphs and autotuning choices of one case otherwise slow the next one."""
-    command = [sys.executable, os.path.abspath(__file__), "--case", "time", "--preset",
-               preset, "--size", str(size), "--batch", str(batch), "--device", args.device]
-    if compiled:
-        command.append("--compile")
-    if args.threads:
-        command += ["--threads", str(args.threads)]
-    env = {**os.environ, "PYTHONPATH": str(tree)}
-    done = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    return result["first"], result["best"]
+# A batch-1 call takes seconds: the best of several rides out a shared machine's stalls, which
+# only ever slow a call down. A batch-64 call takes long enough as it is.
+def timed_calls(batch: int) -> int:
+    return 5 if batch == 1 else 1
 
 
-def run_timed_case(args: argparse.Namespace) -> None:
+class TimedSampler:
+    """`sample` of the package in `tree`, held warm in a fresh process of its own that times one
+    call per request: compiled graphs and autotuning choices of one case otherwise slow the next
+    one. The first call (which compiles, if compiled) is made on start."""
+
+    def __init__(self, tree: Path, preset: str, size: int, batch: int, compiled: bool,
+                 args: argparse.Namespace) -> None:
+        command = [sys.executable, os.path.abspath(__file__), "--case", "serve", "--preset",
+                   preset, "--size", str(size), "--batch", str(batch), "--device", args.device]
+        if compiled:
+            command.append("--compile")
+        if args.threads:
+            command += ["--threads", str(args.threads)]
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        text=True, env={**os.environ, "PYTHONPATH": str(tree)})
+        self.first = self.call()
+
+    def call(self) -> float:
+        """Seconds of one `sample` call."""
+        self.process.stdin.write("call\n")
+        self.process.stdin.flush()
+        for line in self.process.stdout:
+            if line.startswith("seconds "):
+                return float(line.split()[1])
+        raise RuntimeError(f"the timed sampler exited with code {self.process.wait()}")
+
+    def best(self, calls: int) -> float:
+        """Best of `calls` calls after a warm-up call."""
+        self.call()
+        return min(self.call() for _ in range(calls))
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait()
+
+
+def serve_timed_calls(args: argparse.Namespace) -> None:
+    """The other end of `TimedSampler`: a model of the preset, one timed `sample` per line."""
     device = torch.device(args.device)
     torch.manual_seed(0)
     cfg = AxialTransformerConfig.from_preset(args.preset, image_size=(args.size, args.size),
                                              channels=3)
     model = AxialTransformer(cfg).to(device).eval()
-    start = time.perf_counter()
-    sample(model, args.batch, compile=args.compile)  # compiles for this model and batch
-    first = time.perf_counter() - start
-    # A batch-1 call takes seconds: the best of several rides out a shared machine's stalls,
-    # which only ever slow a call down.
-    best = clock(lambda: sample(model, args.batch, compile=args.compile), device,
-                 repeats=5 if args.batch == 1 else 1)
-    print(json.dumps(dict(first=first, best=best)))
+    for _ in sys.stdin:
+        sync(device)
+        start = time.perf_counter()
+        sample(model, args.batch, compile=args.compile)
+        sync(device)
+        print(f"seconds {time.perf_counter() - start}", flush=True)
 
 
 def compare_with(rev: str, args: argparse.Namespace) -> None:
@@ -201,15 +225,33 @@ def compare_with(rev: str, args: argparse.Namespace) -> None:
                     ours, their, ratios = [], [], []
                     for r in range(args.rounds):
                         trees = [ROOT, Path(theirs)] if r % 2 == 0 else [Path(theirs), ROOT]
-                        times = {tree: timed_seconds(tree, "small", size, batch, compiled,
-                                                     args)[1] / batch for tree in trees}
-                        ours.append(times[ROOT])
-                        their.append(times[Path(theirs)])
+                        best = against_in_turn(trees, size, batch, compiled, args)
+                        ours.append(best[ROOT] / batch)
+                        their.append(best[Path(theirs)] / batch)
                         ratios.append(ours[-1] / their[-1])
                     print(f"| {size}x{size}x3 | {batch} | {'compiled' if compiled else 'eager'} "
                           f"| {statistics.median(ours):.4f} | {statistics.median(their):.4f} | "
                           f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-"
                           f"{max(ratios):.2f}) |", flush=True)
+
+
+def against_in_turn(trees: list[Path], size: int, batch: int, compiled: bool,
+                    args: argparse.Namespace) -> dict[Path, float]:
+    """Best seconds of a `sample` call of each tree's package, both held warm in processes of
+    their own and called in turn (the order swapping every call): a stall of the machine, which
+    may last seconds, then falls on both alike."""
+    samplers = {tree: TimedSampler(tree, "small", size, batch, compiled, args) for tree in trees}
+    try:
+        for sampler in samplers.values():
+            sampler.call()  # warm-up
+        best = dict.fromkeys(trees, float("inf"))
+        for k in range(timed_calls(batch)):
+            for tree in trees if k % 2 == 0 else trees[::-1]:
+                best[tree] = min(best[tree], samplers[tree].call())
+        return best
+    finally:
+        for sampler in samplers.values():
+            sampler.close()
 
 
 EAGER_SETTINGS = ("decoding_threads", "column_major_linears", "plain_attributes")
@@ -268,7 +310,7 @@ def main() -> None:
     parser.add_argument("--samplers", nargs="+", choices=["eager", "compiled"],
                         default=["eager", "compiled"], help="samplers timed with --against")
     # Internal: one timed case in a fresh process.
-    parser.add_argument("--case", choices=["time"], help=argparse.SUPPRESS)
+    parser.add_argument("--case", choices=["serve"], help=argparse.SUPPRESS)
     parser.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--preset", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
@@ -276,8 +318,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.case == "time":
-        run_timed_case(args)
+    if args.case == "serve":
+        serve_timed_calls(args)
         return
     if args.against:
         compare_with(args.against, args)
@@ -324,7 +366,9 @@ def main() -> None:
                 per_row = (more - first) / official_rows
                 official = 3 * (first - per_row) + rows * per_row
             ours = clock(lambda: sample(model, batch), device, repeats=2)  # noqa: B023
-            first, compiled = timed_seconds(ROOT, preset, size, batch, True, args)
+            timed = TimedSampler(ROOT, preset, size, batch, True, args)
+            first, compiled = timed.first, timed.best(timed_calls(batch))
+            timed.close()
             compile_seconds.append(f"{size}x{size} batch {batch}: {first - compiled:.0f} s")
             print(f"| {f'{size}x{size}x3':8} | {batch:5d} | {naive / batch:8.3f}* | "
                   f"{official / batch:8.3f}* | {ours / batch:8.4f} | {naive / ours:7.0f}x | "
