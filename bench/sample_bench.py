@@ -1,7 +1,7 @@
 """Sampling speed: the naive sampler, the official code's scheme and the cached sampler.
 
     python bench/sample_bench.py                 # "small" preset, 16x16 and 32x32 RGB, batch 1, 64
-    python bench/sample_bench.py --quick         # a tiny model, a few seconds; checks agreement
+    python bench/sample_bench.py --quick         # a tiny model; checks agreement (3 min: compiles)
     python bench/sample_bench.py --threads 8 --device cuda
     python bench/sample_bench.py --against HEAD~1  # this tree's sampler against another commit's
     python bench/sample_bench.py --settings      # what each eager-decoding setting buys
