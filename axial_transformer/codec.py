@@ -69,8 +69,7 @@ def compress(
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     device = next(model.parameters()).device
     if threads is None:
-        single = device.type == "cpu" and batch_size < runtime.MATRIX_VECTOR_BELOW_BATCH
-        threads = 1 if single else torch.get_num_threads()
+        threads = 1 if runtime.matrix_vector_steps(batch_size, device) else torch.get_num_threads()
     pixels = images.to(device="cpu", dtype=torch.uint8)
     encoder = constriction.stream.queue.RangeEncoder()
     with coding_mode(model, threads), rows_bar(model, len(images), batch_size, "compressing",

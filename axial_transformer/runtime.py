@@ -26,6 +26,11 @@ from torch import Tensor
 MATRIX_VECTOR_BELOW_BATCH = 8
 
 
+def matrix_vector_steps(batch: int, device: torch.device) -> bool:
+    """Whether decoding steps of `batch` sequences on `device` are matrix-vector products."""
+    return device.type == "cpu" and batch < MATRIX_VECTOR_BELOW_BATCH
+
+
 def softmax_backward_kernel(grad: Tensor, p: Tensor) -> Tensor:
     """d scores = p * (grad - sum(grad * p)) along the last axis, for p = softmax(scores), in
     one fused kernel: the one autograd runs for `Tensor.softmax`."""
@@ -37,9 +42,9 @@ def eager_decoding(model: torch.nn.Module, batch: int, device: torch.device) -> 
     """What an eager decoding loop wants while it runs, all restored after: its steps hold a few
     tokens each, so Python and memory layout cost it more than arithmetic. Plain attribute
     lookups; on the CPU below batch 8, one thread and the linear layers' weights column-major."""
-    small = device.type == "cpu" and batch < MATRIX_VECTOR_BELOW_BATCH
     with decoding_threads(batch, device), plain_attributes(model), \
-            column_major_linears(model) if small else contextlib.nullcontext():
+            column_major_linears(model) if matrix_vector_steps(batch, device) \
+            else contextlib.nullcontext():
         yield
 
 
@@ -47,7 +52,7 @@ def eager_decoding(model: torch.nn.Module, batch: int, device: torch.device) -> 
 def decoding_threads(batch: int, device: torch.device) -> Iterator[None]:
     """One CPU thread while a decoding loop runs at a small batch; restored after."""
     threads = torch.get_num_threads()
-    if device.type == "cpu" and batch < MATRIX_VECTOR_BELOW_BATCH:
+    if matrix_vector_steps(batch, device):
         torch.set_num_threads(1)
     try:
         yield
