@@ -27,6 +27,7 @@ from pathlib import Path
 from axial_transformer.distributed import cpu_only
 from axial_transformer.errors import SetupError, TrainingError
 from axial_transformer.host_memory import keep_freed_memory
+from axial_transformer.preemption import Preempted, Preemption
 from axial_transformer.run_log import print_outputs
 from axial_transformer.train_config import load_config
 from axial_transformer.training import train
@@ -43,13 +44,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="show the traceback of an error (also AXIAL_DEBUG=1)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args(argv)
+    # SIGTERM and SIGINT until the process exits: train() handles them while it runs; before,
+    # they stop the command at once; after, everything is saved or complete and they are only
+    # noted, so that a signal while the results print or the interpreter shuts down still
+    # leaves exit code 0. Never uninstalled: the default action would kill the process.
+    outside = Preemption().install()
     try:
         cfg = load_config(args.config, args.overrides)
         if cpu_only():
             keep_freed_memory()  # CPU steps stop page-faulting their activations in every step
         final = train(cfg)
+        outside.defer()
+    except Preempted as stop:  # before train() began, or just as it returned
+        outside.defer()
+        final = {"preempted": stop.signal_name, "step": None, "checkpoint": None}
     # OSError: a disk that fills up or fails after start-up (a checkpoint write says so itself).
     except (ValueError, SetupError, TrainingError, OSError) as e:
+        outside.defer()
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)

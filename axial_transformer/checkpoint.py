@@ -92,6 +92,9 @@ def sealed_files(directory: Path) -> dict[str, dict]:
         raise CheckpointError(f"no {MARKER} marker (the write did not finish)") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{MARKER} is not JSON ({e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{MARKER} is nested too deeply (expected {{\"files\": ...}})"
+                              ) from None
     files = marker.get("files") if isinstance(marker, dict) else None
     if not isinstance(files, dict) or not files:
         raise CheckpointError(f"{MARKER} lists no files")

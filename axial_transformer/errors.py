@@ -1,5 +1,11 @@
 """What a training run stops with: each message is one line that says what to change."""
 
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 
 class SetupError(RuntimeError):
     """The run cannot start as configured (a run dir in use, a tracker that does not start,
@@ -8,3 +14,17 @@ class SetupError(RuntimeError):
 
 class TrainingError(RuntimeError):
     """The run cannot go on (it diverged, a checkpoint could not be written)."""
+
+
+@contextmanager
+def naming(path: str | Path) -> Iterator[None]:
+    """An OSError raised inside names `path` when it names no file of its own: a full disk's
+    ENOSPC comes from write() or fsync(), which know no file name."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        if e.errno is None:
+            raise OSError(f"{path}: {e}") from None
+        raise OSError(e.errno, e.strerror, str(path)) from None

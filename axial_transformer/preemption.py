@@ -37,6 +37,10 @@ class Preemption:
         self.previous: dict = {}
 
     def __enter__(self) -> Preemption:
+        return self.install()
+
+    def install(self) -> Preemption:
+        """Handle the signals from now on (`with` restores the previous handlers at its end)."""
         if threading.current_thread() is threading.main_thread():  # signals go to the main one
             self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
         return self

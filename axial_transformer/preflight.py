@@ -5,20 +5,23 @@ In order: the data, a run_dir that can be written and a disk with room for what 
 hold at its peak (no process group or model needed, so a mistake costs seconds); Accelerate; the
 lock on run_dir, so that no second run writes into it; then, under the lock, what run_dir holds
 (the saved config, the checkpoint to resume from, a run already finished); the batch split; the
-trackers. Only then does the run write: temporary files left by killed runs are removed, records
-past the resumed step dropped, config.yaml saved. A start-up that fails leaves run_dir as it
-found it (a run_dir it created is removed again).
+trackers. Nothing in run_dir where the run writes may be a symbolic link. The run writes only
+once its model, optimizer and data loader are built too (`begin_run`): temporary files left by
+killed runs are removed, records past the resumed step dropped, config.yaml saved. A start-up
+that fails before then leaves run_dir as it found it (a run_dir it created is removed again).
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import re
 import shutil
 import socket
+import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,9 +31,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .distributed import agree, build_accelerator
-from .errors import SetupError
+from .errors import SetupError, naming
 from .model import AxialTransformer
-from .resume import CheckpointState, select_checkpoint
+from .resume import CheckpointState, export_problem, select_checkpoint
 from .run_log import drop_stale_records, final_record, init_trackers
 from .train_config import RunConfig, config_from_dict, save_config
 
@@ -43,16 +46,19 @@ class Start:
     micro_batch: int  # images per process per micro-batch
     checkpoint: CheckpointState | None  # what to resume from, read and checked
     complete: dict | None  # the final record when run_dir holds this run already finished
+    begun: bool = False  # begin_run has written into run_dir: a failure no longer undoes it
 
 
 @contextmanager
 def start_run(cfg: RunConfig) -> Iterator[Start]:
-    """Check everything, claim run_dir and prepare it; the lock is held until the block ends.
-    Every process runs this alike, so that all of them stop, not one."""
+    """Check everything and claim run_dir; the lock is held until the block ends. A failure in
+    the block before `begin_run` undoes the claim as a failed check does. Every process runs
+    this alike, so that all of them stop, not one."""
     train_set, test_set, like = check_inputs(cfg)
     accelerator = build_accelerator(cfg)
     main = accelerator.is_main_process
     claim = RunDirClaim(Path(cfg.run_dir)) if main else None
+    start = None
     try:
         error = None
         if claim is not None:
@@ -66,18 +72,30 @@ def start_run(cfg: RunConfig) -> Iterator[Start]:
         start = check_run_dir(cfg, accelerator, train_set, test_set, like)
         if start.complete is None:
             init_trackers(accelerator, cfg)
-            if main:
-                prepare_run_dir(cfg, start.checkpoint.step if start.checkpoint else 0)
-        accelerator.wait_for_everyone()
+        yield start
     except BaseException:  # a failed check, or SIGTERM during start-up (Preempted)
-        if claim is not None:
+        if claim is not None and not (start is not None and start.begun):
             claim.abandon()
         raise
-    try:
-        yield start
     finally:
         if claim is not None:
             claim.release()
+
+
+def begin_run(cfg: RunConfig, start: Start) -> None:
+    """The start-up's writes, once every check has passed and the run's objects are built:
+    temporary files of killed runs removed, records past the step the run starts from dropped
+    (at its last step, the final record too: the final phase is done again), config.yaml
+    saved."""
+    start.begun = True
+    if start.accelerator.is_main_process:
+        step = start.checkpoint.step if start.checkpoint else 0
+        run_dir = Path(cfg.run_dir)
+        remove_leftovers(run_dir)
+        drop_stale_records(run_dir / "metrics.jsonl", step, final=step >= cfg.train.steps)
+        with naming(run_dir / "config.yaml"):
+            save_config(cfg, run_dir / "config.yaml")
+    start.accelerator.wait_for_everyone()
 
 
 def check_inputs(cfg: RunConfig) -> tuple[Dataset, Dataset, nn.Module]:
@@ -102,12 +120,17 @@ def check_run_dir(cfg: RunConfig, accelerator, train_set: Dataset, test_set: Dat
                   like: nn.Module) -> Start:
     """What run_dir holds, read under the lock: nothing here writes."""
     run_dir = Path(cfg.run_dir)
+    check_no_links(run_dir)
+    main = accelerator.is_main_process
     if cfg.resume:
         check_saved_config(cfg)
         complete = final_record(run_dir / "metrics.jsonl", cfg.train.steps)
-        if complete is not None:
+        stale = complete is not None and export_problem(run_dir)
+        if stale and main:
+            print(f"warning: {run_dir} has its final record, but {stale}; resuming to write "
+                  "the export again", file=sys.stderr)
+        if complete is not None and not stale:
             return Start(accelerator, train_set, test_set, 0, None, complete)
-    main = accelerator.is_main_process
     checkpoint = select_checkpoint(cfg, like, accelerator.process_index, warn=main)
     micro = micro_batch_size(cfg, accelerator.num_processes)
     if len(train_set) < micro * accelerator.num_processes:
@@ -141,12 +164,21 @@ def micro_batch_size(cfg: RunConfig, processes: int) -> int:
     return cfg.train.batch_size // per_step
 
 
-def prepare_run_dir(cfg: RunConfig, step: int) -> None:
-    """The start-up's only writes, once every check has passed."""
-    run_dir = Path(cfg.run_dir)
-    remove_leftovers(run_dir)
-    drop_stale_records(run_dir / "metrics.jsonl", step)
-    save_config(cfg, run_dir / "config.yaml")
+# What a run writes in run_dir. None of them, nor anything in the folders, may be a symbolic
+# link: the run would write through it into a file or folder outside run_dir.
+RUN_FILES = (".lock", "config.yaml", "metrics.jsonl", "heatmap.png")
+RUN_FOLDERS = ("checkpoints", "export", "samples")
+
+
+def check_no_links(run_dir: Path) -> None:
+    """Raise a SetupError naming the first symbolic link where the run writes."""
+    paths = [run_dir / name for name in (*RUN_FILES, *RUN_FOLDERS)]
+    paths += [p for name in RUN_FOLDERS if (run_dir / name).is_dir()
+              and not (run_dir / name).is_symlink() for p in sorted((run_dir / name).iterdir())]
+    for path in paths:
+        if path.is_symlink():
+            raise SetupError(f"{path} is a symbolic link (to {os.readlink(path)}); the run "
+                             "writes there and follows no link out of run_dir: remove it")
 
 
 # Temporary files of writes that a kill interrupted: atomic_write's `.NAME.XXXXXXXX.tmp`, a
@@ -222,35 +254,38 @@ def check_disk_space(run_dir: str | Path, num_parameters: int, keep: int,
 class RunDirClaim:
     """run_dir for one run at a time: an exclusive flock on RUN/.lock, which holds the holder's
     pid and host. The kernel drops the lock when its process ends, however it ends, so the file
-    left by a killed run never blocks the next one."""
+    left by a killed run never blocks the next one.
+
+    Start-ups may race for a new run_dir. Each removes only what it created itself (mkdir and
+    O_EXCL tell it), and only while it holds the lock: one that does not get the lock removes
+    nothing, since the folder and the lock file may be the winner's."""
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
         self.path = run_dir / ".lock"
         self.fd: int | None = None
         self.created_dir = self.created_lock = False
+        self.holder: list[str] = []
 
     def take(self) -> None:
         try:
-            self.created_dir = not self.run_dir.exists()
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            while True:
-                self.created_lock = not self.path.exists()
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    holder = os.read(fd, 256).decode(errors="replace").split()
-                    os.close(fd)
-                    self.abandon()
-                    who = f"pid {holder[0]} on {holder[1]}" if len(holder) == 2 else "a process"
-                    raise SetupError(f"run_dir {self.run_dir} is in use by another run ({who} "
-                                     f"holds {self.path}); wait for it to end or choose another "
-                                     "run_dir") from None
-                if self._still_linked(fd):
-                    break
-                os.close(fd)  # removed by a start-up that failed meanwhile: lock the new file
-            self.fd = fd
+            self.fd = self._open_locked()
+        except OSError as e:
+            if self.created_dir:  # it goes again unless another start-up is in it by now
+                with suppress(OSError):
+                    self.run_dir.rmdir()
+            if e.errno == errno.ELOOP:
+                raise SetupError(f"{self.path} is a symbolic link; the run writes its lock "
+                                 "there and follows no link: remove it") from None
+            raise SetupError(f"run_dir {self.run_dir} cannot be written: {e.strerror or e}"
+                             ) from None
+        if self.fd is None:
+            who = (f"pid {self.holder[0]} on {self.holder[1]}" if len(self.holder) == 2
+                   else "a process")
+            raise SetupError(f"run_dir {self.run_dir} is in use by another run ({who} holds "
+                             f"{self.path}); wait for it to end or choose another run_dir")
+        fd = self.fd
+        try:
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
         except OSError as e:
@@ -258,9 +293,43 @@ class RunDirClaim:
             raise SetupError(f"run_dir {self.run_dir} cannot be written: {e.strerror or e}"
                              ) from None
 
+    def _open_locked(self) -> int | None:
+        """A descriptor of RUN/.lock holding its flock, or None when another process holds it
+        (its pid and host are then in `holder`)."""
+        self.created_dir = self.created_lock = False
+        for _ in range(100):  # a start-up that failed may remove run_dir or .lock meanwhile
+            try:
+                self.run_dir.mkdir(parents=True)
+                self.created_dir = True
+            except FileExistsError:
+                pass
+            flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+            try:
+                fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o666)
+                self.created_lock = True
+            except FileExistsError:
+                try:
+                    fd = os.open(self.path, flags)
+                except FileNotFoundError:
+                    continue
+            except FileNotFoundError:  # run_dir removed between the mkdir and here
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.holder = os.read(fd, 256).decode(errors="replace").split()
+                os.close(fd)
+                self.created_dir = self.created_lock = False  # the holder's now, not ours
+                return None
+            if self._still_linked(fd):
+                return fd
+            os.close(fd)  # removed by a start-up that failed meanwhile: lock the new file
+            self.created_lock = False
+        raise OSError(errno.EBUSY, f"{self.path} kept changing while it was being locked")
+
     def _still_linked(self, fd: int) -> bool:
         try:
-            return os.path.samestat(os.fstat(fd), os.stat(self.path))
+            return os.path.samestat(os.fstat(fd), os.stat(self.path, follow_symlinks=False))
         except FileNotFoundError:
             return False
 
@@ -270,9 +339,18 @@ class RunDirClaim:
             self.fd = None
 
     def abandon(self) -> None:
-        """Undo the claim of a start-up that failed: what it created goes again."""
-        if self.created_lock:
+        """Undo the claim of a start-up that failed, while it still holds the lock (no other
+        start-up can be using run_dir then): what it created goes again. A run_dir it created
+        is emptied, then removed only if it is still empty: once the lock file is unlinked,
+        another start-up may claim run_dir anew."""
+        if self.fd is None:
+            return
+        if self.created_dir:
+            for path in self.run_dir.iterdir():
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        elif self.created_lock:
             self.path.unlink(missing_ok=True)
-        if self.created_dir:  # still locked, so no other start-up can be claiming it
-            shutil.rmtree(self.run_dir, ignore_errors=True)
         self.release()
+        if self.created_dir:
+            with suppress(OSError):  # not empty: another start-up has claimed it meanwhile
+                self.run_dir.rmdir()

@@ -5,6 +5,11 @@ A resumed run continues bit for bit: the weights, Adam's moments, the EMA and ev
 random generators are in the checkpoint, and everything else a step draws is a function of the
 step (train_step.py). The step count of consecutive skipped steps is not saved: a run stopped for
 diverging is resumed with a lower learning rate, and must not inherit the streak.
+
+RUN/export holds the EMA weights of the newest checkpoint, written after it: its
+model.safetensors is byte for byte the checkpoint's ema.safetensors (the same tensors through
+the same writer), so the seal's SHA-256 tells whether the export is up to date. A kill or a
+full disk between the two leaves it stale; a resume writes it again.
 """
 
 from __future__ import annotations
@@ -20,25 +25,29 @@ from typing import TypeVar
 from torch import Tensor, nn
 
 from .checkpoint import (
+    MARKER,
     CheckpointError,
     check_file,
     checkpoint_dirs,
     checkpoint_path,
+    checkpoint_problem,
     checkpoint_step,
     is_checkpoint_name,
     nonfinite_parameter,
     prune_checkpoints,
     seal,
     sealed_files,
+    sha256,
     unsealed_files,
 )
 from .distributed import agree
 from .ema import EMA
-from .errors import SetupError, TrainingError
+from .errors import SetupError, TrainingError, naming
 from .io import atomic_write_text, fsync_directory, write_safetensors
 from .tensor_files import check_shapes, read_tensors, safetensors_shapes
 from .train_config import RunConfig
 from .train_state import (
+    check_optimizer_json,
     optimizer_from_files,
     optimizer_to_files,
     restore_rng,
@@ -67,7 +76,9 @@ def save_checkpoint(
 ) -> Path:
     """Write RUN/checkpoints/step_NNNNNNN (state["step"]) under a temporary name, seal it,
     rename it, prune the old ones and refresh the EMA export. A failed write (a full disk)
-    removes what it wrote and stops every process with a TrainingError."""
+    stops every process with a TrainingError that names the file and says what is kept: before
+    the rename, the checkpoint's temporary files are removed; after it, the checkpoint stays
+    and the next resume writes the export again."""
     for what, weights in (("weights", model), ("EMA weights", ema.model)):
         bad = nonfinite_parameter(weights)
         if bad:  # never replace a good checkpoint with a poisoned one
@@ -87,42 +98,86 @@ def save_checkpoint(
     try:  # every process its own generators; the main process the rest
         write_files(tmp, f"rng_{accelerator.process_index}", *rng_to_files())
         if main:
-            write_safetensors(tmp / "model.safetensors", model.state_dict())
-            write_safetensors(tmp / "ema.safetensors", ema.model.state_dict())
+            for name, weights in (("model", model), ("ema", ema.model)):
+                with naming(tmp / f"{name}.safetensors"):
+                    write_safetensors(tmp / f"{name}.safetensors", weights.state_dict())
             write_files(tmp, "optimizer", *optimizer_to_files(optimizer.state_dict()))
-            atomic_write_text(tmp / "trainer_state.json", json.dumps(state))
+            with naming(tmp / "trainer_state.json"):
+                atomic_write_text(tmp / "trainer_state.json", json.dumps(state))
     except OSError as e:
         error = error or e
     failed = agree(accelerator, error is not None)[0]  # every process learns of any failure
     if main and not failed:
         try:
-            seal(tmp)
+            with naming(tmp / MARKER):
+                seal(tmp)
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
             fsync_directory(root)
-            prune_checkpoints(run_dir, keep)
-            ema.model.save_pretrained(run_dir / "export")
         except OSError as e:
             error = e
     if agree(accelerator, error is not None)[0]:
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
         why = error or "a write failed on another process"
+        previous = [d.name for d in checkpoint_dirs(run_dir) if d != final]
+        kept = f"{previous[-1]} is the newest checkpoint" if previous else "no checkpoint yet"
         raise TrainingError(f"could not write checkpoint {final}: {why}; removed its temporary "
-                            "files. Free some space and continue with resume=auto")
+                            f"files ({kept}). Free some space and continue with resume=auto")
+    if main:
+        try:
+            prune_checkpoints(run_dir, keep)
+            write_export(ema, run_dir)
+        except OSError as e:
+            error = e
+    if agree(accelerator, error is not None)[0]:
+        why = error or "a write failed on another process"
+        raise TrainingError(f"checkpoint {final} is saved, but the export could not be "
+                            f"refreshed: {why}. Free some space and continue with resume=auto, "
+                            "which writes the export again")
     return final
+
+
+def write_export(ema: EMA, run_dir: Path) -> None:
+    """RUN/export: the EMA weights for sample.py, evaluate.py and the Hub."""
+    with naming(run_dir / "export"):
+        ema.model.save_pretrained(run_dir / "export")
+
+
+def export_problem(run_dir: Path, checkpoint: Path | None = None) -> str | None:
+    """Why RUN/export does not hold the EMA weights of `checkpoint` (by default the newest
+    complete one), or None when it does or there is no checkpoint."""
+    if checkpoint is None:
+        complete = [d for d in checkpoint_dirs(run_dir) if checkpoint_problem(d, False) is None]
+        if not complete:
+            return None
+        checkpoint = complete[-1]
+    export = Path(run_dir) / "export"
+    weights = export / "model.safetensors"
+    if not (export / "config.json").is_file() or not weights.is_file():
+        return f"{export} is missing or incomplete"
+    try:
+        expected = sealed_files(checkpoint)["ema.safetensors"]["sha256"]
+    except CheckpointError as e:
+        return f"{checkpoint} cannot be compared with it ({e})"
+    if sha256(weights) != expected:
+        return f"{weights} is not the EMA weights of {checkpoint.name} (stale)"
+    return None
 
 
 def write_files(directory: Path, stem: str, tensors: dict[str, Tensor], info: dict) -> None:
     """STEM.safetensors and STEM.json: the tensors and the rest of one state."""
-    write_safetensors(directory / f"{stem}.safetensors", tensors)
-    atomic_write_text(directory / f"{stem}.json", json.dumps(info, allow_nan=False))
+    with naming(directory / f"{stem}.safetensors"):
+        write_safetensors(directory / f"{stem}.safetensors", tensors)
+    with naming(directory / f"{stem}.json"):
+        atomic_write_text(directory / f"{stem}.json", json.dumps(info, allow_nan=False))
 
 
 def read_checkpoint(directory: Path, like: nn.Module, rank: int = 0) -> CheckpointState:
     """Check every file of a checkpoint against its seal and read it, checked against the shapes
-    of `like` (the run's model; one on the meta device will do). Raises CheckpointError for
-    anything damaged, and SetupError for a checkpoint of another model configuration."""
+    of `like` (the run's model; one on the meta device will do) and, for Adam's settings, against
+    the optimizer this run builds from `t`. Raises CheckpointError for anything damaged or
+    hostile, and SetupError for a checkpoint of another model configuration."""
     files = sealed_files(directory)
     for name, entry in files.items():
         check_file(directory, name, entry)
@@ -138,9 +193,11 @@ def read_checkpoint(directory: Path, like: nn.Module, rank: int = 0) -> Checkpoi
     ema = checked("ema.safetensors", lambda: read_weights(directory / "ema.safetensors", shapes))
     moments = checked("optimizer.safetensors",
                       lambda: read_tensors(directory / "optimizer.safetensors"))
-    optimizer = checked("optimizer state", lambda: optimizer_from_files(
-        moments, read_json(directory / "optimizer.json"),
-        [tuple(p.shape) for p in like.parameters()]))
+    settings = read_json(directory / "optimizer.json")
+    parameters = [tuple(p.shape) for p in like.parameters()]
+    checked("optimizer.json", lambda: check_optimizer_json(settings, len(parameters)))
+    optimizer = checked("optimizer.safetensors", lambda: optimizer_from_files(
+        moments, settings, parameters))
     rng = None
     if f"rng_{rank}.json" in files and f"rng_{rank}.safetensors" in files:
         generators = checked(f"rng_{rank}.safetensors",
@@ -176,6 +233,9 @@ def read_json(file: Path) -> dict:
         value = json.loads(file.read_text())
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{file.name} is not JSON ({e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{file.name} is nested too deeply (expected a flat JSON object)"
+                              ) from None
     if not isinstance(value, dict):
         raise CheckpointError(f"{file.name} does not hold a JSON object")
     return value

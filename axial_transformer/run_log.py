@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,13 +27,15 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .ema import EMA
-from .errors import SetupError
+from .errors import SetupError, naming
 from .train_config import RunConfig
 
 
 class MetricsLog:
-    """Appends records to metrics.jsonl, echoes them above the progress bar and logs them to the
-    trackers; only the main process writes."""
+    """Echoes records above the progress bar, appends them to metrics.jsonl and logs them to
+    the trackers; only the main process writes. A record is shown before it is written, so a
+    write that fails (a full disk) loses no figure unseen. metrics.jsonl is opened without
+    following a symbolic link (O_NOFOLLOW): the run appends to its own file only."""
 
     def __init__(self, accelerator, path: Path, bar: tqdm) -> None:
         self.accelerator = accelerator
@@ -43,11 +46,18 @@ class MetricsLog:
         if not self.accelerator.is_main_process:
             return
         record = {"step": step, **metrics}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
         if echo:
-            self.bar.write(" ".join(f"{k} {_fmt(v)}" for k, v in record.items()))
+            self.show(step, metrics)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        with naming(self.path), open(os.open(self.path, flags, 0o666), "a") as f:
+            f.write(json.dumps(record) + "\n")
         self.accelerator.log(metrics, step=step)
+
+    def show(self, step: int, metrics: dict) -> None:
+        """Print a record above the progress bar (main process)."""
+        if self.accelerator.is_main_process:
+            record = {"step": step, **metrics}
+            self.bar.write(" ".join(f"{k} {_fmt(v)}" for k, v in record.items()))
 
 
 class TrainMeter:
@@ -105,16 +115,19 @@ def read_records(path: Path) -> list[dict]:
     return records
 
 
-def drop_stale_records(path: Path, step: int) -> None:
+def drop_stale_records(path: Path, step: int, final: bool = False) -> None:
     """Forget what earlier attempts wrote past `step`, the step this run continues from: every
-    record after it, and the start and stop records at it (this run starts there again)."""
+    record after it, and the start and stop records at it (this run starts there again); with
+    `final`, the final record at it too (this run does its final phase again)."""
     if not path.is_file():
         return
     from .io import atomic_write_text
 
+    redone = ("start", "preempted", "final") if final else ("start", "preempted")
     kept = [r for r in read_records(path) if r["step"] < step or
-            (r["step"] == step and "start" not in r and "preempted" not in r)]
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+            (r["step"] == step and not any(key in r for key in redone))]
+    with naming(path):
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def final_record(path: Path, steps: int) -> dict | None:
@@ -152,7 +165,8 @@ def save_samples(accelerator, ema: EMA, cfg: RunConfig, step: int) -> Path | Non
     picture = Image.fromarray(grid).resize((grid.shape[1] * zoom, grid.shape[0] * zoom),
                                            Image.NEAREST)
     path = Path(cfg.run_dir) / "samples" / f"step_{step:07d}.png"
-    atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
+    with naming(path):
+        atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
     if cfg.log.wandb:
         accelerator.get_tracker("wandb").log_images({"samples": [picture]}, step=step)
     return path

@@ -153,6 +153,8 @@ class RunConfig:
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(t, name) < 1:
                 raise ValueError(f"train.{name} must be in [0, 1), got {getattr(t, name)}")
+        if not 0 <= t.seed < 2**32:  # numpy's and Accelerate's seeding take no other
+            raise ValueError(f"train.seed must be in [0, 2**32), got {t.seed}")
         if not 0.0 <= t.ema_decay < 1.0:
             raise ValueError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
         if not 0.0 <= t.label_dropout < 1.0:

@@ -4,17 +4,39 @@ A pickle can run code or forge pointers when it is read, so a checkpoint holds o
 (tensors behind a JSON header) and JSON. Adam's state is its moments and step count per
 parameter index (tensors) and its hyper-parameters (JSON). Each process's random generators are
 torch's CPU and CUDA states (uint8 tensors) and Python's and numpy's Mersenne Twisters (JSON).
-Everything read back is checked before it is used; a failed check raises a ValueError that says
-what is wrong.
+Everything read back is checked before it is used, hyper-parameters and flags included (a
+checkpoint's seal is only a checksum, which anyone can recompute); a failed check raises a
+ValueError that names the field and says what was expected.
 """
 
 from __future__ import annotations
 
+import math
 import random
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from .train_config import OptimConfig
+
+
+def adam(params, t: OptimConfig) -> torch.optim.Adam:
+    """The run's optimizer: Adam as in the paper (no amsgrad), L2 weight decay."""
+    return torch.optim.Adam(params, lr=t.lr, betas=(t.beta1, t.beta2),
+                            weight_decay=t.weight_decay)
+
+
+# The settings of a param group that are numbers, and what each must be.
+# (The learning rate is set anew at every step, and a cosine schedule ends at min_lr, maybe 0.)
+_NUMBERS = {"lr": "a finite number >= 0", "eps": "a positive finite number",
+            "weight_decay": "a finite number >= 0", "betas": "two numbers in [0, 1)"}
+# The rest are flags (amsgrad, capturable, fused, ...): a checkpoint's must be those of the Adam
+# the run builds. torch gives a group that lacks one its default, which is the run's.
+_FLAGS = {k: v for k, v in adam([torch.zeros(1)], OptimConfig()).defaults.items()
+          if k not in _NUMBERS}
+# Adam's state of one parameter: its step count and its two moments.
+_MOMENTS = ("exp_avg", "exp_avg_sq")
 
 # ---------------------------------------------------------------------------------------------
 # Optimizer: state["state"][i][name] -> tensor "i.name"; the rest as JSON.
@@ -43,17 +65,68 @@ def optimizer_from_files(
         raise ValueError(f"not an optimizer state ({type(e).__name__}: {e})") from None
 
 
-def _optimizer_state(tensors: dict[str, Tensor], info: dict, shapes: list[tuple[int, ...]]):
-    groups = info["param_groups"]
+def _number(value, low: float, high: float = math.inf, open_low: bool = False) -> bool:
+    return (type(value) in (int, float) and math.isfinite(value)
+            and (low < value if open_low else low <= value) and value < high)
+
+
+def check_param_group(index: int, group: dict) -> None:
+    """Raise a ValueError unless `group` has every setting of the run's Adam and each is of its
+    form: numbers in range, flags those of the Adam the run builds."""
+    where = f"param_groups[{index}]"
+    unknown = sorted(set(group) - set(_NUMBERS) - set(_FLAGS) - {"params"})
+    missing = sorted({"params", *_NUMBERS} - set(group))
+    if unknown or missing:
+        what = f"a key {unknown[0]!r}" if unknown else f"no {missing[0]!r}"
+        raise ValueError(f"{where} has {what}; expected the keys of torch's Adam: "
+                         f"{', '.join(['params', *_NUMBERS, *_FLAGS])}")
+    params = group["params"]
+    if not (isinstance(params, list) and all(type(i) is int for i in params)):
+        raise ValueError(f"{where}.params must be a list of parameter indices, got {params!r}")
+    betas = group["betas"]
+    checks = {"lr": _number(group["lr"], 0),
+              "eps": _number(group["eps"], 0, open_low=True),
+              "weight_decay": _number(group["weight_decay"], 0),
+              "betas": isinstance(betas, list) and len(betas) == 2
+              and all(_number(b, 0, 1) for b in betas)}
+    for key, ok in checks.items():
+        if not ok:
+            raise ValueError(f"{where}.{key} must be {_NUMBERS[key]}, got {group[key]!r}")
+    for key, expected in _FLAGS.items():
+        if key in group and not (type(group[key]) is type(expected) and group[key] == expected):
+            raise ValueError(f"{where}.{key} must be {json_name(expected)} (the run's Adam), "
+                             f"got {group[key]!r}")
+
+
+def json_name(value) -> str:
+    return {None: "null", True: "true", False: "false"}.get(value, repr(value))
+
+
+def check_optimizer_json(info: dict, parameters: int) -> None:
+    """Raise a ValueError unless `info` (the JSON half of `optimizer_to_files`) is of its form:
+    param groups of torch's Adam that hold the model's `parameters` parameters in order, and a
+    mapping of per-parameter settings."""
+    groups = info.get("param_groups") if isinstance(info, dict) else None
     if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
-        raise ValueError("param_groups is not a list of mappings")
+        raise ValueError(f"param_groups must be a list of mappings, got {groups!r}")
+    for index, group in enumerate(groups):
+        check_param_group(index, group)
     indices = [i for g in groups for i in g["params"]]
-    if indices != list(range(len(shapes))):
+    if indices != list(range(parameters)):
         raise ValueError(f"its param_groups hold {len(indices)} parameters, this model "
-                         f"{len(shapes)}")
+                         f"{parameters}")
+    if not isinstance(info.get("state"), dict):
+        raise ValueError(f"state must be a mapping, got {info.get('state')!r}")
+    for index, entry in info["state"].items():
+        if not (index.isdigit() and int(index) < parameters and isinstance(entry, dict)):
+            raise ValueError(f"state entry {index!r} names no parameter of this model")
+
+
+def _optimizer_state(tensors: dict[str, Tensor], info: dict, shapes: list[tuple[int, ...]]):
+    check_optimizer_json(info, len(shapes))
+    groups = info["param_groups"]
     for group in groups:
-        if "betas" in group:
-            group["betas"] = tuple(group["betas"])  # JSON has no tuples; torch's Adam keeps one
+        group["betas"] = tuple(group["betas"])  # JSON has no tuples; torch's Adam keeps one
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         index, _, name = key.partition(".")
@@ -66,10 +139,33 @@ def _optimizer_state(tensors: dict[str, Tensor], info: dict, shapes: list[tuple[
             raise ValueError(f"tensor {key} holds NaN or inf")
         state.setdefault(int(index), {})[name] = value
     for index, entry in info["state"].items():
-        if not (index.isdigit() and int(index) < len(shapes) and isinstance(entry, dict)):
-            raise ValueError(f"state entry {index!r} names no parameter of this model")
         state.setdefault(int(index), {}).update(entry)
+    for index, entry in state.items():
+        check_moments(index, entry, shapes[index])
     return {"state": state, "param_groups": groups}
+
+
+def check_moments(index: int, entry: dict, shape: tuple[int, ...]) -> None:
+    """Raise a ValueError unless one parameter's state is Adam's: a step count >= 0 (a scalar
+    tensor, or a number as older torch kept it) and its two moments of the parameter's shape,
+    the second >= 0."""
+    if sorted(entry) != sorted(("step", *_MOMENTS)):
+        raise ValueError(f"the state of parameter {index} holds {sorted(entry)}, expected "
+                         f"step, {', '.join(_MOMENTS)} (torch's Adam without amsgrad)")
+    step = entry["step"]
+    if isinstance(step, Tensor):
+        step = step.item() if step.dim() == 0 and step.is_floating_point() else None
+    if not _number(step, 0):
+        raise ValueError(f"the step count of parameter {index} must be a finite number >= 0, "
+                         f"got {entry['step']!r}")
+    for name in _MOMENTS:
+        moment = entry[name]
+        if not (isinstance(moment, Tensor) and moment.is_floating_point()
+                and tuple(moment.shape) == shape):
+            raise ValueError(f"{index}.{name} must be a floating-point tensor of its "
+                             f"parameter's shape {list(shape)}")
+    if (entry["exp_avg_sq"] < 0).any():
+        raise ValueError(f"tensor {index}.exp_avg_sq holds negative values (a mean of squares)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,14 +23,15 @@ from tqdm.auto import tqdm
 from .checkpoint import checkpoint_path
 from .distributed import agree, replicas_in_sync
 from .ema import EMA
-from .errors import TrainingError
+from .errors import TrainingError, naming
 from .evaluation import codec_baselines, evaluate, save_heatmap
 from .model import AxialTransformer
 from .preemption import Preempted, Preemption, inject_faults
-from .preflight import Start, start_run
-from .resume import restore, save_checkpoint
+from .preflight import Start, begin_run, start_run
+from .resume import export_problem, restore, save_checkpoint, write_export
 from .run_log import MetricsLog, TrainMeter, eval_metrics, run_outputs, save_samples
 from .train_config import RunConfig
+from .train_state import adam
 from .train_step import Objective, learning_rate, optimizer_step, training_batches
 
 
@@ -54,12 +55,15 @@ def train(cfg: RunConfig) -> dict:
 
 
 def run(cfg: RunConfig, start: Start, preemption: Preemption) -> dict:
-    """The loop, then the final checkpoint, evaluation and outputs."""
+    """The loop, then the final checkpoint, evaluation and outputs. Nothing is written before
+    the run's objects are built: a failure up to then is a failed start-up (`begin_run`)."""
     accelerator, t = start.accelerator, cfg.train
     main, run_dir = accelerator.is_main_process, Path(cfg.run_dir)
     model, ema, objective, optimizer, loader = build(cfg, start)
-    resumed, start.checkpoint = start.checkpoint, None  # the tensors read are freed once loaded
+    resumed = start.checkpoint
     state = restore(resumed, model, optimizer, ema) if resumed else {"step": 0, "skipped_steps": 0}
+    begin_run(cfg, start)
+    start.checkpoint = None  # the tensors read are freed once loaded
     step = state["step"]
     saved_at = step if resumed else None
     skipped_in_row = 0  # not carried over a resume: a run that diverged resumes with a lower lr
@@ -73,6 +77,10 @@ def run(cfg: RunConfig, start: Start, preemption: Preemption) -> dict:
     bar = tqdm(total=t.steps, initial=step, unit="step", dynamic_ncols=True, disable=not main)
     log = MetricsLog(accelerator, run_dir / "metrics.jsonl", bar)
     try:
+        stale = resumed and main and export_problem(run_dir, resumed.path)
+        if stale:  # a kill or a full disk came between the checkpoint and its export
+            bar.write(f"{stale}: writing the export again from {resumed.path.name}")
+            write_export(ema, run_dir)
         if main:
             where = f"resuming from {resumed.path}" if resumed else "starting"
             bar.write(f"{where}: {model.num_parameters():,} parameters, "
@@ -131,7 +139,8 @@ def run(cfg: RunConfig, start: Start, preemption: Preemption) -> dict:
             raise Preempted(preemption.received or "a signal to another process")
         preemption.stop_at_once()  # everything is saved: a signal from here on stops at once
         final = finish(cfg, start, model, ema, log, step)
-        preemption.defer()  # the run is complete: a late signal changes nothing
+        preemption.defer()  # the run is complete once the record is written: a late signal
+        log(step, final, echo=False)  # changes nothing
     except Preempted as stop:
         bar.close()
         log(step, {"preempted": stop.signal_name})
@@ -155,8 +164,7 @@ def build(cfg: RunConfig, start: Start) -> tuple:
     set_seed(t.seed)  # the same init on every process
     model = AxialTransformer(cfg.model)
     ema = EMA(model, t.ema_decay)
-    optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2),
-                                 weight_decay=t.weight_decay)
+    optimizer = adam(model.parameters(), t)
     objective, optimizer, loader = start.accelerator.prepare(Objective(model, t.objective),
                                                              optimizer, loader)
     ema.model.to(start.accelerator.device)
@@ -182,18 +190,19 @@ def eval_record(cfg: RunConfig, ema: EMA, start: Start, per_pixel: bool = False)
 
 def finish(cfg: RunConfig, start: Start, model: AxialTransformer, ema: EMA, log: MetricsLog,
            step: int) -> dict:
-    """The final evaluation of the EMA weights, samples, the heatmap and the codec baselines.
-    The final record is written last, once all of them are done: a run stopped before that
-    does them all again when resumed, and a run that has it is complete."""
+    """The final evaluation of the EMA weights and the codec baselines, shown before anything
+    is written (a full disk then loses no figure unseen), then samples and the heatmap. Returns
+    the final record, which the caller writes last, once all of them are done: a run stopped
+    before that does them all again when resumed, and a run that has it is complete."""
     accelerator = start.accelerator
     record, heatmap = eval_record(cfg, ema, start, per_pixel=cfg.eval.heatmap)
     final = {"final": True, **record, "replicas_in_sync": replicas_in_sync(accelerator, model)}
+    if accelerator.is_main_process and cfg.eval.baselines:
+        final.update(codec_baselines(start.test_set, cfg.eval.max_images, progress=True))
+    log.show(step, final)
     if cfg.log.sample_every:
         save_samples(accelerator, ema, cfg, step)
-    if accelerator.is_main_process:
-        if heatmap is not None:
+    if accelerator.is_main_process and heatmap is not None:
+        with naming(Path(cfg.run_dir) / "heatmap.png"):
             save_heatmap(heatmap, Path(cfg.run_dir) / "heatmap.png")
-        if cfg.eval.baselines:
-            final.update(codec_baselines(start.test_set, cfg.eval.max_images, progress=True))
-    log(step, final)
     return final

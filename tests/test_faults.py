@@ -345,7 +345,8 @@ def test_every_damage_is_caught_and_names_the_file(killed, tmp_path):
     assert "holds NaN or inf" in damaged(flip("ema.safetensors", body=True), reseal=True)
     assert "trainer_state.json is not JSON" in damaged(write("trainer_state.json", "{"), True)
     assert "does not hold step 4" in damaged(write("trainer_state.json", '{"step": 6}'), True)
-    assert "optimizer state: " in damaged(write("optimizer.json", '{"param_groups": 1}'), True)
+    assert "optimizer.json: param_groups must be" in damaged(
+        write("optimizer.json", '{"param_groups": 1}'), True)
     assert "rng_0 state: not a valid generator state" in damaged(
         write("rng_0.json", '{"python": [], "numpy": []}'), True)
 
@@ -594,6 +595,7 @@ def test_a_write_that_fails_for_space_stops_with_one_line_and_leaves_no_temp_fil
     one_line_error(done, "could not write checkpoint")
     error = done.stderr.strip().splitlines()[-1]
     assert "model.safetensors" in error and "File too large" in error, error
+    assert "removed its temporary files (no checkpoint yet)" in error, error
     assert leftovers(run) == [] and list((run / "checkpoints").iterdir()) == []
 
 
@@ -615,10 +617,17 @@ def test_disk_estimate_counts_keep_plus_one_checkpoints_and_the_export(tmp_path)
 
 
 def run_main(capsys, *args: str) -> tuple[int, str]:
+    """train.py's main in this process; the signal handlers it leaves for the process's exit
+    are taken back."""
     sys.path.insert(0, str(ROOT))
     import train as train_cli
 
-    code = train_cli.main(list(args))
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = train_cli.main(list(args))
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
     return code, capsys.readouterr().err
 
 
@@ -634,6 +643,7 @@ def test_start_up_errors_are_one_line(data_dir, tmp_path, capsys):
         (["train.lr=inf"], "train.lr must be a positive finite number, got inf"),
         (["train.lr=nan"], "train.lr must be a positive finite number, got nan"),
         (["train.lr=0"], "train.lr must be a positive finite number, got 0.0"),
+        (["train.seed=-1"], "train.seed must be in [0, 2**32), got -1"),
     ]
     for extra, message in cases:
         code, err = run_main(capsys, *run_args(data_dir, tmp_path / "r", *extra))
