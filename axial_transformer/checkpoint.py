@@ -208,8 +208,9 @@ def load_trained_model(path: str | Path) -> tuple[AxialTransformer, RunConfig | 
                 check_file(path, file.name, entry)
             except CheckpointError as e:
                 raise ValueError(f"{path}: {e}") from None
+        # Checked before the model is built: the file bounds what its config may allocate.
+        check_shapes(file, AxialTransformer.parameter_shapes(cfg.model))
         ema = EMA(AxialTransformer(cfg.model), cfg.train.ema_decay)
-        check_shapes(file, {k: tuple(v.shape) for k, v in ema.model.state_dict().items()})
         try:
             ema.model.load_state_dict(read_tensors(file))
         except ValueError as e:

@@ -4,9 +4,36 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import reprlib
 from dataclasses import dataclass, field
 
 from .attention import ATTENTION_PATHS
+
+# Upper bounds far above any model this code trains (the paper's largest has dim 2048, 8 layers
+# per stack, 256 levels), so that a config.json or an override cannot ask for more parameters
+# than tensor sizes can count, nor take minutes to lay out before its weights are checked.
+MAX_SIDE = 2**16
+MAX_MLP_RATIO = 1024
+INT_RANGES = {
+    "channels": (1, 1024), "dim": (1, 2**16), "heads": (1, 2**16),
+    "encoder_layers": (1, 256), "outer_layers": (1, 256), "inner_layers": (1, 256),
+    "levels": (1, 2**16), "num_classes": (0, 2**20),
+}
+
+
+def is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_real(value: object) -> bool:
+    """An int or a finite float (not a bool, NaN or infinity)."""
+    return (is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def shown(value: object) -> str:
+    """`value` for an error message: its repr cut short, whatever its size or nesting depth."""
+    return f"{reprlib.repr(value)} ({type(value).__name__})"
 
 
 @dataclass
@@ -45,39 +72,48 @@ class AxialTransformerConfig:
     attention: str = "auto"
 
     def __post_init__(self) -> None:
-        if isinstance(self.image_size, int):
+        if isinstance(self.image_size, int) and not isinstance(self.image_size, bool):
             self.image_size = (self.image_size, self.image_size)
+        if not (isinstance(self.image_size, (list, tuple)) and len(self.image_size) == 2
+                and all(is_int(s) and 1 <= s <= MAX_SIDE for s in self.image_size)):
+            raise ValueError(f"image_size must be (height, width), two integers in 1..{MAX_SIDE}, "
+                             f"got {shown(self.image_size)}")
         self.image_size = tuple(self.image_size)
-        if len(self.image_size) != 2 or any(int(s) < 1 for s in self.image_size):
-            raise ValueError(f"image_size must be (height, width), got {self.image_size}")
-        for name in ("channels", "dim", "heads", "inner_layers", "levels"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name, (low, high) in INT_RANGES.items():
+            value = getattr(self, name)
+            if not (is_int(value) and low <= value <= high):
+                raise ValueError(f"{name} must be an integer in {low}..{high}, got {shown(value)}")
         if self.dim % self.heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
         # The encoder and the outer decoder alternate row and column layers; an odd count would
         # leave one axis with less receptive field (the official code asserts the same).
         for name in ("encoder_layers", "outer_layers"):
             n = getattr(self, name)
-            if n < 2 or n % 2:
+            if n % 2:
                 raise ValueError(
                     f"{name} must be a positive even number (row/column pairs), got {n}"
                 )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.mlp_ratio <= 0:
-            raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
-        if self.num_classes < 0:
-            raise ValueError(f"num_classes must be 0 (unconditional) or more, got "
-                             f"{self.num_classes}")
-        self.class_names = tuple(str(name) for name in self.class_names)
+        # `not a <= x <= b` is also true of NaN, for which every comparison is false.
+        if not (is_real(self.dropout) and 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"dropout must be a number in [0, 1), got {shown(self.dropout)}")
+        if not (is_real(self.mlp_ratio) and 0 < self.mlp_ratio <= MAX_MLP_RATIO):
+            raise ValueError(f"mlp_ratio must be a number in (0, {MAX_MLP_RATIO}], got "
+                             f"{shown(self.mlp_ratio)}")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ValueError(f"gradient_checkpointing must be true or false, got "
+                             f"{shown(self.gradient_checkpointing)}")
+        if not (isinstance(self.class_names, (list, tuple))
+                and all(isinstance(name, str) for name in self.class_names)):
+            raise ValueError(f"class_names must be a list of strings, got "
+                             f"{shown(self.class_names)}")
+        self.class_names = tuple(self.class_names)
         if self.class_names:
             if len(self.class_names) != self.num_classes:
                 raise ValueError(f"class_names has {len(self.class_names)} names for "
                                  f"num_classes={self.num_classes}")
-        if self.attention not in ATTENTION_PATHS:
+        if not isinstance(self.attention, str) or self.attention not in ATTENTION_PATHS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_PATHS)}, "
-                             f"got {self.attention!r}")
+                             f"got {shown(self.attention)}")
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> AxialTransformerConfig:
@@ -97,7 +133,7 @@ class AxialTransformerConfig:
                                  f"are {', '.join(known)}")
         try:
             return cls(**values)
-        except TypeError as e:  # a value of the wrong type
+        except (TypeError, ValueError) as e:  # a value of the wrong type or out of range
             raise ValueError(f"{source}: {e}") from None
 
     def to_dict(self) -> dict:

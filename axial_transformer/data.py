@@ -14,6 +14,8 @@ Pixels stay uint8 0..255 end to end: the model is discrete, so there is no dequa
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -24,8 +26,9 @@ from torch.utils.data import Dataset
 
 from .builtin_data import builtin_dataset
 from .formats import FORMATS, PREPARE_HINT, SPLITS, check_image_array, load_array
+from .image_files import CorruptImageError, check_image_bytes, decode_image
 from .labels import check_labels, labels_path, load_class_names, load_labels
-from .prepare import CorruptImageError, prepare, prepare_holdout
+from .prepare import prepare, prepare_holdout
 
 __all__ = [
     "CorruptImageError",
@@ -40,24 +43,46 @@ __all__ = [
 
 
 class ImageArrayDataset(Dataset):
-    """Images of a uint8 array [N, H, W, C] (often a memmap) as uint8 tensors [C, H, W]; with
-    `labels` (int [N]) each item is (image, label as an int64 0-d tensor)."""
+    """Images of a uint8 array [N, H, W, C] as uint8 tensors [C, H, W]; with `labels` (int [N])
+    each item is (image, label as an int64 0-d tensor).
 
-    def __init__(self, array: np.ndarray, labels: np.ndarray | None = None):
+    With `file` (the .npy that `array` memory-maps) the images are read from the file with
+    pread instead of through the map: a read past the end of a file cut short after it was
+    opened would kill the process with SIGBUS, and is a ValueError naming the file here."""
+
+    def __init__(self, array: np.ndarray, labels: np.ndarray | None = None,
+                 file: Path | None = None):
         self.array = check_image_array(array, "ImageArrayDataset")
         self.labels = None if labels is None else check_labels(
             labels, "ImageArrayDataset labels", len(self.array), None
         )
+        self.file = file
+        if file is not None:
+            self.offset = int(array.offset)  # where np.load's memmap starts: after the header
+            self.image_bytes = math.prod(self.array.shape[1:])
 
     def __len__(self) -> int:
         return len(self.array)
 
     def __getitem__(self, index: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        # Always copy out of the (read-only) memmap, into CHW order, so the tensor owns its memory.
-        image = torch.from_numpy(np.array(self.array[index].transpose(2, 0, 1), order="C"))
+        index = range(len(self))[index]  # an IndexError past the end, as for an array
+        image = self.array[index] if self.file is None else self.read(index)
+        # Copied into CHW order, so the tensor owns its memory (never the read-only memmap's).
+        image = torch.from_numpy(np.array(image.transpose(2, 0, 1), order="C"))
         if self.labels is None:
             return image
         return image, torch.tensor(self.labels[index], dtype=torch.int64)
+
+    def read(self, index: int) -> np.ndarray:
+        start = self.offset + index * self.image_bytes
+        with open(self.file, "rb") as f:
+            data = os.pread(f.fileno(), self.image_bytes, start)
+        if len(data) < self.image_bytes:
+            size, expected = os.path.getsize(self.file), self.offset + len(self) * self.image_bytes
+            raise ValueError(f"{self.file}: ends before image {index} ({size:,} bytes, expected "
+                             f"{expected:,}): the file was cut short while it was read; prepare "
+                             f"it again")
+        return np.frombuffer(data, dtype=np.uint8).reshape(self.array.shape[1:])
 
 
 def split_path(spec: str | Path, split: str) -> Path:
@@ -103,7 +128,7 @@ def open_split(
     if len(array) == 0:
         raise ValueError(f"{path}: holds no images")
     labels = load_labels(path, len(array), num_classes) if num_classes else None
-    return ImageArrayDataset(array, labels)
+    return ImageArrayDataset(array, labels, file=path)
 
 
 def size_mismatch(path: Path, found: tuple[int, ...], expected: tuple[int, int, int]) -> str:
@@ -150,6 +175,9 @@ def main(argv: list[str] | None = None) -> None:
     cmd.add_argument("--channels", type=int, default=3, help="3 (RGB) or 1 (grayscale)")
     cmd.add_argument("--on-error", default="skip", choices=("skip", "raise"),
                      help="what to do with an image file that cannot be decoded")
+    cmd.add_argument("--skip-damaged", action="store_true",
+                     help="of a damaged archive (truncated or corrupted tar, .tar.gz, ...), "
+                     "prepare the images before the break instead of stopping")
     cmd.add_argument("--holdout", type=float, metavar="FRACTION",
                      help="hold out this fraction of the images, the same ones on every run, "
                      "as a test split: OUT is then a directory that gets train.npy and test.npy")
@@ -157,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
 
     warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
     options = dict(format=args.format, split=args.split, image_size=args.image_size,
-                   channels=args.channels, on_error=args.on_error, resize=args.resize)
+                   channels=args.channels, on_error=args.on_error, resize=args.resize,
+                   skip_damaged=args.skip_damaged)
     try:
         if args.holdout is None:
             outputs = [Path(args.out)]
@@ -188,17 +217,14 @@ def split_batch(batch: torch.Tensor | list) -> tuple[torch.Tensor, torch.Tensor 
 
 def read_image_file(path: str | Path, channels: int, size: tuple[int, int]) -> np.ndarray:
     """One PNG or JPEG file as a model of `size` (H, W) and `channels` takes it -> uint8
-    [H, W, C]; a ValueError naming the file when it cannot be read or does not fit."""
-    from PIL import Image, UnidentifiedImageError
-
+    [H, W, C]; a ValueError naming the file when it cannot be read or does not fit. A file too
+    large, or declaring too many pixels (a decompression bomb), is refused before it is
+    decoded (image_files.py)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path} not found")
-    try:
-        with Image.open(path) as img:
-            image = np.array(img.convert("RGB") if img.mode == "P" else img)
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{path}: not a readable image ({e})") from None
+    check_image_bytes(path.stat().st_size, str(path))
+    image = decode_image(path, str(path), None)
     if image.dtype != np.uint8:
         raise ValueError(f"{path}: expected 8-bit pixels, got {image.dtype}")
     image = image[:, :, None] if image.ndim == 2 else image

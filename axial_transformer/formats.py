@@ -13,6 +13,7 @@ is parsed by `cifar_pickle`, which builds plain values only.
 from __future__ import annotations
 
 import gzip
+import lzma
 import math
 import re
 import tarfile
@@ -25,9 +26,11 @@ from pathlib import Path
 import numpy as np
 
 from .cifar_pickle import read_python_batch
+from .image_files import CorruptImageError, check_image_bytes, read_image_bytes
 from .labels import check_labels, labels_path, load_class_names, load_labels
 
-Record = tuple[int, str, bytes | np.ndarray]
+# The payload: an image file's bytes, a decoded uint8 array, or the refusal of a file too large.
+Record = tuple[int, str, bytes | np.ndarray | CorruptImageError]
 
 FORMATS = ("tar", "folder", "npz", "cifar10", "cifar10-python", "mnist", "npy")
 SPLITS = ("train", "test")
@@ -63,6 +66,8 @@ class Source:
     note: str | None = None  # a caveat to show whoever prepares this source
     labels: np.ndarray | None = None  # int64 [count]: the class of record `index`, if known
     classes: list[str] | None = None  # the name of each class, by label
+    damage: str | None = None  # where a damaged archive broke; `count` is what came before it
+    damaged: int = 0  # image members lost at the break
 
 
 def numbered_classes(labels: np.ndarray) -> list[str]:
@@ -104,6 +109,9 @@ def open_source(path: str | Path, format: str = "auto", split: str = "train") ->
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
+    if not (path.is_file() or path.is_dir()):  # opening a FIFO would wait for a writer
+        raise ValueError(f"{path}: not a regular file or a directory (a FIFO, socket or device); "
+                         f"expected an image source to read")
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     format = detect_format(path) if format == "auto" else format
@@ -142,38 +150,141 @@ def array_records(arrays: list[tuple[str, np.ndarray]]) -> Iterator[Record]:
 # ---- ImageNet-32/64 (van den Oord et al.) tars, and folders of images ----
 
 
+# What a damaged archive raises while it is read: tarfile's errors, and those of the
+# decompressors under it (gzip: OSError, EOFError, zlib.error; bz2: OSError; xz: LZMAError).
+ARCHIVE_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError)
+
+
+class EndCheckedTarInfo(tarfile.TarInfo):
+    """A tar header that tells a damaged archive from one that ended: tarfile takes a header cut
+    short, missing or failing its checksum after the first member for the end of the archive,
+    so a tar cut in half would read as a smaller one. Only a block of zeros (the end-of-archive
+    marker) ends this one."""
+
+    @classmethod
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tarfile_)
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError):
+            raise tarfile.ReadError("the archive ends without its end-of-archive marker "
+                                    "(truncated)") from None
+        except tarfile.InvalidHeaderError as e:
+            if isinstance(e, tarfile.EOFHeaderError):  # the end-of-archive marker
+                raise
+            raise tarfile.ReadError(f"a damaged header ({e})") from None
+
+
+@dataclass
+class TarScan:
+    """What the first read of a tar found: its image members in archive order, as (name, size in
+    bytes), and where it broke, if it did."""
+
+    members: list[tuple[str, int]]
+    damage: str | None = None
+    damaged: int = 0  # image members lost at the break
+
+
+def scan_tar(path: Path) -> TarScan:
+    """Read a tar once, front to back, to its end: every header, and for a compressed tar every
+    byte, so that a damaged or truncated stream and a failed checksum are found here."""
+    scan, last, image = TarScan([]), None, False
+    try:
+        tar = tarfile.open(path, tar_mode(path), tarinfo=EndCheckedTarInfo)
+    except ARCHIVE_ERRORS as e:
+        raise ValueError(f"{path}: not a readable tar archive ({one_line(e)})") from None
+    with tar:
+        try:
+            while (member := tar.next()) is not None:
+                # TarFile keeps every header it has read; for 1.28M members that is a gigabyte.
+                tar.members.clear()
+                last, image = member.name, member.isfile() and is_image_name(member.name)
+                if image:
+                    scan.members.append((member.name, member.size))
+        except ARCHIVE_ERRORS as e:
+            if image:  # its data may be what broke
+                scan.members.pop()
+                scan.damaged = 1
+            where = f"at member {last} or just after it" if last else "at its first member"
+            scan.damage = (f"{path}: damaged {where} ({one_line(e)}); the "
+                           f"{len(scan.members):,} image members before it are intact")
+            return scan
+        try:  # the rest of a compressed stream, which ends with its checksum
+            while tar.fileobj.read(2**20):
+                pass
+        except ARCHIVE_ERRORS as e:
+            scan.damage = (f"{path}: fails its checksum ({one_line(e)}): its image members "
+                           f"were read, but one of them may be damaged")
+    return scan
+
+
+# The magic bytes of the compressions tarfile reads, and its mode for each.
+COMPRESSION_MAGIC = {b"\x1f\x8b": "r:gz", b"BZh": "r:bz2", b"\xfd7zXZ\x00": "r:xz"}
+
+
+def tar_mode(path: Path) -> str:
+    """tarfile's mode for the compression the file starts with (so that an error is that of its
+    own decompressor, not of every one tried in turn)."""
+    with open(path, "rb") as f:
+        head = f.read(6)
+    return next((mode for magic, mode in COMPRESSION_MAGIC.items() if head.startswith(magic)),
+                "r:")
+
+
+def one_line(error: Exception) -> str:
+    """An error's message on one line (tarfile's list one failed method a line)."""
+    return " ".join(str(error).split())
+
+
 def read_tar(path: Path, split: str) -> Source:
     """Image members in sorted name order. Reads the archive twice, both times streaming: once
-    for the names, once for the bytes, each placed at its name's rank (so a 4 GB tar is never
-    held in memory and the order does not depend on how the tar was packed)."""
-    with tarfile.open(path, "r:*") as tar:  # random access: skips over the data of each member
-        names = [member.name for member in tar_members(path, tar)]
+    for the names (and to find damage), once for the bytes, each placed at its name's rank (so a
+    4 GB tar is never held in memory and the order does not depend on how the tar was packed).
+    A member larger than an image file may be is refused from its header, before it is read;
+    of a damaged archive, only the image members before the break are read."""
+    scan = scan_tar(path)
+    names = [name for name, _ in scan.members]
     order = np.argsort(np.array(names, dtype=object), kind="stable")
     rank = np.empty(len(names), dtype=np.int64)
     rank[order] = np.arange(len(names))
 
     def records() -> Iterator[Record]:
         with tarfile.open(path, "r|*") as tar:  # streaming: reads the archive front to back
-            for k, member in enumerate(tar_members(path, tar)):
+            members = tar_members(path, tar)
+            for k, (name, size) in enumerate(scan.members):
+                member = next(members)
+                if member.name != name or member.size != size:
+                    raise ValueError(f"{path}: member {k} is {member.name} on the second read, "
+                                     f"{name} on the first: the archive changed")
                 try:
+                    check_image_bytes(size, f"{path}:{name}")
                     data = tar.extractfile(member).read()
-                except tarfile.TarError as e:
-                    raise ValueError(f"{path}: cannot read member {member.name} ({e})") from None
-                yield int(rank[k]), member.name, data
+                except CorruptImageError as e:
+                    data = e
+                except ARCHIVE_ERRORS as e:
+                    raise ValueError(f"{path}: cannot read member {name} ({e})") from None
+                yield int(rank[k]), name, data
 
-    return Source("tar", path, len(names), records(), expected_count=van_den_oord_count(path))
+    return Source("tar", path, len(names), records(), expected_count=van_den_oord_count(path),
+                  damage=scan.damage, damaged=scan.damaged)
 
 
 def tar_members(path: Path, tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
     """Regular image files of a tar, in archive order."""
     try:
         while (member := tar.next()) is not None:
-            # TarFile keeps every header it has read; for 1.28M members that is about a gigabyte.
             tar.members.clear()
             if member.isfile() and is_image_name(member.name):
                 yield member
-    except tarfile.TarError as e:
+    except ARCHIVE_ERRORS as e:
         raise ValueError(f"{path}: not a readable tar archive ({e})") from None
+
+
+def image_bytes(file: Path) -> bytes | CorruptImageError:
+    """The bytes of an image file, or the refusal of one too large, made before reading it."""
+    try:
+        return read_image_bytes(file)
+    except CorruptImageError as e:
+        return e
 
 
 def read_folder(path: Path, split: str) -> Source:
@@ -187,7 +298,7 @@ def read_folder(path: Path, split: str) -> Source:
     )
     if not relative:
         raise ValueError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)} files) in this folder")
-    records = ((i, str(path / name), (path / name).read_bytes()) for i, name in enumerate(relative))
+    records = ((i, str(path / name), image_bytes(path / name)) for i, name in enumerate(relative))
     source = Source("folder", path, len(relative), records,
                     expected_count=van_den_oord_count(path))
     folders = [name.split("/")[0] if "/" in name else None for name in relative]

@@ -25,6 +25,8 @@ from .tensor_files import check_shapes, read_tensors
 WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"
 # owner/name, as the Hub spells repository ids.
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Far above the few hundred bytes of a config.json written by save_pretrained.
+MAX_CONFIG_BYTES = 2**16
 
 MODEL_CARD = """---
 {{ card_data }}
@@ -88,47 +90,70 @@ class HubMixin(
         return super().push_to_hub(repo_id, model_card_kwargs=card_kwargs, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs):
-        """A model in eval mode from a local directory written by `save_pretrained`, or from a
-        Hub repository id ("owner/name"; downloaded once into the Hugging Face cache).
-        `map_location` (default "cpu") places the weights."""
-        source = str(pretrained_model_name_or_path)
-        if not Path(source).is_dir() and not REPO_ID.match(source):
-            raise FileNotFoundError(f"{source}: no such directory, and not a Hub repository id "
-                                    "(owner/name)")
-        return super().from_pretrained(source, **kwargs)
-
-    @classmethod
-    def _from_pretrained(
+    def from_pretrained(  # type: ignore[override]
         cls,
+        pretrained_model_name_or_path: str | Path,
         *,
-        model_id: str,
         revision: str | None = None,
         cache_dir: str | Path | None = None,
         force_download: bool = False,
         local_files_only: bool = False,
         token: str | bool | None = None,
         map_location: str | torch.device = "cpu",
-        config: dict | None = None,
-        **unused,
     ):
-        local = Path(model_id).is_dir()
-        if local:
-            weights = Path(model_id) / WEIGHTS
-            for file in (Path(model_id) / CONFIG, weights):
+        """A model in eval mode from a local directory written by `save_pretrained`, or from a
+        Hub repository id ("owner/name"; downloaded once into the Hugging Face cache).
+        `map_location` (default "cpu") places the weights.
+
+        The weights file bounds what a config.json can make us allocate: the model's tensors
+        are laid out on the meta device (no memory) and checked against the safetensors header,
+        shape by shape and dtype by dtype, before the model itself is built."""
+        source = str(pretrained_model_name_or_path)
+        if Path(source).is_dir():
+            config_file, weights = Path(source) / CONFIG, Path(source) / WEIGHTS
+            for file in (config_file, weights):
                 if not file.is_file():
                     raise FileNotFoundError(f"{file} not found: expected a directory written by "
                                             "AxialTransformer.save_pretrained")
+        elif REPO_ID.match(source):
+            config_file, weights = (
+                Path(hf_hub_download(source, name, revision=revision, cache_dir=cache_dir,
+                                     force_download=force_download,
+                                     local_files_only=local_files_only, token=token))
+                for name in (CONFIG, WEIGHTS)
+            )
         else:
-            weights = Path(hf_hub_download(model_id, WEIGHTS, revision=revision,
-                                           cache_dir=cache_dir, force_download=force_download,
-                                           local_files_only=local_files_only, token=token))
-        if not isinstance(config, dict):
-            raise ValueError(f"{model_id}: {CONFIG} is missing or not a JSON object of model "
-                             "settings")
-        model = cls(AxialTransformerConfig.from_dict(config, f"{model_id}/{CONFIG}"))
+            raise FileNotFoundError(f"{source}: no such directory, and not a Hub repository id "
+                                    "(owner/name)")
+        config = read_config(config_file, f"{source}/{CONFIG}")
+        check_shapes(weights, cls.parameter_shapes(config))
+        model = cls(config)
         load_weights(model, weights)
         return model.to(map_location).eval()
+
+    @classmethod
+    def parameter_shapes(cls, config: AxialTransformerConfig) -> dict[str, tuple[int, ...]]:
+        """The shape of every tensor of a model of `config`, laid out without allocating it."""
+        with torch.device("meta"):
+            return {k: tuple(v.shape) for k, v in cls(config).state_dict().items()}
+
+
+def read_config(file: Path, name: str) -> AxialTransformerConfig:
+    """The model config of a config.json; a file too large, not JSON, nested too deeply or of
+    the wrong form is a ValueError naming it."""
+    size = file.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ValueError(f"{name}: {size:,} bytes; a config.json of model settings is a few "
+                         f"hundred (at most {MAX_CONFIG_BYTES:,})")
+    try:
+        values = json.loads(file.read_bytes())
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise ValueError(f"{name}: not a JSON object of model settings "
+                         f"({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{name}: expected a JSON object of model settings, got "
+                         f"{type(values).__name__}")
+    return AxialTransformerConfig.from_dict(values, name)
 
 
 def load_weights(model: torch.nn.Module, file: Path) -> None:

@@ -9,11 +9,9 @@ they were, and the temporary files of a killed run are removed by the next run.
 from __future__ import annotations
 
 import glob
-import io
 import json
 import math
 import warnings
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,34 +20,21 @@ from PIL import Image
 from tqdm import tqdm
 
 from .formats import Source, open_source
+from .image_files import CorruptImageError, decode_image
 from .io import atomic_write
 from .labels import classes_path, labels_path
+from .npy_rows import RowWriter, set_npy_length
 
-
-class CorruptImageError(ValueError):
-    """An image file that cannot be decoded (truncated, bad checksum, not an image)."""
-
-
-# What Pillow raises on damaged files: OSError (truncated, unidentified), SyntaxError (bad PNG
-# chunk or checksum), zlib.error, and the others for headers that lie about sizes.
-DECODE_ERRORS = (
-    OSError, SyntaxError, ValueError, EOFError, zlib.error, Image.DecompressionBombError
-)
 COMPACT_CHUNK = 4096  # rows moved at a time when closing gaps or copying held-out images
 HOLDOUT_SEED = 0
 
 
-def decode_image(data: bytes, name: str, channels: int) -> np.ndarray:
+def decode_to(data: bytes, name: str, channels: int) -> np.ndarray:
     """Decode an image file to uint8 [H, W, C], converted to RGB (C = 3) or grayscale (C = 1)
     the way torchvision's ImageFolder does."""
     if channels not in (1, 3):
         raise ValueError(f"image files decode to 1 (grayscale) or 3 (RGB) channels, not {channels}")
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()  # decode now, so that a truncated file fails here
-            pixels = np.asarray(im.convert("RGB" if channels == 3 else "L"))
-    except DECODE_ERRORS as e:
-        raise CorruptImageError(f"{name}: cannot decode image ({e})") from e
+    pixels = decode_image(data, name, "RGB" if channels == 3 else "L")
     return pixels.reshape(*pixels.shape[:2], channels)
 
 
@@ -63,13 +48,15 @@ def resize_box(image: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
 
 
 def to_image(
-    payload: bytes | np.ndarray,
+    payload: bytes | np.ndarray | CorruptImageError,
     name: str,
     channels: int,
     image_size: tuple[int, int] | None,
     resize: bool,
 ) -> np.ndarray:
-    image = decode_image(payload, name, channels) if isinstance(payload, bytes) else payload
+    if isinstance(payload, CorruptImageError):  # refused by its size before it was read
+        raise payload
+    image = decode_to(payload, name, channels) if isinstance(payload, bytes) else payload
     if image.shape[2] != channels:
         c = image.shape[2]
         raise ValueError(f"{name}: has {c} channels, expected {channels} (pass --channels {c})")
@@ -91,75 +78,67 @@ def write_images(
     resize: bool,
     on_error: str,
     progress: bool,
+    name: str,
 ) -> tuple[np.ndarray, list[str]]:
-    """Decode every record into a memmap at `path` with a row for each record; returns which
-    rows were written (bool [count]) and the messages of the images skipped.
+    """Decode every record into a .npy at `path` (to become `name`) with a row for each record;
+    returns which rows were written (bool [count]) and the messages of the images skipped.
 
-    The memmap is created at the first image, whose size (unless given) sets everyone's."""
-    images, first, skipped = None, None, []
+    The file is created at the first image, whose size (unless given) sets everyone's."""
+    out, first, skipped = None, None, []
     written = np.zeros(source.count, dtype=bool)
     bar = tqdm(source.records, total=source.count, unit="img", disable=not progress,
                desc=f"{source.format} {source.path.name}")
-    for index, name, payload in bar:
-        try:
-            image = to_image(payload, name, channels, image_size, resize)
-        except CorruptImageError as e:
-            if on_error == "raise":
-                raise
-            skipped.append(str(e))
-            continue
-        if images is None:
-            first = name
-            shape = (source.count, *image.shape)
-            images = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
-        elif image.shape != images.shape[1:]:
-            raise ValueError(
-                f"{name}: is {'x'.join(map(str, image.shape))} (HxWxC) but {first} is "
-                f"{'x'.join(map(str, images.shape[1:]))}; pass image_size (--image-size H W) "
-                f"and resize=True (--resize) to resize them all"
-            )
-        images[index] = image
-        written[index] = True
-    if images is None:
+    try:
+        for index, image_name, payload in bar:
+            try:
+                image = to_image(payload, image_name, channels, image_size, resize)
+            except CorruptImageError as e:
+                if on_error == "raise":
+                    raise
+                skipped.append(str(e))
+                continue
+            if out is None:
+                first = image_name
+                out = RowWriter(path, source.count, image.shape, name)
+            elif image.shape != out.row_shape:
+                raise ValueError(
+                    f"{image_name}: is {'x'.join(map(str, image.shape))} (HxWxC) but {first} "
+                    f"is {'x'.join(map(str, out.row_shape))}; pass image_size (--image-size H W)"
+                    f" and resize=True (--resize) to resize them all"
+                )
+            out.write(index, image[None])
+            written[index] = True
+    finally:
+        if out is not None:
+            out.close()
+    if out is None:
         raise ValueError(f"{source.path}: no image could be read ({len(skipped)} skipped)")
-    images.flush()
     return written, skipped
 
 
-def keep_rows(path: Path, rows: np.ndarray) -> None:
+def keep_rows(path: Path, rows: np.ndarray, name: str) -> None:
     """Keep only `rows` (increasing) of the uint8 .npy at `path`, in order, and shrink the file."""
-    images = np.load(path, mmap_mode="r+", allow_pickle=False)
+    images = np.load(path, mmap_mode="r", allow_pickle=False)  # read only: see npy_rows.py
+    out = RowWriter(path, len(images), images.shape[1:], name, create=False)
+    try:
+        for start in range(0, len(rows), COMPACT_CHUNK):  # rows[i] >= i: rows only move to 0
+            out.write(start, images[rows[start : start + COMPACT_CHUNK]])
+    finally:
+        out.close()
     row_shape, offset = images.shape[1:], images.offset
-    for start in range(0, len(rows), COMPACT_CHUNK):  # rows[i] >= i: rows only move towards 0
-        chunk = rows[start : start + COMPACT_CHUNK]
-        images[start : start + len(chunk)] = images[chunk]
-    images.flush()
     del images  # unmap before the file is shrunk
     set_npy_length(path, len(rows), row_shape, offset)
 
 
-def copy_rows(source: Path, rows: np.ndarray, path: Path) -> None:
+def copy_rows(source: Path, rows: np.ndarray, path: Path, name: str) -> None:
     """Write `rows` of the uint8 .npy at `source` to a new .npy at `path`."""
     images = np.load(source, mmap_mode="r", allow_pickle=False)
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8,
-                                    shape=(len(rows), *images.shape[1:]))
-    for start in range(0, len(rows), COMPACT_CHUNK):
-        chunk = rows[start : start + COMPACT_CHUNK]
-        out[start : start + len(chunk)] = images[chunk]
-    out.flush()
-
-
-def set_npy_length(path: Path, count: int, row_shape: tuple[int, ...], offset: int) -> None:
-    """Rewrite a uint8 .npy header in place for `count` rows and cut the file after them."""
-    header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(
-        header, {"descr": "|u1", "fortran_order": False, "shape": (count, *row_shape)}
-    )
-    # numpy pads every header so that the first axis can grow or shrink in place.
-    assert len(header.getvalue()) == offset, "npy header length changed"
-    with open(path, "r+b") as f:
-        f.write(header.getvalue())
-        f.truncate(offset + count * math.prod(row_shape))
+    out = RowWriter(path, len(rows), images.shape[1:], name)
+    try:
+        for start in range(0, len(rows), COMPACT_CHUNK):
+            out.write(start, images[rows[start : start + COMPACT_CHUNK]])
+    finally:
+        out.close()
 
 
 def holdout_mask(count: int, fraction: float) -> np.ndarray:
@@ -216,6 +195,20 @@ def check_options(
     return image_size
 
 
+def open_checked(source: str | Path, format: str, split: str, skip_damaged: bool) -> Source:
+    """`open_source`, its caveats shown; a damaged archive stops here unless `skip_damaged`."""
+    src = open_source(source, format, split)
+    if src.note:
+        warnings.warn(src.note, stacklevel=3)
+    if src.damage is not None:
+        if not skip_damaged:
+            raise ValueError(f"{src.damage}; pass skip_damaged=True (--skip-damaged) to prepare "
+                             f"those alone")
+        warnings.warn(f"{src.damage}; skipped {src.damaged} damaged image member(s) there, and "
+                      f"whatever followed them", stacklevel=3)
+    return src
+
+
 def write_splits(
     source: Source, outputs: list[Path], holdout: float, **options
 ) -> list[int]:
@@ -230,17 +223,18 @@ def write_splits(
 
     def write(tmps: list[Path]) -> None:
         tmp = dict(zip(files, tmps, strict=True))
-        written, skips = write_images(source, tmp[outputs[0]], **options)
+        written, skips = write_images(source, tmp[outputs[0]], **options, name=str(outputs[0]))
         skipped.extend(skips)
         kept = np.flatnonzero(written)
         if holdout:
             held = holdout_mask(len(kept), holdout)
             rows = {outputs[0]: kept[~held], outputs[1]: kept[held]}
-            copy_rows(tmp[outputs[0]], rows[outputs[1]], tmp[outputs[1]])  # before keep_rows
+            # before keep_rows
+            copy_rows(tmp[outputs[0]], rows[outputs[1]], tmp[outputs[1]], str(outputs[1]))
         else:
             rows = {outputs[0]: kept}
         if len(rows[outputs[0]]) < source.count:
-            keep_rows(tmp[outputs[0]], rows[outputs[0]])
+            keep_rows(tmp[outputs[0]], rows[outputs[0]], str(outputs[0]))
         for out, split_rows in rows.items():
             counts.append(len(split_rows))
             if labelled:
@@ -275,6 +269,7 @@ def prepare(
     channels: int = 3,
     on_error: str = "skip",
     resize: bool = False,
+    skip_damaged: bool = False,
     progress: bool = True,
 ) -> int:
     """Convert one split of `source` into a uint8 .npy [N, H, W, C] at `out_path`; returns N.
@@ -291,9 +286,7 @@ def prepare(
     out_path = Path(out_path)
     if out_path.suffix != ".npy":
         raise ValueError(f"{out_path}: the output must be a .npy file")
-    src = open_source(source, format, split)
-    if src.note:
-        warnings.warn(src.note, stacklevel=2)
+    src = open_checked(source, format, split, skip_damaged)
     return write_splits(src, [out_path], 0.0, image_size=image_size, channels=channels,
                         resize=resize, on_error=on_error, progress=progress)[0]
 
@@ -309,6 +302,7 @@ def prepare_holdout(
     channels: int = 3,
     on_error: str = "skip",
     resize: bool = False,
+    skip_damaged: bool = False,
     progress: bool = True,
 ) -> tuple[int, int]:
     """Like `prepare`, but holds out `fraction` of the images as a test split: writes
@@ -326,9 +320,7 @@ def prepare_holdout(
     if out_dir.suffix == ".npy":
         raise ValueError(f"{out_dir}: with a hold-out the output is a directory, which gets "
                          f"train.npy and test.npy")
-    src = open_source(source, format, split)
-    if src.note:
-        warnings.warn(src.note, stacklevel=2)
+    src = open_checked(source, format, split, skip_damaged)
     train, test = write_splits(src, [out_dir / "train.npy", out_dir / "test.npy"], fraction,
                                image_size=image_size, channels=channels, resize=resize,
                                on_error=on_error, progress=progress)
