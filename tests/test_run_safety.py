@@ -98,8 +98,8 @@ def test_a_kill_between_checkpoint_and_export_is_repaired_on_resume(data_dir, tm
 
     done = run(data_dir, run_dir, "resume=auto")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "writing the export again from step_0000004" in done.stdout + done.stderr
     assert export_is_ema_of(run_dir, final) and export_problem(run_dir) is None
+    assert "writing the export again from step_0000004" in done.stdout + done.stderr
     assert [r["step"] for r in records(run_dir) if r.get("final")] == [4]
 
     # A finished run whose export went stale afterwards is not complete: it is resumed, the
