@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.split} bits/dim {metrics['bpd']:.4f} over {metrics['images']} images of {spec} "
           f"({per_channel}){' [bf16]' if args.bf16 else ''}, conditioned on "
           f"{metrics['conditioned_on']}")
-    for codec in ("webp", "png"):
+    for codec in ("jxl", "webp", "png"):
         if f"baseline/{codec}_bpd" in metrics:
             print(f"  {codec} lossless: {metrics[f'baseline/{codec}_bpd']:.4f} bits/dim")
     if heatmap is not None:

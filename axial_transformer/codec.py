@@ -7,14 +7,16 @@ Each subpixel is range coded (constriction's queue coder) under the model's dist
 given everything before it in the model's order, so a file costs the images' exact bits under
 the model, plus the coder's last word and the header (codec_format.py).
 
-The decoder must see bit for bit the probabilities the encoder saw, or it decodes garbage. Both
-compute them through ONE code path, `decoding.decode`, the loop of the model's cached decoding
-steps that the sampler runs: the encoder with every pixel known, the decoder taking each value
-from the range decoder where the sampler takes a Gumbel-max draw. Both run the same batches of
-the same images, in fp32 without autocast or compilation, on the same kind of device with the
-same number of CPU threads (recorded in the file), and constriction quantises the probabilities
-the same way on both sides (`Categorical(perfect=False)`). What no setting can pin down (another
-CPU, another torch) is caught by each image's checksum: a file decodes exactly or not at all.
+The decoder must see bit for bit the distribution the encoder saw. Both compute it with the
+model in exact arithmetic (exact_model.py): integers whose sums are exact in any order, tables
+for exp and the GELU, the range coder's integer frequencies computed in int64. So the
+distribution is the same on every CPU and GPU, at every thread count and batch size, under every
+torch version: a file decodes wherever the model does, and each image's checksum still stands
+guard (docs/codec.md bounds what it has left to catch).
+
+The images are coded in groups of `GROUP_SIZE`: within a group, subpixel after subpixel, the
+group's images in turn. How many images the model computes at once (`batch_size`, a divisor of
+the group or not) is each side's own choice.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import constriction
 import numpy as np
@@ -31,16 +33,24 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import runtime
-from .codec_format import LABELS, Header, image_crc, pack, unpack
-from .decoding import decode
+from .codec_format import GROUP_SIZE, LABELS, NAMES, Header, image_crc, pack, unpack
+from .exact_model import ARITHMETIC_VERSION, ExactAxialTransformer, frequencies
 from .model import AxialTransformer
 
 __all__ = ["compress", "decompress", "model_fingerprint"]
 
-# Each subpixel's own categorical distribution, quantised by constriction from its float
-# probabilities in one deterministic pass (perfect=True would search for the closest
-# quantisation, far more slowly); every value keeps a nonzero probability, so any pixel codes.
+# constriction's categorical model, handed integer frequencies n_v summing to 2^24 - V: its
+# quantisation (`perfect=False`) then gives each value exactly n_v + 1 of 2^24, with no rounding.
 CATEGORICAL = constriction.stream.model.Categorical(perfect=False)
+
+# The configuration the coding distribution depends on (the rest, such as the attention path or
+# dropout, changes how a float model computes, not what the exact one does).
+ARCHITECTURE = ("image_size", "channels", "dim", "heads", "encoder_layers", "outer_layers",
+                "inner_layers", "mlp_ratio", "levels", "num_classes")
+
+# Values chosen for each subpixel of a group [G], given the coder's frequencies [G, V] and,
+# when compressing, the known values [G].
+Coder = Callable[[Tensor, Tensor], Tensor]
 
 
 def compress(
@@ -50,156 +60,190 @@ def compress(
     threads: int | None = None,
     progress: bool = False,
     labels: Tensor | None = None,
+    names: list[str] | None = None,
 ) -> bytes:
-    """The .axc file of integer `images` [N, C, H, W] under `model` (fp32, on its device).
+    """The .axc file of integer `images` [N, C, H, W] under `model` (on its device).
 
     labels:     a class-conditional model's classes of the images, [N] (-1: none); stored in
                 the file, which decodes with them.
-    batch_size: images coded at once; decoding runs the same batches.
-    threads:    CPU threads for the model, recorded for decoding (default: the sampler's choice,
-                one below a batch of 8, where more threads are slower, otherwise torch's).
+    names:      the images' file names, stored for decompress.py to write them back under.
+    batch_size: images the model computes at once; the file does not depend on it.
+    threads:    CPU threads (default: one below a batch of 8, where more are slower).
     """
     check_model(model)
     model.check_images(images)
     labels = model.check_labels(labels, images)
     if len(images) == 0:
         raise ValueError("no images to compress")
-    for name, value in (("batch_size", batch_size), ("threads", threads)):
-        if value is not None and (type(value) is not int or value < 1):
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    device = next(model.parameters()).device
-    if threads is None:
-        threads = 1 if runtime.matrix_vector_steps(batch_size, device) else torch.get_num_threads()
+    check_counts(batch_size, threads)
     pixels = images.to(device="cpu", dtype=torch.uint8)
-    encoder = constriction.stream.queue.RangeEncoder()
-    with coding_mode(model, threads), rows_bar(model, len(images), batch_size, "compressing",
-                                               progress) as bar:
-        for first, batch in zip(range(0, len(pixels), batch_size), pixels.split(batch_size),
-                                strict=True):
-            decode(model, batch.to(device, torch.long), Encoding(encoder, bar),
-                   batch_labels(labels, first, len(batch)))
-    settings = dict(batch_size=batch_size, device=device.type, threads=threads)
+    settings: dict = {}
     if labels is not None:
         settings[LABELS] = labels.tolist()
+    if names is not None:
+        settings[NAMES] = list(names)
+    encoder = constriction.stream.queue.RangeEncoder()
+
+    def encode(counts: Tensor, known: Tensor) -> Tensor:
+        encoder.encode(known.cpu().numpy().astype(np.int32), CATEGORICAL,
+                       counts.cpu().numpy().astype(np.float64))
+        return known
+
+    exact = ExactAxialTransformer(model)
+    with coding_mode(batch_size, threads, exact.device), \
+            rows_bar(model, len(images), "compressing", progress) as bar:
+        for first in range(0, len(pixels), GROUP_SIZE):
+            group = pixels[first : first + GROUP_SIZE].to(exact.device, torch.long)
+            code_group(exact, group, group_labels(labels, first), batch_size, encode, bar)
     header = Header(
         fingerprint=model_fingerprint(model),
         shape=tuple(images.shape),
         levels=model.config.levels,
+        arithmetic=ARITHMETIC_VERSION,
         settings=settings,
         image_crcs=tuple(image_crc(image.numpy().tobytes()) for image in pixels),
     )
     return pack(header, encoder.get_compressed().astype("<u4").tobytes())
 
 
-def decompress(model: AxialTransformer, data: bytes, progress: bool = False) -> Tensor:
-    """The images of an .axc file -> uint8 [N, C, H, W] on the CPU, exactly as compressed; a
-    ValueError for a file of another format or model, a damaged one, or pixels that do not
-    decode exactly."""
+def decompress(model: AxialTransformer, data: bytes, batch_size: int = 64,
+               threads: int | None = None, progress: bool = False) -> Tensor:
+    """The images of an .axc file -> uint8 [N, C, H, W] on the CPU, exactly as compressed, at
+    any `batch_size` and thread count; a ValueError for a file of another format, version or
+    model, a damaged one, or pixels that do not decode exactly."""
     header, payload = unpack(bytes(data))
     check_model(model)
     check_same_model(model, header)
+    check_counts(batch_size, threads)
     n, c, h, w = header.shape
-    batch_size, threads = header.settings["batch_size"], header.settings["threads"]
-    device = next(model.parameters()).device
-    labels = header.settings.get(LABELS)  # there for a class-conditional model (fingerprinted)
-    labels = None if labels is None else torch.tensor(labels, device=device)
+    exact = ExactAxialTransformer(model)
+    labels = header.settings.get(LABELS)
+    labels = None if labels is None else torch.tensor(labels, device=exact.device)
     decoder = constriction.stream.queue.RangeDecoder(np.frombuffer(payload, dtype="<u4"))
-    batches = []
-    with coding_mode(model, threads), rows_bar(model, n, batch_size, "decompressing",
-                                               progress) as bar:
-        for first in range(0, n, batch_size):
-            x = torch.zeros((min(batch_size, n - first), c, h, w), dtype=torch.long,
-                            device=device)
-            x = decode(model, x, Decoding(decoder, bar), batch_labels(labels, first, len(x)))
-            batches.append(x.to("cpu", torch.uint8))
-    images = torch.cat(batches)
-    check_pixels(images, header)
-    return images
 
-
-def batch_labels(labels: Tensor | None, first: int, size: int) -> Tensor | None:
-    return None if labels is None else labels[first : first + size]
-
-
-def probabilities(logits: Tensor) -> np.ndarray:
-    """[B, V] logits -> [B, V] float32 probabilities for the coder: one function for both sides."""
-    return logits.float().softmax(-1).cpu().numpy()
-
-
-class Encoding:
-    """`decode`'s choice when compressing: every pixel is known; each goes into the range coder
-    under its probabilities, and stays what it is."""
-
-    def __init__(self, encoder: constriction.stream.queue.RangeEncoder, bar: tqdm) -> None:
-        self.encoder, self.bar = encoder, bar
-
-    def start_row(self, channel: int, row: int) -> None:
-        self.bar.update()
-
-    def __call__(self, logits: Tensor, column: Tensor, x_row: Tensor) -> Tensor:
-        values = x_row.index_select(1, column.view(1))[:, 0]  # a copy: decode writes it back
-        self.encoder.encode(values.cpu().numpy().astype(np.int32), CATEGORICAL,
-                            probabilities(logits))
-        return values
-
-
-class Decoding:
-    """`decode`'s choice when decompressing: each value comes from the range decoder under the
-    probabilities the encoder used for it."""
-
-    def __init__(self, decoder: constriction.stream.queue.RangeDecoder, bar: tqdm) -> None:
-        self.decoder, self.bar = decoder, bar
-
-    def start_row(self, channel: int, row: int) -> None:
-        self.bar.update()
-
-    def __call__(self, logits: Tensor, column: Tensor, x_row: Tensor) -> Tensor:
+    def decode(counts: Tensor, known: Tensor) -> Tensor:
         try:
-            values = self.decoder.decode(CATEGORICAL, probabilities(logits))
+            values = decoder.decode(CATEGORICAL, counts.cpu().numpy().astype(np.float64))
         except AssertionError:  # constriction's word for a payload its models cannot decode
-            raise ValueError(NOT_EXACT) from None
-        return torch.from_numpy(values.astype(np.int64)).to(x_row.device)
+            raise ValueError(NOT_EXACT.format(image="an image")) from None
+        return torch.from_numpy(values.astype(np.int64)).to(known.device)
+
+    groups = []
+    with coding_mode(batch_size, threads, exact.device), \
+            rows_bar(model, n, "decompressing", progress) as bar:
+        for first in range(0, n, GROUP_SIZE):
+            # One group at a time: what is allocated grows with the images actually decoded.
+            group = torch.zeros((min(GROUP_SIZE, n - first), c, h, w), dtype=torch.long,
+                                device=exact.device)
+            code_group(exact, group, group_labels(labels, first), batch_size, decode, bar)
+            group = group.to("cpu", torch.uint8)
+            check_pixels(group, header.image_crcs[first:], first)
+            groups.append(group)
+    return torch.cat(groups)
 
 
-NOT_EXACT = ("the images do not decode exactly: this machine computes the model's probabilities "
-             "differently from the one that compressed them (another CPU or torch version?)")
+def code_group(exact: ExactAxialTransformer, x: Tensor, labels: Tensor | None,
+               batch_size: int, coder: Coder, bar: tqdm) -> None:
+    """Run the coding distribution over one group x [G, C, H, W] (long, on the model's device)
+    in the model's order, filling x in place with the values `coder` gives for each subpixel of
+    the G images in turn. The model runs on lanes of `batch_size` images, side by side: an
+    image's arithmetic does not depend on its lane, so neither does the file.
+
+      per channel c:   ctx = channel_encoder(x[<c])                          once
+      per row i:       u[i] = outer_step(row i-1), masked column layers cached over rows
+      per column j:    x[c, i, j] = code(inner_step(h[i, j-1] + u[i] + pos[i] + ctx[i]))
+    """
+    g, channels, height, width = x.shape
+    lanes = [slice(k, min(k + batch_size, g)) for k in range(0, g, batch_size)]
+    caches = [exact.new_caches(lane.stop - lane.start) for lane in lanes]
+    embed, pos = exact.pixel_embedding, exact.positions()  # [levels, D], [H, W, D]
+    for c in range(channels):
+        ctx = [exact.channel_context(x[lane], c, group_labels(labels, lane.start, lane.stop))
+               for lane in lanes]
+        u = [pos.new_zeros((lane.stop - lane.start, width, pos.shape[-1])) for lane in lanes]
+        for i in range(height):
+            bar.update()
+            if i > 0:
+                u = [exact.outer_step(embed[x[lane, c, i - 1]] + pos[i - 1] + ctx_k[:, i - 1],
+                                      outer, i - 1)
+                     for lane, ctx_k, (outer, _) in zip(lanes, ctx, caches, strict=True)]
+            row_inputs = [u_k + pos[i] + ctx_k[:, i] for u_k, ctx_k in zip(u, ctx, strict=True)]
+            left = [pos.new_zeros((lane.stop - lane.start, pos.shape[-1])) for lane in lanes]
+            for j in range(width):
+                logits = torch.cat([
+                    exact.inner_step(left_k + row_k[:, j], inner, j)
+                    for left_k, row_k, (_, inner) in zip(left, row_inputs, caches, strict=True)])
+                values = coder(frequencies(logits, exact.tables.exp), x[:, c, i, j])
+                x[:, c, i, j] = values
+                left = [embed[values[lane]] for lane in lanes]
+
+
+def group_labels(labels: Tensor | None, first: int, stop: int | None = None) -> Tensor | None:
+    return None if labels is None else labels[first : first + GROUP_SIZE if stop is None
+                                              else stop]
+
+
+NOT_EXACT = ("{image} does not decode to the pixels that were compressed (its checksum "
+             "differs): the file's payload or labels were changed after it was written, with "
+             "its closing checksum recomputed")
+
+
+def check_counts(batch_size: int, threads: int | None) -> None:
+    for name, value in (("batch_size", batch_size), ("threads", threads)):
+        if value is not None and (type(value) is not int or value < 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def check_model(model: AxialTransformer) -> None:
-    """The codec runs the model in fp32 and returns uint8 pixels."""
-    dtypes = {p.dtype for p in model.parameters()}
-    if dtypes != {torch.float32}:
-        raise ValueError(f"the codec runs the model in float32, got {sorted(map(str, dtypes))} "
-                         "weights: call model.float() first")
+    """The codec stores 8-bit pixels and runs on a CPU or a CUDA GPU."""
     if model.config.levels > 256:
         raise ValueError(f"the codec stores 8-bit pixels (levels <= 256), the model has "
                          f"{model.config.levels} levels")
+    device = next(model.parameters()).device
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"the codec runs the model on a CPU or a CUDA GPU, not on {device}")
 
 
 def check_same_model(model: AxialTransformer, header: Header) -> None:
-    """The file must come from this model, on this kind of device."""
+    """The file must come from this model, under this arithmetic, with labels exactly when the
+    model is class-conditional."""
+    c, (h, w), levels = model.config.channels, model.config.image_size, model.config.levels
+    if header.shape[1:] != (c, h, w) or header.levels != levels:
+        shape = "x".join(map(str, header.shape[1:]))
+        raise ValueError(f"the file holds images of {shape} with {header.levels} levels; this "
+                         f"model's are {c}x{h}x{w} with {levels}")
     fingerprint = model_fingerprint(model)
     if fingerprint != header.fingerprint:
         raise ValueError(f"the file was compressed with another model (fingerprint "
                          f"{header.fingerprint.hex()[:16]}, this model's "
                          f"{fingerprint.hex()[:16]}): decompress it with that model")
-    device = next(model.parameters()).device.type
-    if device != header.settings["device"]:
-        raise ValueError(f"the file was compressed on {header.settings['device']}; decompress it "
-                         f"there, not on {device} (the probabilities differ in their last bits)")
+    if header.arithmetic != ARITHMETIC_VERSION:
+        raise ValueError(f"the file was coded under arithmetic version {header.arithmetic}; "
+                         f"this version of the toolkit computes version {ARITHMETIC_VERSION}")
+    conditional = model.config.num_classes > 0
+    if conditional != (LABELS in header.settings):
+        raise ValueError("the file holds no labels, and this model is class-conditional"
+                         if conditional else
+                         "the file holds labels, and this model is not class-conditional")
+    labels = header.settings.get(LABELS, [])
+    if labels and max(labels) >= model.config.num_classes:
+        raise ValueError(f"the file's labels go up to {max(labels)}; this model has "
+                         f"{model.config.num_classes} classes")
 
 
-def check_pixels(images: Tensor, header: Header) -> None:
+def check_pixels(images: Tensor, crcs: tuple[int, ...], first: int) -> None:
     """Each decoded image must match the checksum of the image that was compressed."""
     for k, image in enumerate(images):
-        if image_crc(image.numpy().tobytes()) != header.image_crcs[k]:
-            raise ValueError(f"image {k}: {NOT_EXACT}")
+        if image_crc(image.numpy().tobytes()) != crcs[k]:
+            raise ValueError(NOT_EXACT.format(image=f"image {first + k}"))
 
 
 def model_fingerprint(model: AxialTransformer) -> bytes:
-    """SHA-256 of the model's config (JSON, sorted keys) and of its weights' bytes, tensor by
-    tensor in the order of their names, each after its name, dtype and shape."""
-    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    """SHA-256 of the model's architecture (JSON, sorted keys) and of its weights' bytes, tensor
+    by tensor in the order of their names, each after its name, dtype and shape."""
+    config = model.config.to_dict()
+    digest = hashlib.sha256(json.dumps({k: config[k] for k in ARCHITECTURE},
+                                       sort_keys=True).encode())
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().to("cpu").contiguous()
         digest.update(f"\0{name}\0{t.dtype}\0{list(t.shape)}\0".encode())
@@ -208,30 +252,21 @@ def model_fingerprint(model: AxialTransformer) -> bytes:
 
 
 @contextlib.contextmanager
-def coding_mode(model: AxialTransformer, threads: int) -> Iterator[None]:
-    """Eval mode, no autograd, no autocast, full-precision fp32 matmuls and `threads` CPU
-    threads: the same arithmetic when compressing and when decompressing. Restores all of it."""
-    was_training, saved_threads = model.training, torch.get_num_threads()
-    precision = torch.get_float32_matmul_precision()
-    model.eval()
-    torch.set_num_threads(threads)
-    torch.set_float32_matmul_precision("highest")
+def coding_mode(batch_size: int, threads: int | None, device: torch.device) -> Iterator[None]:
+    """No autograd, and the thread count of a decoding loop (one below a batch of 8, where more
+    are slower) unless given: the results do not depend on it. Restores it."""
+    saved = torch.get_num_threads()
     try:
-        device = next(model.parameters()).device.type
-        # Plain attribute lookups speed up the eager loop without touching its arithmetic; the
-        # other eager-decoding settings are left out, so that files decode as they always have.
-        with torch.inference_mode(), torch.autocast(device, enabled=False), \
-                runtime.plain_attributes(model):
+        with torch.inference_mode(), runtime.decoding_threads(batch_size, device):
+            if threads is not None:
+                torch.set_num_threads(threads)
             yield
     finally:
-        torch.set_float32_matmul_precision(precision)
-        torch.set_num_threads(saved_threads)
-        model.train(was_training)
+        torch.set_num_threads(saved)
 
 
-def rows_bar(model: AxialTransformer, images: int, batch_size: int, desc: str,
-             progress: bool) -> tqdm:
-    """One progress bar over every row that `decode` runs, all batches together."""
-    batches = -(-images // batch_size)
-    total = batches * model.config.channels * model.config.image_size[0]
+def rows_bar(model: AxialTransformer, images: int, desc: str, progress: bool) -> tqdm:
+    """One progress bar over every row of every group."""
+    groups = -(-images // GROUP_SIZE)
+    total = groups * model.config.channels * model.config.image_size[0]
     return tqdm(total=total, unit="row", desc=desc, disable=not progress)

@@ -1,5 +1,6 @@
 """What compress.py and decompress.py share: their common options, the model behind
---checkpoint, and errors reported as one line (exit code 2) unless --debug is given."""
+--checkpoint, checked and atomic outputs, and errors reported as one line (exit code 2) unless
+--debug is given."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -34,10 +36,36 @@ def load_model(checkpoint: str, device: str) -> AxialTransformer:
         device = torch.device(device)
     except RuntimeError as e:
         raise CLIError(f"--device {device!r}: {e}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise CLIError(f"--device {device}: the codec runs on cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CLIError(f"--device {device}: CUDA is not available on this machine")
     model, _ = load_trained_model(checkpoint)
     return model.to(device)
+
+
+def check_writable_file(path: Path, option: str, folder: bool = False) -> None:
+    """Before any compute: `path` must be a file (or with `folder`, a folder) that can be
+    written: no file in the way above it, and permission to write where it goes."""
+    parent = path.parent
+    if path.is_dir() and not folder:
+        raise CLIError(f"{option} {path}: an existing folder; expected a file name")
+    existing = next(p for p in (parent, *parent.parents) if p.exists())
+    if not existing.is_dir():
+        raise CLIError(f"{option} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CLIError(f"{option} {path}: cannot write in {existing} (permission denied)")
+
+
+def write_output(path: Path, write: Callable[[Path], None]) -> None:
+    """atomic_write, an OSError (a full or read-only disk) reported as one line naming the
+    file: nothing is left behind."""
+    from .io import atomic_write
+
+    try:
+        atomic_write(path, write)
+    except OSError as e:
+        raise CLIError(f"could not write {path}: {e.strerror or e}") from None
 
 
 def run_reporting_errors(run: Callable[[], int], debug: bool) -> int:
