@@ -26,6 +26,16 @@ WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"
 # owner/name, as the Hub spells repository ids.
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
+
+def is_hub_id(source: str) -> bool:
+    """Whether `source` names a Hub repository rather than a local path: it has the owner/name
+    form, is not on disk, and its owner is neither `runs` nor a folder here, so that a mistyped
+    `runs/reff` is reported missing at once instead of tried on the network."""
+    if Path(source).exists() or not REPO_ID.match(source):
+        return False
+    owner = source.split("/")[0]
+    return owner != "runs" and not Path(owner).is_dir()
+
 MODEL_CARD = """---
 {{ card_data }}
 ---
@@ -93,7 +103,7 @@ class HubMixin(
         Hub repository id ("owner/name"; downloaded once into the Hugging Face cache).
         `map_location` (default "cpu") places the weights."""
         source = str(pretrained_model_name_or_path)
-        if not Path(source).is_dir() and not REPO_ID.match(source):
+        if not Path(source).is_dir() and not is_hub_id(source):
             raise FileNotFoundError(f"{source}: no such directory, and not a Hub repository id "
                                     "(owner/name)")
         return super().from_pretrained(source, **kwargs)

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .ema import EMA
 from .errors import SetupError
+from .plots import write_loss_curve
 from .train_config import RunConfig
 
 
@@ -47,6 +48,8 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
         if echo:
             self.bar.write(" ".join(f"{k} {_fmt(v)}" for k, v in record.items()))
+        if "train/loss_bpd" in metrics or "eval/bpd" in metrics:  # RUN/loss_curve.png, kept current
+            write_loss_curve(self.path.parent)
         self.accelerator.log(metrics, step=step)
 
 
@@ -177,8 +180,8 @@ def run_outputs(run_dir: str | Path) -> dict[str, Path]:
     from .checkpoint import checkpoint_dirs
 
     run_dir = Path(run_dir)
-    found = {"metrics": run_dir / "metrics.jsonl", "export": run_dir / "export",
-             "heatmap": run_dir / "heatmap.png"}
+    found = {"metrics": run_dir / "metrics.jsonl", "loss_curve": run_dir / "loss_curve.png",
+             "export": run_dir / "export", "heatmap": run_dir / "heatmap.png"}
     outputs = {kind: path for kind, path in found.items() if path.exists()}
     checkpoints = checkpoint_dirs(run_dir)
     if checkpoints:
