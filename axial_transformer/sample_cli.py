@@ -32,10 +32,13 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .model import AxialTransformer
 
 COMPLETION_CAVEAT = (
     "Completion of an RGB image is approximate: the model draws channel after channel, so the "
@@ -226,14 +229,17 @@ def class_name(label: int, config) -> str:
     return config.class_names[label] if config.class_names else str(label)
 
 
+@dataclass
 class Request:
     """What is drawn: the batches (sizes), their labels, and the known pixels of a completion."""
 
-    def __init__(self, model, batch_sizes: list[int], labels, known, known_mask,
-                 temperature: float, guidance: float) -> None:
-        self.model, self.batch_sizes, self.labels = model, batch_sizes, labels
-        self.known, self.known_mask = known, known_mask
-        self.temperature, self.guidance = temperature, guidance
+    model: AxialTransformer
+    batch_sizes: list[int]
+    labels: torch.Tensor | None  # [N], class after class
+    known: torch.Tensor | None
+    known_mask: torch.Tensor | None
+    temperature: float
+    guidance: float
 
     def draw(self, generator, compile: bool) -> torch.Tensor:
         """Every batch in turn -> uint8 [N, C, H, W] on the CPU."""
@@ -278,8 +284,8 @@ def choose_compiled(request: Request) -> bool:
     compiled, are no faster than the eager ones."""
     eager = request.estimate(compile=False)
     if eager < COMPILE_FLOOR_S:
-        print(f"--compile: sampling eagerly takes about {eager:.1f} s here, less than compiling "
-              f"does (over {COMPILE_FLOOR_S:.0f} s on a CPU): sampling eagerly", flush=True)
+        print(f"--compile: sampling eagerly takes about {eager:.1f} s here, less than a "
+              f"compilation takes ({COMPILE_FLOOR_S:.0f} s or more): sampling eagerly", flush=True)
         return False
     sizes = ", ".join(map(str, sorted(set(request.batch_sizes))))
     print(f"--compile: about {eager:.0f} s eagerly; compiling the decoding steps for batch size "

@@ -38,16 +38,26 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 def config_keys() -> str:
     """Every config key with its default, section by section, as the overrides spell them."""
-    lines = ["config keys (section.key=value, shown with their defaults; "
-             "axial_transformer/train_config.py says what each does):"]
+    lines = ["config keys, as section.key=value with the value a key has unless the --config",
+             "preset or an override sets it (axial_transformer/train_config.py says what each",
+             "does):"]
     for section, values in RunConfig().to_dict().items():
         if not isinstance(values, dict):
-            lines.append(f"  {section}={values!r}")
+            lines.append(f"  {section}={spelled(values)}")
             continue
-        keys = " ".join(f"{key}={value}".replace(" ", "") for key, value in values.items())
+        keys = " ".join(f"{key}={spelled(value)}" for key, value in values.items())
         lines.extend(textwrap.wrap(keys, 96, initial_indent=f"  {section + ':':<11} ",
                                    subsequent_indent=" " * 14))
     return "\n".join(lines)
+
+
+def spelled(value) -> str:
+    """A value as an override writes it: true, [32,32], builtin, ''."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value == "":
+        return "''"
+    return str(value).replace(" ", "").replace("'", "")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -168,7 +168,7 @@ class TimedRequest:
 
 
 @pytest.mark.parametrize("eager, compiled, chosen, says", [
-    (0.1, 0.01, False, "less than compiling does"),  # 4 rows x 2 sizes: 1.6 s, under the floor
+    (0.1, 0.01, False, "less than a compilation takes"),  # 4 rows x 2 sizes: 1.6 s, under the floor
     (10.0, 20.0, False, "no faster here"),  # compiled, measured slower: falls back
     (10.0, 1.0, True, "compiled against"),
 ])
