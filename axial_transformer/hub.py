@@ -36,6 +36,7 @@ def is_hub_id(source: str) -> bool:
     owner = source.split("/")[0]
     return owner != "runs" and not Path(owner).is_dir()
 
+
 MODEL_CARD = """---
 {{ card_data }}
 ---
