@@ -383,8 +383,8 @@ def run(args: argparse.Namespace) -> int:
 
 def write_outputs(grid, samples: torch.Tensor, out: Path, per_image: bool) -> None:
     """The grid PNG, the .npy of uint8 [N, H, W, C] beside it and, with `per_image`, a folder of
-    one PNG per image: each file written atomically, the folder filled under a temporary name
-    and renamed into place whole."""
+    one PNG per image (filled under a temporary name, then renamed into place): all of them or,
+    after an OSError that names the output it hit, none."""
     from PIL import Image
 
     from .io import atomic_write
@@ -396,19 +396,32 @@ def write_outputs(grid, samples: torch.Tensor, out: Path, per_image: bool) -> No
         with open(tmp, "wb") as f:  # np.save would append .npy to a path without it
             np.save(f, pixels, allow_pickle=False)
 
-    save_png(grid, out)
-    atomic_write(out.with_suffix(".npy"), write_array)
-    if not per_image:
-        return
-    folder = out.with_suffix("")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        digits = max(5, len(str(len(pixels) - 1)))
-        for k, image in enumerate(pixels):
-            Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(
-                tmp / f"{k:0{digits}d}.png", format="PNG")
-        if folder.exists():  # --overwrite
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    def write_folder(folder: Path) -> None:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            digits = max(5, len(str(len(pixels) - 1)))
+            for k, image in enumerate(pixels):
+                Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(
+                    tmp / f"{k:0{digits}d}.png", format="PNG")
+            if folder.exists():  # --overwrite
+                shutil.rmtree(folder)
+            tmp.rename(folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    writes = [(out, lambda: save_png(grid, out)),
+              (out.with_suffix(".npy"), lambda: atomic_write(out.with_suffix(".npy"), write_array))]
+    if per_image:
+        writes.append((out.with_suffix(""), lambda: write_folder(out.with_suffix(""))))
+    done = []
+    for path, write in writes:
+        try:
+            write()
+        except OSError as e:
+            for written in done:  # none of a set that is not whole
+                if written.is_dir():
+                    shutil.rmtree(written)
+                else:
+                    written.unlink()
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+        done.append(path)

@@ -337,6 +337,25 @@ def test_a_failed_write_comes_after_the_figures(run_dir, tmp_path, capsys, monke
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_set_of_outputs_is_written_whole_or_not_at_all(run_dir, tmp_path, capsys,
+                                                         monkeypatch):
+    import axial_transformer.io
+
+    write = axial_transformer.io.atomic_write
+
+    def full_at_the_array(path, writer):
+        if Path(path).suffix == ".npy":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"{path}.tmp")
+        write(path, writer)
+
+    monkeypatch.setattr(axial_transformer.io, "atomic_write", full_at_the_array)
+    code, _, err = run_sample(capsys, "--checkpoint", run_dir, "--num-samples", 2, "--out",
+                              tmp_path / "g.png", "--per-image")
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        f"error: could not write {tmp_path / 'g.npy'}: No space left on device")
+    assert list(tmp_path.iterdir()) == []  # the grid written before it is gone again
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints that are not what they seem, and the help.
 
