@@ -1,101 +1,12 @@
-"""Train an Axial Transformer; the same script runs on a CPU, a GPU or many GPUs.
+"""Train an Axial Transformer: `python train.py --help`.
 
-    python train.py                                        # the demo (configs/demo.yaml)
-    python train.py --config configs/imagenet32.yaml run_dir=runs/in32 train.lr=2e-4
-    accelerate launch --multi_gpu --num_processes 8 --mixed_precision bf16 \
-        train.py --config configs/imagenet64.yaml run_dir=runs/in64
-    torchrun --standalone --nproc_per_node 2 train.py --config configs/demo.yaml
-    python train.py --config configs/imagenet32.yaml run_dir=runs/in32 resume=auto
-
-Overrides are `section.key=value` (model, data, train, eval, log, checkpoint) or `run_dir=...`,
-`resume=...`; see axial_transformer/train_config.py for every key. The run writes config.yaml,
-metrics.jsonl, checkpoints/, export/ (EMA weights for sample.py) and samples/ into run_dir, and
-says where at the end; run again on a finished run, it prints its results instead.
-
-SIGTERM or SIGINT (Ctrl-C) saves what is not yet saved and exits with code 0; `resume=auto`
-continues. Bad input stops the run at start-up with one line on stderr and exit code 2; --debug
-(or AXIAL_DEBUG=1) shows the traceback instead. docs/training.md has the details.
+The command lives in axial_transformer/train_cli.py; an installed package also has it as
+`axial-train` and `python -m axial_transformer train`.
 """
 
-from __future__ import annotations
-
-import argparse
-import os
 import sys
-from pathlib import Path
 
-from axial_transformer.distributed import cpu_only
-from axial_transformer.errors import SetupError, TrainingError
-from axial_transformer.host_memory import keep_freed_memory
-from axial_transformer.preemption import Preempted, Preemption
-from axial_transformer.run_log import print_outputs
-from axial_transformer.train_config import load_config
-from axial_transformer.training import train
-
-DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=str(DEMO_CONFIG),
-                        help="YAML preset (default: the CPU demo, configs/demo.yaml)")
-    parser.add_argument("--debug", action="store_true",
-                        default=os.environ.get("AXIAL_DEBUG") == "1",
-                        help="show the traceback of an error (also AXIAL_DEBUG=1)")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
-    args = parser.parse_args(argv)
-    # SIGTERM and SIGINT until the process exits: train() handles them while it runs; before,
-    # they stop the command at once; after, everything is saved or complete and they are only
-    # noted, so that a signal while the results print or the interpreter shuts down still
-    # leaves exit code 0. Never uninstalled: the default action would kill the process.
-    outside = Preemption().install()
-    try:
-        cfg = load_config(args.config, args.overrides)
-        if cpu_only():
-            keep_freed_memory()  # CPU steps stop page-faulting their activations in every step
-        final = train(cfg)
-        outside.defer()
-    except Preempted as stop:  # before train() began, or just as it returned
-        outside.defer()
-        final = {"preempted": stop.signal_name, "step": None, "checkpoint": None}
-    # OSError: a disk that fills up or fails after start-up (a checkpoint write says so itself).
-    except (ValueError, SetupError, TrainingError, OSError) as e:
-        outside.defer()
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if "preempted" in final:
-        if final["checkpoint"] is None:
-            print(f"stopped by {final['preempted']} during start-up; nothing to save",
-                  file=sys.stderr)
-        else:
-            print(f"stopped by {final['preempted']} at step {final['step']}; checkpoint "
-                  f"{final['checkpoint']}; continue with resume=auto", file=sys.stderr)
-        return 0
-    if "outputs" not in final:  # another process than the main one
-        return 0
-    if "complete" in final:
-        print(f"{cfg.run_dir} is already complete: it trained {final['complete']['step']} steps "
-              f"(train.steps={cfg.train.steps}); raise train.steps to train on")
-    print_comparison(final.get("complete", final))
-    print_outputs(cfg.run_dir, final["outputs"])
-    return 0
-
-
-def print_comparison(final: dict) -> None:
-    """The model's test bits/dim (and per channel), beside what lossless codecs spend on the
-    same images when the run computed it."""
-    channels = ", ".join(f"{k.removeprefix('eval/bpd_')} {v:.3f}" for k, v in final.items()
-                         if k.startswith("eval/bpd_") and k != "eval/bpd_no_class")
-    print(f"\ntest bits/dim over {final['eval/images']} images (lower is better):")
-    print(f"  {'Axial Transformer (EMA weights)':<34} {final['eval/bpd']:6.3f}  ({channels})")
-    if "eval/bpd_no_class" in final:
-        print(f"  {'  the same told no class':<34} {final['eval/bpd_no_class']:6.3f}")
-    if "baseline/png_bpd" in final:
-        print(f"  {'WebP lossless (method 6)':<34} {final['baseline/webp_bpd']:6.3f}")
-        print(f"  {'PNG (optimize, level 9)':<34} {final['baseline/png_bpd']:6.3f}")
-
+from axial_transformer.train_cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

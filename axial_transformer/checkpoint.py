@@ -29,7 +29,7 @@ import yaml
 from torch import nn
 
 from .ema import EMA
-from .hub import REPO_ID
+from .hub import is_hub_id
 from .model import AxialTransformer
 from .tensor_files import check_shapes, read_tensors
 from .train_config import RunConfig, config_from_dict
@@ -180,16 +180,22 @@ def nonfinite_parameter(model: nn.Module) -> str | None:
 def load_trained_model(path: str | Path) -> tuple[AxialTransformer, RunConfig | None]:
     """The EMA model of a run directory, one of its checkpoints, an export directory or a Hub
     repository id ("owner/name"), with the run's config when there is one (for its data spec)."""
-    if not Path(path).exists() and REPO_ID.match(str(path)):
+    if is_hub_id(str(path)):
         return AxialTransformer.from_pretrained(str(path)), None
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist (nor is it a Hub repository id, "
-                                "owner/name)")
+        raise FileNotFoundError(f"{path} does not exist{_close_names(path)}")
 
     def run_config(run_dir: Path) -> RunConfig | None:
         saved = run_dir / "config.yaml"
-        return config_from_dict(yaml.safe_load(saved.read_text())) if saved.is_file() else None
+        if not saved.is_file():
+            return None
+        try:  # safe_load: a YAML tag never constructs a Python object
+            return config_from_dict(yaml.safe_load(saved.read_text()))
+        except (yaml.YAMLError, ValueError, UnicodeDecodeError) as e:
+            problem = " ".join(str(e).split())
+            raise ValueError(f"{saved}: not a run config this version can read ({problem})"
+                             ) from None
 
     if (path / "config.json").is_file():  # an export: RUN/export or a copy of one
         return AxialTransformer.from_pretrained(path), run_config(path.parent)
@@ -218,6 +224,21 @@ def load_trained_model(path: str | Path) -> tuple[AxialTransformer, RunConfig | 
         return ema.model, cfg
     if (path / "export" / "config.json").is_file():  # a run directory
         return AxialTransformer.from_pretrained(path / "export"), run_config(path)
+    if (path / "config.yaml").is_file():  # a run that has not exported yet
+        raise FileNotFoundError(f"{path}: a run with no export yet; training writes export/ "
+                                "with each checkpoint (every checkpoint.every steps) and at the "
+                                "end")
     raise FileNotFoundError(f"{path}: expected a run directory, one of its checkpoints "
                             "(checkpoints/step_NNNNNNN), an export (config.json + "
                             "model.safetensors) or a Hub repository id (owner/name)")
+
+
+def _close_names(path: Path) -> str:
+    """" (did you mean X?)" when a sibling of `path` has a close name, else ""."""
+    import difflib
+
+    if not path.parent.is_dir():
+        return ""
+    names = [p.name for p in path.parent.iterdir()]
+    close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.6)
+    return f" (did you mean {path.parent / close[0]}?)" if close else ""

@@ -28,7 +28,7 @@ from .builtin_data import builtin_dataset
 from .formats import FORMATS, PREPARE_HINT, SPLITS, check_image_array, load_array
 from .image_files import CorruptImageError, check_image_bytes, decode_image
 from .labels import check_labels, labels_path, load_class_names, load_labels
-from .prepare import prepare, prepare_holdout
+from .prepare import prepare, prepare_holdout, resize_box
 
 __all__ = [
     "CorruptImageError",
@@ -105,13 +105,15 @@ def open_split(
     image_size: tuple[int, int],
     channels: int,
     num_classes: int = 0,
+    trained: bool = False,
 ) -> ImageArrayDataset:
     """Open one split: "builtin", a prepared .npy file, or a directory holding `{split}.npy`.
 
     The images must be exactly `image_size` (H, W) with `channels` channels: resizing is a
     decision for `prepare`, not something to do silently at training time. With `num_classes`
     > 0 the split's labels (`{split}_labels.npy` beside it) are read too, each checked to lie in
-    0..num_classes-1, and items are (image, label).
+    0..num_classes-1, and items are (image, label). A split that does not fit is refused with
+    what to change: the model's config, or for a `trained` model the images.
     """
     h, w = image_size
     if num_classes < 0:
@@ -124,17 +126,24 @@ def open_split(
     array = load_array(path)
     found = tuple(array.shape[1:])
     if found != (h, w, channels):
-        raise ValueError(size_mismatch(path, found, (h, w, channels)))
+        raise ValueError(size_mismatch(path, found, (h, w, channels), trained))
     if len(array) == 0:
         raise ValueError(f"{path}: holds no images")
     labels = load_labels(path, len(array), num_classes) if num_classes else None
     return ImageArrayDataset(array, labels, file=path)
 
 
-def size_mismatch(path: Path, found: tuple[int, ...], expected: tuple[int, int, int]) -> str:
-    """The refusal of a split whose images do not fit the model, with the overrides that fix it."""
+def size_mismatch(path: Path, found: tuple[int, ...], expected: tuple[int, int, int],
+                  trained: bool = False) -> str:
+    """The refusal of a split whose images do not fit the model, with what fixes it: the
+    overrides of a model to train, or for a `trained` model, the images prepared again."""
     (fh, fw, fc), (h, w, c) = found, expected
     resized = (fh, fw) != (h, w)
+    again = f"--image-size {h} {w} --resize" if resized else ""
+    again += f" --channels {c}" if fc != c else ""
+    if trained:
+        return (f"{path}: this model takes images of H x W x C = {h} x {w} x {c}, found "
+                f"{fh} x {fw} x {fc}; prepare them again with {again.strip()}")
     fixes = [f"model.image_size=[{fh},{fw}]"] * resized + [f"model.channels={fc}"] * (fc != c)
     again = f"; or prepare them again with --image-size {h} {w} --resize" if resized else ""
     return (f"{path}: expected images of H x W x C = {h} x {w} x {c} (image_size={[h, w]}, "
@@ -215,11 +224,12 @@ def split_batch(batch: torch.Tensor | list) -> tuple[torch.Tensor, torch.Tensor 
     return batch, None
 
 
-def read_image_file(path: str | Path, channels: int, size: tuple[int, int]) -> np.ndarray:
+def read_image_file(path: str | Path, channels: int, size: tuple[int, int],
+                    resize: bool = False) -> np.ndarray:
     """One PNG or JPEG file as a model of `size` (H, W) and `channels` takes it -> uint8
-    [H, W, C]; a ValueError naming the file when it cannot be read or does not fit. A file too
-    large, or declaring too many pixels (a decompression bomb), is refused before it is
-    decoded (image_files.py)."""
+    [H, W, C], box-resized to `size` with `resize`; a ValueError naming the file when it cannot
+    be read or does not fit. A file too large, or declaring too many pixels (a decompression
+    bomb), is refused before it is decoded (image_files.py)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path} not found")
@@ -228,6 +238,8 @@ def read_image_file(path: str | Path, channels: int, size: tuple[int, int]) -> n
     if image.dtype != np.uint8:
         raise ValueError(f"{path}: expected 8-bit pixels, got {image.dtype}")
     image = image[:, :, None] if image.ndim == 2 else image
+    if resize and image.shape[2] == channels and image.shape[:2] != size:
+        image = resize_box(image, size)
     if image.shape != (*size, channels):
         raise ValueError(f"{path}: the model takes {size[0]}x{size[1]} images with {channels} "
                          f"channel(s), got {image.shape[0]}x{image.shape[1]} with "

@@ -292,15 +292,18 @@ def read_folder(path: Path, split: str) -> Source:
 
     When every image lies inside a sub-folder and there are at least two of them, the sub-folders
     are the classes (torchvision's ImageFolder layout): sorted folder names are labels 0..K-1."""
-    relative = sorted(
-        p.relative_to(path).as_posix()
-        for p in path.rglob("*") if p.is_file() and is_image_name(p.name)
-    )
+    files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+    relative = [name for name in files if is_image_name(name)]
     if not relative:
         raise ValueError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)} files) in this folder")
     records = ((i, str(path / name), image_bytes(path / name)) for i, name in enumerate(relative))
     source = Source("folder", path, len(relative), records,
                     expected_count=van_den_oord_count(path))
+    others = [name for name in files if not is_image_name(name)]
+    if others:  # a .gif, a .webp or a README: said, not silently left out
+        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        source.note = (f"{path}: skipped {len(others)} file(s) that are not "
+                       f"{', '.join(IMAGE_SUFFIXES)}: {shown}")
     folders = [name.split("/")[0] if "/" in name else None for name in relative]
     classes = sorted(set(folders) - {None})
     if None not in folders and len(classes) >= 2:

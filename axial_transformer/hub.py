@@ -28,6 +28,17 @@ REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Far above the few hundred bytes of a config.json written by save_pretrained.
 MAX_CONFIG_BYTES = 2**16
 
+
+def is_hub_id(source: str) -> bool:
+    """Whether `source` names a Hub repository rather than a local path: it has the owner/name
+    form, is not on disk, and its owner is neither `runs` nor a folder here, so that a mistyped
+    `runs/reff` is reported missing at once instead of tried on the network."""
+    if Path(source).exists() or not REPO_ID.match(source):
+        return False
+    owner = source.split("/")[0]
+    return owner != "runs" and not Path(owner).is_dir()
+
+
 MODEL_CARD = """---
 {{ card_data }}
 ---
@@ -115,7 +126,7 @@ class HubMixin(
                 if not file.is_file():
                     raise FileNotFoundError(f"{file} not found: expected a directory written by "
                                             "AxialTransformer.save_pretrained")
-        elif REPO_ID.match(source):
+        elif is_hub_id(source):
             config_file, weights = (
                 Path(hf_hub_download(source, name, revision=revision, cache_dir=cache_dir,
                                      force_download=force_download,

@@ -64,7 +64,7 @@ def to_image(
         if not resize:
             raise ValueError(
                 f"{name}: is {image.shape[0]}x{image.shape[1]}, expected "
-                f"{image_size[0]}x{image_size[1]}; pass resize=True (--resize) to resize"
+                f"{image_size[0]}x{image_size[1]}; pass --resize to resize"
             )
         image = resize_box(image, image_size)
     return image
@@ -103,8 +103,8 @@ def write_images(
             elif image.shape != out.row_shape:
                 raise ValueError(
                     f"{image_name}: is {'x'.join(map(str, image.shape))} (HxWxC) but {first} "
-                    f"is {'x'.join(map(str, out.row_shape))}; pass image_size (--image-size H W)"
-                    f" and resize=True (--resize) to resize them all"
+                    f"is {'x'.join(map(str, out.row_shape))}; pass --image-size H W and --resize "
+                    f"to resize them all"
                 )
             out.write(index, image[None])
             written[index] = True
@@ -187,11 +187,11 @@ def check_options(
     if image_size is not None:
         image_size = tuple(int(s) for s in image_size)
         if len(image_size) != 2 or min(image_size) < 1:
-            raise ValueError(f"image_size must be two positive ints (H, W), got {image_size}")
+            raise ValueError(f"--image-size must be two positive numbers H W, got {image_size}")
     if resize and image_size is None:
-        raise ValueError("resize=True needs image_size (--image-size H W) to resize to")
+        raise ValueError("--resize needs --image-size H W to resize to")
     if channels < 1:
-        raise ValueError(f"channels must be positive, got {channels}")
+        raise ValueError(f"--channels must be positive, got {channels}")
     return image_size
 
 

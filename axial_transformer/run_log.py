@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from .ema import EMA
 from .errors import SetupError, naming
+from .plots import write_loss_curve
 from .train_config import RunConfig
 
 
@@ -51,6 +52,8 @@ class MetricsLog:
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
         with naming(self.path), open(os.open(self.path, flags, 0o666), "a") as f:
             f.write(json.dumps(record) + "\n")
+        if "train/loss_bpd" in metrics or "eval/bpd" in metrics:  # RUN/loss_curve.png, kept current
+            write_loss_curve(self.path.parent)
         self.accelerator.log(metrics, step=step)
 
     def show(self, step: int, metrics: dict) -> None:
@@ -191,8 +194,8 @@ def run_outputs(run_dir: str | Path) -> dict[str, Path]:
     from .checkpoint import checkpoint_dirs
 
     run_dir = Path(run_dir)
-    found = {"metrics": run_dir / "metrics.jsonl", "export": run_dir / "export",
-             "heatmap": run_dir / "heatmap.png"}
+    found = {"metrics": run_dir / "metrics.jsonl", "loss_curve": run_dir / "loss_curve.png",
+             "export": run_dir / "export", "heatmap": run_dir / "heatmap.png"}
     outputs = {kind: path for kind, path in found.items() if path.exists()}
     checkpoints = checkpoint_dirs(run_dir)
     if checkpoints:

@@ -114,5 +114,5 @@ def test_sample_and_evaluate_take_a_hub_repository_id(export, tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     assert sample_cli.main(["--checkpoint", "someone/axial-tiny", "--num-samples", "2",
                             "--device", "cpu"]) == 0
-    drawn = np.load(tmp_path / "samples" / "someone--axial-tiny" / "sample_seed0.npy")
+    drawn = np.load(tmp_path / "samples" / "someone--axial-tiny" / "sample_n2_seed0.npy")
     assert drawn.shape == (2, 5, 7, 1)
