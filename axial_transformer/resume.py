@@ -113,28 +113,31 @@ def save_checkpoint(
                 seal(tmp)
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
-            fsync_directory(root)
         except OSError as e:
             error = e
     if agree(accelerator, error is not None)[0]:
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
         why = error or "a write failed on another process"
-        previous = [d.name for d in checkpoint_dirs(run_dir) if d != final]
+        previous = [d.name for d in checkpoint_dirs(run_dir)
+                    if d != final and checkpoint_problem(d, hashes=False) is None]
         kept = f"{previous[-1]} is the newest checkpoint" if previous else "no checkpoint yet"
         raise TrainingError(f"could not write checkpoint {final}: {why}; removed its temporary "
                             f"files ({kept}). Free some space and continue with resume=auto")
-    if main:
+    # The checkpoint is in place: from here a failure keeps it, and says so.
+    steps = {"syncing its folder": lambda: fsync_directory(root),
+             "pruning older checkpoints": lambda: prune_checkpoints(run_dir, keep),
+             "refreshing the export": lambda: write_export(ema, run_dir)}
+    for step_name, act in steps.items() if main else ():
         try:
-            prune_checkpoints(run_dir, keep)
-            write_export(ema, run_dir)
+            act()
         except OSError as e:
-            error = e
+            error = OSError(f"{step_name} failed: {e}")
+            break
     if agree(accelerator, error is not None)[0]:
         why = error or "a write failed on another process"
-        raise TrainingError(f"checkpoint {final} is saved, but the export could not be "
-                            f"refreshed: {why}. Free some space and continue with resume=auto, "
-                            "which writes the export again")
+        raise TrainingError(f"checkpoint {final} is saved, but {why}. Free some space and "
+                            "continue with resume=auto, which writes the export again")
     return final
 
 

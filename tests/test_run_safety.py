@@ -118,7 +118,7 @@ def test_a_full_disk_at_the_export_says_the_checkpoint_was_kept(data_dir, tmp_pa
                           run_dir, call=2)
     one_line_error(done, "checkpoint ")
     error = done.stderr.strip().splitlines()[-1]
-    assert "step_0000004 is saved, but the export could not be refreshed" in error, error
+    assert "step_0000004 is saved, but refreshing the export failed" in error, error
     assert "No space left on device" in error and str(run_dir / "export") in error, error
     assert "removed" not in error  # the checkpoint is kept, and the message says so
     assert checkpoint_problem(newest_checkpoint(run_dir)) is None
