@@ -16,11 +16,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-# 64 MiB pixels (8192 x 8192) decode to at most 256 MiB (4 bytes a pixel) and, with the copies
-# of the conversion to RGB, stay under a gigabyte; the paper's images are 32 x 32 and 64 x 64.
-MAX_IMAGE_PIXELS = 2**26
-# An image file larger than this is refused before it is read: 128 MiB is more than an 8192 x
-# 8192 PNG of noise takes.
+# 32 Mi pixels (8192 x 4096, a 30-megapixel photograph) decode to at most 128 MiB (4 bytes a
+# pixel); with the file's bytes and the copies of the conversion to RGB that stays near 400 MiB.
+# The paper's images are 32 x 32 and 64 x 64.
+MAX_IMAGE_PIXELS = 2**25
+# An image file larger than this is refused before it is read: 128 MiB is as much as that many
+# pixels of noise take as a PNG.
 MAX_IMAGE_BYTES = 2**27
 
 # What Pillow raises on damaged files: OSError (truncated, unidentified), SyntaxError (bad PNG

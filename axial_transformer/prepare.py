@@ -280,7 +280,12 @@ def prepare(
     already have `channels` channels. Undecodable image files are skipped with a warning
     (`on_error="skip"`) or stop the run (`"raise"`). Where the source has class labels they are
     written beside the images (`OUT_labels.npy`, `OUT_classes.json`), in the same order, also
-    when images are skipped. The outputs appear atomically: a failed run leaves no partial file.
+    when images are skipped. An image file larger than 128 MiB, or declaring more than 32 Mi
+    pixels, is refused before it is read or decoded, like an undecodable one. A damaged archive
+    (a truncated or corrupted tar, .tar.gz, .tar.bz2, .tar.xz) is an error naming the member
+    where it broke, unless `skip_damaged=True`: then the image members before the break are
+    prepared, with a warning that says how many were skipped there. The outputs appear
+    atomically: a failed run (a full disk included) leaves no partial file.
     """
     image_size = check_options(image_size, channels, on_error, resize)
     out_path = Path(out_path)
