@@ -244,4 +244,4 @@ def read_image_file(path: str | Path, channels: int, size: tuple[int, int],
         raise ValueError(f"{path}: the model takes {size[0]}x{size[1]} images with {channels} "
                          f"channel(s), got {image.shape[0]}x{image.shape[1]} with "
                          f"{image.shape[2]}")
-    return image
+    return image.copy()  # writable (Pillow's array is not), and only the size the model takes
