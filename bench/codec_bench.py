@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from machine import cpu_model
+from machine import machine_line, sampler_precision
 from PIL import Image
 
 from axial_transformer.checkpoint import load_trained_model
@@ -169,8 +169,9 @@ def main() -> None:
     command = " ".join(["python", "bench/codec_bench.py", *sys.argv[1:]])
     date = datetime.datetime.now().isoformat(timespec="seconds")
     print(f"# Codec benchmark: `{command}`, {date}")
-    print(f"# {cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads "
-          f"(the codec: {torch.get_num_threads()} at batch 64, 1 at batch 1, as the sampler)")
+    precision = f"fp32 in the codec, {sampler_precision()} in the sampler"
+    print(f"# {machine_line(precision)} (the codec: {torch.get_num_threads()} threads at batch "
+          "64, 1 at batch 1, as the sampler)")
     print(f"# model {checkpoint} ({model.num_parameters():,} parameters); built-in test split, "
           f"{n} images of {c}x{h}x{w}\n")
     print("| codec | bits/dim | vs exact | encode images/s | decode images/s |")
