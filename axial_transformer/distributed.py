@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import SetupError
+from .precision import Precision, choose_precision
 from .train_config import RunConfig
 
 
@@ -19,13 +20,24 @@ def cpu_only() -> bool:
 
 
 def build_accelerator(cfg: RunConfig):
-    from accelerate import Accelerator
+    """Accelerate's set-up, with train.threads CPU threads and the precision train.mixed_precision
+    means on this device, which the main process prints first."""
+    from accelerate import Accelerator, PartialState
     from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
 
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
     try:
+        state = PartialState(cpu=cpu_only())  # the process group, for the processes to agree
+        precision = agreed_precision(state, choose_precision(cfg.train.mixed_precision,
+                                                             state.device))
+        if state.is_main_process:
+            print(f"precision: {precision}; {torch.get_num_threads()} CPU thread(s) "
+                  f"(train.threads), CPU capability {torch.backends.cpu.get_cpu_capability()}",
+                  flush=True)
         return Accelerator(
             cpu=cpu_only(),
-            mixed_precision=cfg.train.mixed_precision,
+            mixed_precision="bf16" if precision.bf16 else "no",
             # Sync every `grad_accumulation` micro-batches, not at epoch ends: an optimizer step is
             # always the same number of images, which keeps the data position a function of step.
             gradient_accumulation_plugin=GradientAccumulationPlugin(
@@ -38,6 +50,18 @@ def build_accelerator(cfg: RunConfig):
         )
     except (ImportError, ValueError) as e:
         raise SetupError(f"could not set up Accelerate: {e}") from e
+
+
+def agreed_precision(state, precision: Precision) -> Precision:
+    """fp32 on every process unless all chose bf16: each process times its own bf16 check, and
+    one that found bf16 slow (a busy core) must not leave the others computing in another."""
+    if state.num_processes == 1:
+        return precision
+    votes = torch.tensor([float(precision.bf16)], device=state.device)
+    torch.distributed.all_reduce(votes, op=torch.distributed.ReduceOp.MIN)
+    if precision.bf16 and not votes.item():
+        return Precision(False, "auto: another process found bf16 slow")
+    return precision
 
 
 def agree(accelerator, *flags: bool) -> list[bool]:

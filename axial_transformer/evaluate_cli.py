@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     parser.add_argument("--max-images", type=int, default=0,
                         help="score only the first N images (0: the whole split)")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast instead of fp32")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bf16 autocast instead of fp32 (warns on a CPU that emulates bf16)")
     parser.add_argument("--heatmap", metavar="PNG", help="write the bits-per-pixel heatmap here")
     parser.add_argument("--baselines", action="store_true",
                         help="also print the bits/dim of PNG and WebP lossless")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from .data import split_batch
+from .precision import choose_precision
 
 
 def shard_indices(num_images: int, rank: int, world: int) -> range:
@@ -64,9 +64,8 @@ def bit_sums(
     pixel_bits = torch.zeros(c, h, w, dtype=torch.float64, device=device) if per_pixel else None
     loader = DataLoader(Subset(dataset, list(indices)), batch_size=batch_size, shuffle=False,
                         num_workers=workers)
-    device_type = torch.device(device).type
     # fp32 by default: bits/dim is the number reported, bf16 logits move it in the 3rd decimal.
-    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    precision = choose_precision("bf16" if bf16 else "no", device)
     images = 0
     for batch in tqdm(loader, desc="evaluating", unit="batch", leave=False,
                       disable=not progress, dynamic_ncols=True):
@@ -74,7 +73,7 @@ def bit_sums(
         x = x.to(device)
         if labels is not None and no_class:
             labels = torch.full_like(labels, -1)
-        with autocast:
+        with precision.autocast(torch.device(device).type):
             bits = model.subpixel_bits(x, labels).double()  # (B, C, H, W)
         channel_bits += bits.sum(dim=(0, 2, 3))
         if per_pixel:

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .model import AxialTransformer
+from .precision import choose_precision
 
 
 class Request(NamedTuple):
@@ -46,7 +47,7 @@ def start(
         labels = labels.expand(num_samples)
     labels = model.check_labels(labels, x)
     if autocast is None:
-        autocast = param.device.type == "cuda"
+        autocast = choose_precision("auto", param.device).bf16
     rows = gumbel_rows(model, num_samples, noise, generator, param.device,
                         torch.promote_types(param.dtype, torch.float32))
     return Request(x, known_mask, rows, autocast, labels)

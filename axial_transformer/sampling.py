@@ -54,7 +54,7 @@ def sample(
         image, the red rows below K are drawn without seeing the known green and blue rows.
     noise:       Gumbel noise [B, C, H, W, V] to use instead of `generator` (for exact tests).
     progress:    a tqdm bar advancing per row.
-    autocast:    bf16 autocast; default on when the model is on CUDA.
+    autocast:    bf16 autocast; by default where the device runs bf16 fast (precision.py).
     on_logits:   called as on_logits(c, i, j, logits [B, V]) for every subpixel (for tests and
         for scoring samples as they are drawn); keeps fully known rows from being skipped.
     compile:     run each outer-decoder row and each subpixel as one torch.compile'd graph with

@@ -63,8 +63,15 @@ class OptimConfig:
     # A step whose loss or gradient is not finite (NaN, inf) is skipped on every process; this
     # many skipped in a row stop the run (the model has diverged; a lower lr is needed).
     max_skipped_steps: int = 10
-    # "bf16" autocast (GPU, and CPUs with fast bf16 matmuls) or "no" for fp32.
-    mixed_precision: Literal["no", "bf16"] = "no"
+    # "auto": bf16 autocast where the device multiplies bf16 fast (a CUDA GPU that supports it,
+    # a CPU with AVX512-BF16 or AMX or whose bf16 matmuls measure faster), else fp32; the run's
+    # first line says which and why. "bf16" or "no" (fp32) force one (precision.py).
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+    # CPU threads of torch's ops (torch.set_num_threads; 0: torch's own default, one per core or
+    # OMP_NUM_THREADS). One, as torchrun also sets: the demo's small ops gain little from a
+    # second thread on an idle 2-core CPU, and threads waiting on each other lose most of their
+    # speed when other processes share the cores (docs/training.md).
+    threads: int = 1
     # torch.compile the training forward pass (pays off on GPU for long runs).
     compile: bool = False
     seed: int = 0
@@ -175,7 +182,7 @@ class RunConfig:
 # Integer fields with a lower bound (0 means "off" or "all" where allowed).
 _MINIMUMS = {
     "train.steps": 1, "train.batch_size": 1, "train.grad_accumulation": 1,
-    "train.warmup_steps": 0, "data.workers": 0,
+    "train.warmup_steps": 0, "train.threads": 0, "data.workers": 0,
     "eval.every": 0, "eval.batch_size": 1, "eval.max_images": 0,
     "log.every": 1, "log.sample_every": 0, "log.num_samples": 1,
     "checkpoint.every": 0, "checkpoint.keep": 1, "train.max_skipped_steps": 1,

@@ -91,7 +91,9 @@ def run(cfg: RunConfig, start: Start, preemption: Preemption) -> dict:
         # The thread count is logged: CPU results are bit-identical only under the same one.
         log(step, {"start": "resume" if resumed else "fresh",
                    "parameters": model.num_parameters(), "processes": accelerator.num_processes,
-                   "threads": torch.get_num_threads(), "train_images": len(start.train_set),
+                   "threads": torch.get_num_threads(),
+                   "precision": "bf16" if accelerator.mixed_precision == "bf16" else "fp32",
+                   "train_images": len(start.train_set),
                    "test_images": len(start.test_set)}, echo=False)
         batches = training_batches(loader, accelerator, step * t.grad_accumulation)
         meter = TrainMeter(accelerator, t.batch_size)

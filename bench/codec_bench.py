@@ -31,7 +31,7 @@ import constriction
 import imagecodecs
 import numpy as np
 import torch
-from machine import cpu_model
+from machine import machine_line, sampler_precision
 from PIL import Image
 
 from axial_transformer import runtime
@@ -213,9 +213,9 @@ def main() -> None:
     command = " ".join(["python", "bench/codec_bench.py", *sys.argv[1:]])
     date = datetime.datetime.now().isoformat(timespec="seconds")
     print(f"# Codec benchmark: `{command}`, {date}")
-    print(f"# {cpu_model()}, CPU capability {torch.backends.cpu.get_cpu_capability()}, torch "
-          f"{torch.__version__}, {torch.get_num_threads()} threads (the codec: "
-          f"{torch.get_num_threads()} at batch 64, 1 at batch 1, as the sampler)")
+    precision = f"fp32 in the codec, {sampler_precision()} in the sampler"
+    print(f"# {machine_line(precision)} (the codec: {torch.get_num_threads()} threads at batch "
+          "64, 1 at batch 1, as the sampler)")
     print(f"# model {checkpoint} ({model.num_parameters():,} parameters); built-in test split, "
           f"{n} images of {c}x{h}x{w}\n")
     print("| codec | bits/dim | vs exact | encode images/s | decode images/s |")

@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 import torch
-from machine import cpu_model
+from machine import machine_line, sampler_precision
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 
@@ -111,7 +111,7 @@ def main() -> None:
     shuffled = np.random.default_rng(3).permutation(y_train)
 
     print(f"# Class-conditional digits, {datetime.datetime.now().isoformat(timespec='seconds')}")
-    print(f"# {cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+    print(f"# {machine_line(f'fp32 training, {sampler_precision()} sampling')}; "
           f"{len(x_train)} train / {len(x_test)} test digits, 8x8, 17 levels; width {args.dim}, "
           f"layers 2/2/{args.inner_layers}, dropout {args.dropout}, {args.steps} steps of "
           f"{args.batch_size}, label dropout {args.label_dropout}")

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 
-from machine import cpu_model
+from machine import machine_line
 
 METHODS = {
     "axial_transformer": "axial_transformer.layers.AxialAttention (ours)",
@@ -142,8 +142,7 @@ def main() -> None:
     args.threads = args.threads or torch.get_num_threads()
     sizes = (8, 12) if quick else (32, 64)
     print(f"# Axial attention layer benchmark, {datetime.date.today().isoformat()}")
-    print(f"# CPU: {cpu_model()} ({os.cpu_count()} logical cores), torch {torch.__version__}, "
-          f"{args.threads} threads")
+    print(f"# CPU: {machine_line('fp32', args.threads)} ({os.cpu_count()} logical cores)")
     print(f"# batch {args.batch}, {args.dim} channels, {args.heads} heads, forward+backward, "
           f"median of {args.repeats} after {args.warmup} warm-up")
     print("# peak: ru_maxrss of a fresh process per case; net: minus a process that only built "

@@ -38,7 +38,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from machine import cpu_model
+from machine import machine_line
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
@@ -46,6 +46,7 @@ from axial_transformer import AxialTransformer, AxialTransformerConfig
 from axial_transformer.attention import AxialSelfAttention
 from axial_transformer.blocks import MLP
 from axial_transformer.host_memory import keep_freed_memory
+from axial_transformer.precision import bf16_is_fast
 
 CHANNELS = 3
 PRESET = "small"
@@ -363,9 +364,10 @@ def run_bench(args: argparse.Namespace) -> None:
     batches = {s: args.batch or max(1, pixels_per_step // (s * s)) for s in args.sizes}
 
     print(f"# Axial Transformer training-step benchmark, {datetime.datetime.now():%Y-%m-%d %H:%M}")
-    print(f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs), load average "
-          f"{os.getloadavg()[0]:.2f}")
-    print(f"torch {torch.__version__}, {args.threads} threads, python {platform.python_version()}")
+    print(f"CPU: {machine_line('fp32 and bf16 autocast, each timed', args.threads)} "
+          f"({os.cpu_count()} logical CPUs), load average {os.getloadavg()[0]:.2f}")
+    print(f"bf16 on this machine: {bf16_is_fast(torch.device('cpu'))[1]}; python "
+          f"{platform.python_version()}")
     print(f"model: preset {PRESET!r} (width 256, 8 heads, 4/4/4 layers), RGB, every channel "
           f"scored; median of up to {args.repeats} steps after {args.warmup + 1} warm-up"
           + (" (--quick: tiny sizes, numbers mean nothing)" if args.quick else ""))

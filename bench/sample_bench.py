@@ -47,10 +47,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from machine import cpu_model
+from machine import machine_line, sampler_precision
 
 from axial_transformer import AxialTransformer, AxialTransformerConfig, runtime
 from axial_transformer.model import shift_down, shift_right
+from axial_transformer.precision import choose_precision
 from axial_transformer.sampling import sample, sample_naive
 
 
@@ -214,8 +215,8 @@ def compare_with(rev: str, args: argparse.Namespace) -> None:
         subprocess.run(["tar", "-x", "-C", theirs], input=archive, check=True)
         print(f"# Sampling speed against {rev}, "
               f"{datetime.datetime.now().isoformat(timespec='seconds')}")
-        print(f"# {cpu_model()}, torch {torch.__version__}, "
-              f"{args.threads or torch.get_num_threads()} threads, device {args.device}, "
+        print(f"# {machine_line(sampler_precision(args.device), args.threads)}, device "
+              f"{args.device}, "
               f"preset 'small', {args.rounds} rounds per case; seconds per image\n")
         print("| image | batch | sampler | ours | theirs | ours / theirs (range) |")
         print("|---|--:|---|--:|--:|--:|")
@@ -261,8 +262,8 @@ def compare_settings(args: argparse.Namespace) -> None:
     """Seconds per image of eager `sample` with each eager-decoding setting off, against all on."""
     device = torch.device(args.device)
     print(f"# Eager decoding settings, {datetime.datetime.now().isoformat(timespec='seconds')}")
-    print(f"# {cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"device {device}, preset 'small', {args.rounds} rounds per case; seconds per image\n")
+    print(f"# {machine_line(sampler_precision(device))}, device {device}, preset 'small', "
+          f"{args.rounds} rounds per case; seconds per image\n")
     print("| image | batch | setting turned off | all on | this one off | off / on (range) |")
     print("|---|--:|---|--:|--:|--:|")
     for size in args.sizes:
@@ -334,14 +335,13 @@ def main() -> None:
         preset, sizes, batches, naive_steps, official_rows = "tiny", (4, 6), (1, 4), 3, 1
     else:
         preset, sizes, batches, naive_steps, official_rows = "small", (16, 32), (1, 64), 4, 2
-    autocast = device.type == "cuda"  # what `sample` does by default
+    autocast = choose_precision("auto", device).bf16  # what `sample` does by default
 
     if args.quick:
         tiny = AxialTransformerConfig.from_preset(preset, image_size=(sizes[0], sizes[0] + 1))
         check_agreement(AxialTransformer(tiny).to(device).double().eval(), device)
     print(f"# Sampling benchmark, {datetime.datetime.now().isoformat(timespec='seconds')}")
-    print(f"# {cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"device {device}{' (bf16 autocast)' if autocast else ''}, preset {preset!r}")
+    print(f"# {machine_line(sampler_precision(device))}, device {device}, preset {preset!r}")
     print("# seconds per image; * = timed over the first steps and multiplied out\n")
     print("| image    | batch | naive     | official  | ours     | vs naive | vs official "
           "| ours / forward | compiled | compiled / forward |")

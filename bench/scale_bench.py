@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from machine import cpu_model
+from machine import machine_line
 from scale_cases import FIT_WIDTHS, QUICK_DIM, QUICK_FIT_WIDTHS, flops_at_width, preset
 from scale_plan import GLOBAL_BATCH, Activation, GiB, derived_tables, print_table
 from scale_rehearsal import STAGES
@@ -308,9 +308,10 @@ def main() -> None:
         ram = int(f.readline().split()[1]) * 1024
     print(f"# Scale rehearsal of the paper configs, {datetime.datetime.now():%Y-%m-%d %H:%M}")
     print(f"command: python {' '.join(sys.argv)}")
-    print(f"machine: {cpu_model()} ({os.cpu_count()} logical CPUs), {ram / GiB:.0f} GiB RAM, "
-          f"load average {os.getloadavg()[0]:.2f}; no GPU was used")
-    print(f"torch {torch.__version__}, {args.threads} threads, python "
+    print(f"machine: {machine_line('bf16 autocast, the GPU recipe', args.threads)} "
+          f"({os.cpu_count()} logical CPUs), {ram / GiB:.0f} GiB RAM, load average "
+          f"{os.getloadavg()[0]:.2f}; no GPU was used")
+    print(f"python "
           f"{platform.python_version()}" + (f"; --quick: width {QUICK_DIM}, the numbers mean "
                                             "nothing" if args.quick else ""))
     print()

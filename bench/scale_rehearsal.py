@@ -47,6 +47,9 @@ def overrides(run_dir: Path, steps: int, quick: bool) -> list[str]:
             f"train.batch_size={BATCH}", f"train.steps={steps}", "checkpoint.every=1",
             "checkpoint.keep=1", "eval.every=0", f"eval.max_images={TEST_IMAGES}",
             "log.every=1", "log.sample_every=0", f"run_dir={run_dir}", "resume=auto",
+            # bf16 as on the GPUs the config is for (auto picks fp32 on most CPUs), and torch's
+            # own thread count, which scale_bench.py sets
+            "train.mixed_precision=bf16", "train.threads=0",
             *([f"model.dim={QUICK_DIM}"] if quick else [])]
 
 

@@ -52,6 +52,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _cpu_without_fast_bf16(monkeypatch):
+    """Every test sees a CPU without fast bf16, so that precision "auto" (and the sampler's
+    default) picks fp32 on any machine; test_precision.py sets other CPUs itself."""
+    from axial_transformer import precision
+
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: [])
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: 0.2)
+
+
 def structured_images(n: int, h: int, w: int, seed: int) -> np.ndarray:
     """Smooth gradients plus noise: learnable in a few steps, unlike uniform noise."""
     rng = np.random.default_rng(seed)

@@ -5,6 +5,7 @@ fault handling: test_faults.py)."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -299,6 +300,7 @@ def test_demo_smoke_prints_codec_comparison_and_samples(tmp_path):
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "WebP lossless" in done.stdout and "PNG" in done.stdout
+    assert re.match(r"precision: (fp32|bf16) \(auto: .+\); 1 CPU thread", done.stdout)
     assert (run / "heatmap.png").is_file()
     assert [p.name for p in (run / "samples").iterdir()] == ["step_0000002.png"]
     assert (run / "config.yaml").is_file() and (run / "export" / "config.json").is_file()
