@@ -53,7 +53,8 @@ class MetricsLog:
         with naming(self.path), open(os.open(self.path, flags, 0o666), "a") as f:
             f.write(json.dumps(record) + "\n")
         if "train/loss_bpd" in metrics or "eval/bpd" in metrics:  # RUN/loss_curve.png, kept current
-            write_loss_curve(self.path.parent)
+            with naming(self.path.parent / "loss_curve.png"):
+                write_loss_curve(self.path.parent)
         self.accelerator.log(metrics, step=step)
 
     def show(self, step: int, metrics: dict) -> None:
