@@ -1,0 +1,314 @@
+"""What each CPU-specific speed path buys: each timed on and off in turn in one process.
+
+    python bench/cpu_paths_bench.py                            # this CPU's widest vector code
+    ATEN_CPU_CAPABILITY=avx2 python bench/cpu_paths_bench.py   # as an AVX2-only CPU computes
+    python bench/cpu_paths_bench.py --threads 1 --paths ema malloc --rounds 9
+
+For every path the two variants (the path on, and what the code does without it) run in turn,
+the order swapping every round, each call the best of `--repeats`; the table gives the median
+over rounds of off / on (above 1: the path gains) and its range. On a shared machine the speed
+drifts; calls in turn meet a drift alike, so the ratio holds where the seconds do not. The
+memory path (glibc's `mallopt`) is process-wide: its two variants run in processes of their own,
+started in turn.
+
+The model is the demo's (configs/demo.yaml: 16x16x3, dim 64, 4 heads, 2+2+2 layers), training
+at batch 16 and sampling at batch 1 and 4, plus the "small" preset at 32x32 (batch 2) for the
+paths whose gain grows with the axis length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+from machine import cpu_model
+
+from axial_transformer import AxialTransformer, AxialTransformerConfig, attention, layers
+from axial_transformer.ema import EMA
+from axial_transformer.sampling import sample
+
+DEMO = dict(image_size=(16, 16), channels=3, dim=64, heads=4, encoder_layers=2, outer_layers=2,
+            inner_layers=2)
+
+
+def best_of(function: Callable[[], object], repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def in_turn(on: Callable[[], object], off: Callable[[], object], rounds: int,
+            repeats: int) -> tuple[float, float, list[float]]:
+    """(median seconds on, median seconds off, off / on of every round), the order swapping."""
+    on(), off()  # warm-up
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for r in range(rounds):
+        for enabled in ((True, False) if r % 2 == 0 else (False, True)):
+            times[enabled].append(best_of(on if enabled else off, repeats))
+    ratios = [b / a for a, b in zip(times[True], times[False], strict=True)]
+    return statistics.median(times[True]), statistics.median(times[False]), ratios
+
+
+def row(path: str, case: str, result: tuple[float, float, list[float]]) -> None:
+    on, off, ratios = result
+    print(f"| {path} | {case} | {on * 1e3:.2f} | {off * 1e3:.2f} | "
+          f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) |", flush=True)
+
+
+@contextlib.contextmanager
+def patched(owner: object, name: str, value: object) -> Iterator[None]:
+    real = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, real)
+
+
+def model(attention_path: str = "auto", preset: str | None = None, size: int = 16,
+          dtype: torch.dtype = torch.float32) -> AxialTransformer:
+    torch.manual_seed(0)
+    if preset:
+        cfg = AxialTransformerConfig.from_preset(preset, image_size=(size, size), channels=3,
+                                                 attention=attention_path)
+    else:
+        cfg = AxialTransformerConfig(**DEMO, attention=attention_path)
+    return AxialTransformer(cfg).to(dtype)
+
+
+def training_step(m: AxialTransformer, batch: int, autocast: bool = False) -> Callable[[], None]:
+    h, w = m.config.image_size
+    x = torch.randint(0, 256, (batch, 3, h, w), generator=torch.Generator().manual_seed(0))
+    channel = torch.zeros(batch, dtype=torch.long)
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = m.loss(x, channel=channel)
+        loss.backward()
+        m.zero_grad(set_to_none=True)
+
+    return step
+
+
+def public_softmax_backward(grad: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    return p * (grad - (grad * p).sum(-1, keepdim=True))
+
+
+def attention_paths(args: argparse.Namespace) -> None:
+    """Plain-matmul attention (FoldedAttention, its backward by hand) against SDPA, in training
+    steps; and inside it torch's private softmax-backward kernel against the formula."""
+    cases = [("demo 16x16, batch 16", {}, 16), ("small 32x32, batch 2",
+                                                 {"preset": "small", "size": 32}, 2)]
+    for label, kwargs, batch in cases:
+        fast, fused = model("matmul", **kwargs), model("sdpa", **kwargs)
+        row("plain-matmul attention vs SDPA (fp32 step)", label,
+            in_turn(training_step(fast, batch), training_step(fused, batch),
+                    args.rounds, args.repeats))
+        private = training_step(fast, batch)
+
+        def public(step=private) -> None:
+            with patched(attention, "softmax_backward_kernel", public_softmax_backward):
+                step()
+
+        row("softmax backward: aten kernel vs formula", label,
+            in_turn(private, public, args.rounds, args.repeats))
+    fast, fused = model("matmul"), model("sdpa")
+    row("plain-matmul attention vs SDPA (bf16 autocast step)", "demo 16x16, batch 16",
+        in_turn(training_step(fast, 16, True), training_step(fused, 16, True),
+                max(3, args.rounds // 2), 1))
+
+
+def inference_paths(args: argparse.Namespace) -> None:
+    """Plain-matmul attention against SDPA without autograd: the forward pass of an evaluation
+    batch, and eager sampling (a decoding step of 8 or more sequences takes plain matmuls under
+    "auto")."""
+    fast, fused = model("auto").eval(), model("sdpa").eval()
+    x = torch.randint(0, 256, (64, 3, 16, 16), generator=torch.Generator().manual_seed(0))
+
+    def forward(m: AxialTransformer) -> Callable[[], object]:
+        def call() -> object:
+            with torch.no_grad():
+                return m(x)
+        return call
+
+    row("plain-matmul attention vs SDPA (forward, no autograd)", "demo 16x16, batch 64",
+        in_turn(forward(fast), forward(fused), args.rounds, args.repeats))
+    for batch in (1, 64):
+        row("plain-matmul attention vs SDPA (eager sampling)", f"demo 16x16, batch {batch}",
+            in_turn(lambda batch=batch: sample(fast, batch),
+                    lambda batch=batch: sample(fused, batch), args.rounds, 1))
+
+
+def bf16_softmax(args: argparse.Namespace) -> None:
+    """bf16 softmax rows shorter than 32 computed through fp32, forward and backward."""
+    scores = torch.randn(6144, 16, 16, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(6144, 16, 16, dtype=torch.bfloat16)
+
+    def through_fp32() -> None:
+        attention.softmax(scores).backward(grad)
+
+    def direct() -> None:
+        scores.softmax(-1).backward(grad)
+
+    row("bf16 softmax through fp32 below 32", "[6144, 16, 16]",
+        in_turn(through_fp32, direct, args.rounds, args.repeats))
+
+
+def layer_paths(args: argparse.Namespace) -> None:
+    """The drop-in layers' plain matmuls for axes up to layers.MATMUL_MAX_LEN, against SDPA."""
+    for size, batch in ((16, 8), (32, 8)):
+        torch.manual_seed(0)
+        layer = layers.AxialAttention(128, 8, 2, dim_index=1)
+        x = torch.randn(batch, 128, size, size, requires_grad=True)
+
+        def step(layer=layer, x=x) -> None:
+            layer(x).sum().backward()
+
+        def fused(step=step) -> None:
+            with patched(layers, "MATMUL_MAX_LEN", 0):
+                step()
+
+        row("drop-in layers: plain matmuls up to 32", f"{size}x{size}, 128 ch, batch {batch}",
+            in_turn(step, fused, args.rounds, args.repeats))
+
+
+def decoding_paths(args: argparse.Namespace) -> None:
+    """Eager sampling with each eager-decoding setting, and the fused decoding step, off."""
+    from axial_transformer import runtime
+
+    m = model().eval()
+    for batch in (1, 4):
+        def draw(batch=batch) -> None:
+            sample(m, batch)
+
+        for name in ("plain_attributes", "column_major_linears"):
+            def without(name=name, draw=draw) -> None:
+                with patched(runtime, name, lambda *_: contextlib.nullcontext()):
+                    draw()
+
+            row(f"eager decoding: `{name}`", f"demo 16x16, batch {batch}",
+                in_turn(draw, without, args.rounds, 1))
+
+        def unfused(draw=draw) -> None:
+            with patched(attention, "FUSED_STEP_BELOW", 0):
+                draw()
+
+        row("decoding step through SDPA below 8", f"demo 16x16, batch {batch}",
+            in_turn(draw, unfused, args.rounds, 1))
+
+
+def decoding_threads(args: argparse.Namespace) -> None:
+    """Eager sampling below batch 8 on one thread, against torch's thread count (--threads)."""
+    from axial_transformer import runtime
+
+    m = model().eval()
+    for batch in (1, 4):
+        def draw(batch=batch) -> None:
+            sample(m, batch)
+
+        def without(draw=draw) -> None:
+            with patched(runtime, "decoding_threads", lambda *_: contextlib.nullcontext()):
+                draw()
+
+        row(f"eager decoding: `decoding_threads` (1 against {torch.get_num_threads()})",
+            f"demo 16x16, batch {batch}", in_turn(draw, without, args.rounds, 1))
+
+
+def ema_update(args: argparse.Namespace) -> None:
+    """The EMA's update of every weight: one fused call against one lerp per tensor."""
+    for label, kwargs in (("demo", {}), ("small 32x32", {"preset": "small", "size": 32})):
+        live = model(**kwargs)
+        ema = EMA(live, 0.999)
+
+        def per_tensor(ema=ema, live=live) -> None:
+            with torch.no_grad():
+                for e, v in zip(ema.model.state_dict().values(), live.state_dict().values(),
+                                strict=True):
+                    if e.is_floating_point():
+                        e.lerp_(v, 0.001)
+
+        def fused(ema=ema, live=live) -> None:
+            ema.update(live, 10**6)
+
+        row("EMA update: one fused call", label,
+            in_turn(fused, per_tensor, args.rounds, args.repeats))
+
+
+MALLOC_CHILD = """
+import sys, time, torch
+sys.path[:0] = {paths!r}
+from cpu_paths_bench import model, training_step
+if sys.argv[1] == "keep":
+    from axial_transformer.host_memory import keep_freed_memory
+    assert keep_freed_memory()
+m = model(**{kwargs!r})
+step = training_step(m, {batch})
+step()
+best = float("inf")
+for _ in range({repeats}):
+    start = time.perf_counter(); step(); best = min(best, time.perf_counter() - start)
+print(best)
+"""
+
+
+def freed_memory(args: argparse.Namespace) -> None:
+    """glibc's malloc keeping freed memory (host_memory.keep_freed_memory), in training steps;
+    each variant a fresh process, the two started in turn."""
+    paths = [str(p) for p in (__import__("pathlib").Path(__file__).parent,
+                              __import__("pathlib").Path(__file__).parent.parent)]
+    for label, kwargs, batch in (("demo 16x16, batch 16", {}, 16),
+                                 ("small 32x32, batch 2", {"preset": "small", "size": 32}, 2)):
+        code = MALLOC_CHILD.format(paths=paths, kwargs=kwargs, batch=batch,
+                                   repeats=max(3, args.repeats))
+
+        def run(how: str, code=code) -> float:
+            out = subprocess.run([sys.executable, "-c", code, how], capture_output=True,
+                                 text=True, check=True)
+            return float(out.stdout.split()[-1])
+
+        times: dict[str, list[float]] = {"keep": [], "system": []}
+        for r in range(args.rounds):
+            for how in (("keep", "system") if r % 2 == 0 else ("system", "keep")):
+                times[how].append(run(how))
+        ratios = [s / k for k, s in zip(times["keep"], times["system"], strict=True)]
+        row("freed host memory kept (mallopt)", label,
+            (statistics.median(times["keep"]), statistics.median(times["system"]), ratios))
+
+
+PATHS = {"attention": attention_paths, "inference": inference_paths,
+         "bf16-softmax": bf16_softmax, "layers": layer_paths, "decoding": decoding_paths,
+         "threads": decoding_threads, "ema": ema_update, "malloc": freed_memory}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--paths", nargs="+", choices=list(PATHS), default=list(PATHS))
+    parser.add_argument("--rounds", type=int, default=7, help="rounds of on and off in turn")
+    parser.add_argument("--repeats", type=int, default=3, help="calls per timing (best kept)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"# CPU speed paths, {datetime.datetime.now().isoformat(timespec='seconds')}")
+    print(f"# {cpu_model()}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 unless a row "
+          f"says bf16; {args.rounds} rounds, best of {args.repeats} calls per timing "
+          "(sampling: 1)\n")
+    print("| path | case | on (ms) | off (ms) | off / on (range) |")
+    print("|---|---|--:|--:|--:|")
+    for name in args.paths:
+        PATHS[name](args)
+
+
+if __name__ == "__main__":
+    main()
