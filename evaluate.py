@@ -17,10 +17,10 @@ import os
 import sys
 
 from axial_transformer.checkpoint import load_trained_model
+from axial_transformer.cpu_speedups import keep_freed_memory
 from axial_transformer.distributed import cpu_only
 from axial_transformer.evaluation import channel_names, codec_baselines, evaluate, save_heatmap
 from axial_transformer.formats import SPLITS
-from axial_transformer.host_memory import keep_freed_memory
 
 
 def main(argv: list[str] | None = None) -> int:

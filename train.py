@@ -24,9 +24,9 @@ import os
 import sys
 from pathlib import Path
 
+from axial_transformer.cpu_speedups import keep_freed_memory
 from axial_transformer.distributed import cpu_only
 from axial_transformer.errors import SetupError, TrainingError
-from axial_transformer.host_memory import keep_freed_memory
 from axial_transformer.run_log import print_outputs
 from axial_transformer.train_config import load_config
 from axial_transformer.training import train

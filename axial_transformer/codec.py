@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import runtime
+from . import cpu_speedups
 from .codec_format import LABELS, Header, image_crc, pack, unpack
 from .decoding import decode
 from .model import AxialTransformer
@@ -69,7 +69,8 @@ def compress(
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     device = next(model.parameters()).device
     if threads is None:
-        threads = 1 if runtime.matrix_vector_steps(batch_size, device) else torch.get_num_threads()
+        small = cpu_speedups.matrix_vector_steps(batch_size, device)
+        threads = 1 if small else torch.get_num_threads()
     pixels = images.to(device="cpu", dtype=torch.uint8)
     encoder = constriction.stream.queue.RangeEncoder()
     with coding_mode(model, threads), rows_bar(model, len(images), batch_size, "compressing",
@@ -221,7 +222,7 @@ def coding_mode(model: AxialTransformer, threads: int) -> Iterator[None]:
         # Plain attribute lookups speed up the eager loop without touching its arithmetic; the
         # other eager-decoding settings are left out, so that files decode as they always have.
         with torch.inference_mode(), torch.autocast(device, enabled=False), \
-                runtime.plain_attributes(model):
+                cpu_speedups.plain_attributes(model):
             yield
     finally:
         torch.set_float32_matmul_precision(precision)

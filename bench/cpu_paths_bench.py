@@ -1,8 +1,12 @@
 """What each CPU-specific speed path buys: each timed on and off in turn in one process.
 
+The paths measured and deleted (the aten softmax-backward kernel, bf16 softmax through fp32, the
+drop-in layers' plain matmuls, column-major linear weights, the fused EMA update) are timed by
+this file at commit 3d99ff6, the tree before they went (docs/benchmarks.md).
+
     python bench/cpu_paths_bench.py                            # this CPU's widest vector code
     ATEN_CPU_CAPABILITY=avx2 python bench/cpu_paths_bench.py   # as an AVX2-only CPU computes
-    python bench/cpu_paths_bench.py --threads 1 --paths ema malloc --rounds 9
+    python bench/cpu_paths_bench.py --threads 1 --paths decoding malloc --rounds 9
 
 For every path the two variants (the path on, and what the code does without it) run in turn,
 the order swapping every round, each call the best of `--repeats`; the table gives the median
@@ -11,7 +15,7 @@ drifts; calls in turn meet a drift alike, so the ratio holds where the seconds d
 memory path (glibc's `mallopt`) is process-wide: its two variants run in processes of their own,
 started in turn.
 
-The model is the demo's (configs/demo.yaml: 16x16x3, dim 64, 4 heads, 2+2+2 layers), training
+The model is the shape of the demo (16x16x3, dim 64, 4 heads, 2+2+2 layers), training
 at batch 16 and sampling at batch 1 and 4, plus the "small" preset at 32x32 (batch 2) for the
 paths whose gain grows with the axis length.
 """
@@ -30,8 +34,11 @@ from collections.abc import Callable, Iterator
 import torch
 from machine import cpu_model
 
-from axial_transformer import AxialTransformer, AxialTransformerConfig, attention, layers
-from axial_transformer.ema import EMA
+from axial_transformer import (
+    AxialTransformer,
+    AxialTransformerConfig,
+    cpu_speedups,
+)
 from axial_transformer.sampling import sample
 
 DEMO = dict(image_size=(16, 16), channels=3, dim=64, heads=4, encoder_layers=2, outer_layers=2,
@@ -100,13 +107,8 @@ def training_step(m: AxialTransformer, batch: int, autocast: bool = False) -> Ca
     return step
 
 
-def public_softmax_backward(grad: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    return p * (grad - (grad * p).sum(-1, keepdim=True))
-
-
 def attention_paths(args: argparse.Namespace) -> None:
-    """Plain-matmul attention (FoldedAttention, its backward by hand) against SDPA, in training
-    steps; and inside it torch's private softmax-backward kernel against the formula."""
+    """Plain-matmul attention against SDPA in training steps, fp32 and under bf16 autocast."""
     cases = [("demo 16x16, batch 16", {}, 16), ("small 32x32, batch 2",
                                                  {"preset": "small", "size": 32}, 2)]
     for label, kwargs, batch in cases:
@@ -114,14 +116,6 @@ def attention_paths(args: argparse.Namespace) -> None:
         row("plain-matmul attention vs SDPA (fp32 step)", label,
             in_turn(training_step(fast, batch), training_step(fused, batch),
                     args.rounds, args.repeats))
-        private = training_step(fast, batch)
-
-        def public(step=private) -> None:
-            with patched(attention, "softmax_backward_kernel", public_softmax_backward):
-                step()
-
-        row("softmax backward: aten kernel vs formula", label,
-            in_turn(private, public, args.rounds, args.repeats))
     fast, fused = model("matmul"), model("sdpa")
     row("plain-matmul attention vs SDPA (bf16 autocast step)", "demo 16x16, batch 16",
         in_turn(training_step(fast, 16, True), training_step(fused, 16, True),
@@ -132,7 +126,7 @@ def inference_paths(args: argparse.Namespace) -> None:
     """Plain-matmul attention against SDPA without autograd: the forward pass of an evaluation
     batch, and eager sampling (a decoding step of 8 or more sequences takes plain matmuls under
     "auto")."""
-    fast, fused = model("auto").eval(), model("sdpa").eval()
+    fast, fused = model("matmul").eval(), model("sdpa").eval()
     x = torch.randint(0, 256, (64, 3, 16, 16), generator=torch.Generator().manual_seed(0))
 
     def forward(m: AxialTransformer) -> Callable[[], object]:
@@ -149,99 +143,31 @@ def inference_paths(args: argparse.Namespace) -> None:
                     lambda batch=batch: sample(fused, batch), args.rounds, 1))
 
 
-def bf16_softmax(args: argparse.Namespace) -> None:
-    """bf16 softmax rows shorter than 32 computed through fp32, forward and backward."""
-    scores = torch.randn(6144, 16, 16, dtype=torch.bfloat16, requires_grad=True)
-    grad = torch.randn(6144, 16, 16, dtype=torch.bfloat16)
-
-    def through_fp32() -> None:
-        attention.softmax(scores).backward(grad)
-
-    def direct() -> None:
-        scores.softmax(-1).backward(grad)
-
-    row("bf16 softmax through fp32 below 32", "[6144, 16, 16]",
-        in_turn(through_fp32, direct, args.rounds, args.repeats))
-
-
-def layer_paths(args: argparse.Namespace) -> None:
-    """The drop-in layers' plain matmuls for axes up to layers.MATMUL_MAX_LEN, against SDPA."""
-    for size, batch in ((16, 8), (32, 8)):
-        torch.manual_seed(0)
-        layer = layers.AxialAttention(128, 8, 2, dim_index=1)
-        x = torch.randn(batch, 128, size, size, requires_grad=True)
-
-        def step(layer=layer, x=x) -> None:
-            layer(x).sum().backward()
-
-        def fused(step=step) -> None:
-            with patched(layers, "MATMUL_MAX_LEN", 0):
-                step()
-
-        row("drop-in layers: plain matmuls up to 32", f"{size}x{size}, 128 ch, batch {batch}",
-            in_turn(step, fused, args.rounds, args.repeats))
-
-
 def decoding_paths(args: argparse.Namespace) -> None:
-    """Eager sampling with each eager-decoding setting, and the fused decoding step, off."""
-    from axial_transformer import runtime
-
+    """Eager sampling with plain attribute lookups off."""
     m = model().eval()
     for batch in (1, 4):
-        def draw(batch=batch) -> None:
-            sample(m, batch)
+        def without(batch=batch) -> None:
+            with patched(cpu_speedups, "plain_attributes", lambda *_: contextlib.nullcontext()):
+                sample(m, batch)
 
-        for name in ("plain_attributes", "column_major_linears"):
-            def without(name=name, draw=draw) -> None:
-                with patched(runtime, name, lambda *_: contextlib.nullcontext()):
-                    draw()
-
-            row(f"eager decoding: `{name}`", f"demo 16x16, batch {batch}",
-                in_turn(draw, without, args.rounds, 1))
-
-        def unfused(draw=draw) -> None:
-            with patched(attention, "FUSED_STEP_BELOW", 0):
-                draw()
-
-        row("decoding step through SDPA below 8", f"demo 16x16, batch {batch}",
-            in_turn(draw, unfused, args.rounds, 1))
+        row("eager decoding: `plain_attributes`", f"demo 16x16, batch {batch}",
+            in_turn(lambda batch=batch: sample(m, batch), without, args.rounds, 1))
 
 
 def decoding_threads(args: argparse.Namespace) -> None:
     """Eager sampling below batch 8 on one thread, against torch's thread count (--threads)."""
-    from axial_transformer import runtime
-
     m = model().eval()
     for batch in (1, 4):
         def draw(batch=batch) -> None:
             sample(m, batch)
 
         def without(draw=draw) -> None:
-            with patched(runtime, "decoding_threads", lambda *_: contextlib.nullcontext()):
+            with patched(cpu_speedups, "decoding_threads", lambda *_: contextlib.nullcontext()):
                 draw()
 
         row(f"eager decoding: `decoding_threads` (1 against {torch.get_num_threads()})",
             f"demo 16x16, batch {batch}", in_turn(draw, without, args.rounds, 1))
-
-
-def ema_update(args: argparse.Namespace) -> None:
-    """The EMA's update of every weight: one fused call against one lerp per tensor."""
-    for label, kwargs in (("demo", {}), ("small 32x32", {"preset": "small", "size": 32})):
-        live = model(**kwargs)
-        ema = EMA(live, 0.999)
-
-        def per_tensor(ema=ema, live=live) -> None:
-            with torch.no_grad():
-                for e, v in zip(ema.model.state_dict().values(), live.state_dict().values(),
-                                strict=True):
-                    if e.is_floating_point():
-                        e.lerp_(v, 0.001)
-
-        def fused(ema=ema, live=live) -> None:
-            ema.update(live, 10**6)
-
-        row("EMA update: one fused call", label,
-            in_turn(fused, per_tensor, args.rounds, args.repeats))
 
 
 MALLOC_CHILD = """
@@ -249,7 +175,7 @@ import sys, time, torch
 sys.path[:0] = {paths!r}
 from cpu_paths_bench import model, training_step
 if sys.argv[1] == "keep":
-    from axial_transformer.host_memory import keep_freed_memory
+    from axial_transformer.cpu_speedups import keep_freed_memory
     assert keep_freed_memory()
 m = model(**{kwargs!r})
 step = training_step(m, {batch})
@@ -286,8 +212,7 @@ def freed_memory(args: argparse.Namespace) -> None:
 
 
 PATHS = {"attention": attention_paths, "inference": inference_paths,
-         "bf16-softmax": bf16_softmax, "layers": layer_paths, "decoding": decoding_paths,
-         "threads": decoding_threads, "ema": ema_update, "malloc": freed_memory}
+         "decoding": decoding_paths, "threads": decoding_threads, "malloc": freed_memory}
 
 
 def main() -> None:

@@ -45,7 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from axial_transformer import AxialTransformer, AxialTransformerConfig
 from axial_transformer.attention import AxialSelfAttention
 from axial_transformer.blocks import MLP
-from axial_transformer.host_memory import keep_freed_memory
+from axial_transformer.cpu_speedups import keep_freed_memory
 
 CHANNELS = 3
 PRESET = "small"
@@ -566,7 +566,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "compilation per case)")
     parser.add_argument("--system-malloc", action="store_true",
                         help="leave glibc's malloc as it is (train.py makes it keep freed "
-                        "memory on the CPU, axial_transformer/host_memory.py)")
+                        "memory on the CPU, axial_transformer/cpu_speedups.py)")
     parser.add_argument("--warmup", type=int, help="warm-up steps after the FLOP-counted one")
     parser.add_argument("--repeats", type=int, help="timed steps (median reported)")
     parser.add_argument("--budget", type=float, default=60.0,

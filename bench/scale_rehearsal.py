@@ -27,7 +27,7 @@ from scale_cases import QUICK_DIM, directory_bytes, peak_rss_bytes
 
 from axial_transformer import preflight, training
 from axial_transformer.checkpoint import checkpoint_dirs, load_trained_model
-from axial_transformer.host_memory import keep_freed_memory
+from axial_transformer.cpu_speedups import keep_freed_memory
 from axial_transformer.run_log import read_records
 from axial_transformer.train_config import load_config
 

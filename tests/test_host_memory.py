@@ -7,7 +7,7 @@ import pytest
 
 FAULTS = """
 import resource, sys, torch
-from axial_transformer.host_memory import keep_freed_memory
+from axial_transformer.cpu_speedups import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "keep" else None
 x = torch.ones(10 * 2**20)  # 40 MB: above glibc's largest mmap threshold (32 MB)
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import error_line, randomize_
 from PIL import Image
 
-from axial_transformer import AxialTransformer, AxialTransformerConfig, runtime
+from axial_transformer import AxialTransformer, AxialTransformerConfig, cpu_speedups
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("sample_cli", ROOT / "sample.py")
@@ -139,8 +139,8 @@ def test_compiled_sampling_reports_its_compilation_apart(conditional_export, tmp
                                                         monkeypatch):
     # What the command line reports is under test here, not the autotuned GEMM kernels
     # (test_sampling's compiled sampler test has them), whose search takes a minute when cold.
-    monkeypatch.setattr(runtime, "frozen_weights_compilation",
-                        functools.partial(runtime.frozen_weights_compilation, autotune=False))
+    monkeypatch.setattr(cpu_speedups, "frozen_weights_compilation",
+                        functools.partial(cpu_speedups.frozen_weights_compilation, autotune=False))
     args = ["--checkpoint", conditional_export, "--num-samples", 2, "--class", "dog",
             "--guidance", 1.5]
     run_sample(capsys, *args, "--out", tmp_path / "eager.png")
