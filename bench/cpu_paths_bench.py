@@ -188,7 +188,7 @@ print(best)
 
 
 def freed_memory(args: argparse.Namespace) -> None:
-    """glibc's malloc keeping freed memory (host_memory.keep_freed_memory), in training steps;
+    """glibc's malloc keeping freed memory (cpu_speedups.keep_freed_memory), in training steps;
     each variant a fresh process, the two started in turn."""
     paths = [str(p) for p in (__import__("pathlib").Path(__file__).parent,
                               __import__("pathlib").Path(__file__).parent.parent)]
