@@ -17,7 +17,6 @@ import os
 import sys
 
 from axial_transformer.checkpoint import load_trained_model
-from axial_transformer.cpu_speedups import keep_freed_memory
 from axial_transformer.distributed import cpu_only
 from axial_transformer.evaluation import channel_names, codec_baselines, evaluate, save_heatmap
 from axial_transformer.formats import SPLITS
@@ -72,8 +71,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     accelerator = Accelerator(cpu=cpu_only())
-    if accelerator.device.type == "cpu":
-        keep_freed_memory()  # each batch's logits would otherwise page-fault in again
     model.to(accelerator.device)
     metrics, heatmap = evaluate(model, dataset, accelerator, args.batch_size, args.max_images,
                                 args.bf16, per_pixel=args.heatmap is not None,

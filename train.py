@@ -24,8 +24,6 @@ import os
 import sys
 from pathlib import Path
 
-from axial_transformer.cpu_speedups import keep_freed_memory
-from axial_transformer.distributed import cpu_only
 from axial_transformer.errors import SetupError, TrainingError
 from axial_transformer.run_log import print_outputs
 from axial_transformer.train_config import load_config
@@ -45,8 +43,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        if cpu_only():
-            keep_freed_memory()  # CPU steps stop page-faulting their activations in every step
         final = train(cfg)
     # OSError: a disk that fills up or fails after start-up (a checkpoint write says so itself).
     except (ValueError, SetupError, TrainingError, OSError) as e:

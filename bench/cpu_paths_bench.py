@@ -1,19 +1,18 @@
 """What each CPU-specific speed path buys: each timed on and off in turn in one process.
 
 The paths measured and deleted (the aten softmax-backward kernel, bf16 softmax through fp32, the
-drop-in layers' plain matmuls, column-major linear weights, the fused EMA update) are timed by
-this file at commit 3d99ff6, the tree before they went (docs/benchmarks.md).
+drop-in layers' plain matmuls, column-major linear weights, the fused EMA update, glibc's
+`mallopt`) are timed by this file at commit 3d99ff6, the tree before they went
+(docs/benchmarks.md).
 
     python bench/cpu_paths_bench.py                            # this CPU's widest vector code
     ATEN_CPU_CAPABILITY=avx2 python bench/cpu_paths_bench.py   # as an AVX2-only CPU computes
-    python bench/cpu_paths_bench.py --threads 1 --paths decoding malloc --rounds 9
+    python bench/cpu_paths_bench.py --threads 1 --paths decoding --rounds 9
 
 For every path the two variants (the path on, and what the code does without it) run in turn,
 the order swapping every round, each call the best of `--repeats`; the table gives the median
 over rounds of off / on (above 1: the path gains) and its range. On a shared machine the speed
-drifts; calls in turn meet a drift alike, so the ratio holds where the seconds do not. The
-memory path (glibc's `mallopt`) is process-wide: its two variants run in processes of their own,
-started in turn.
+drifts; calls in turn meet a drift alike, so the ratio holds where the seconds do not.
 
 The model is the shape of the demo (16x16x3, dim 64, 4 heads, 2+2+2 layers), training
 at batch 16 and sampling at batch 1 and 4, plus the "small" preset at 32x32 (batch 2) for the
@@ -26,8 +25,6 @@ import argparse
 import contextlib
 import datetime
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 
@@ -170,49 +167,8 @@ def decoding_threads(args: argparse.Namespace) -> None:
             f"demo 16x16, batch {batch}", in_turn(draw, without, args.rounds, 1))
 
 
-MALLOC_CHILD = """
-import sys, time, torch
-sys.path[:0] = {paths!r}
-from cpu_paths_bench import model, training_step
-if sys.argv[1] == "keep":
-    from axial_transformer.cpu_speedups import keep_freed_memory
-    assert keep_freed_memory()
-m = model(**{kwargs!r})
-step = training_step(m, {batch})
-step()
-best = float("inf")
-for _ in range({repeats}):
-    start = time.perf_counter(); step(); best = min(best, time.perf_counter() - start)
-print(best)
-"""
-
-
-def freed_memory(args: argparse.Namespace) -> None:
-    """glibc's malloc keeping freed memory (cpu_speedups.keep_freed_memory), in training steps;
-    each variant a fresh process, the two started in turn."""
-    paths = [str(p) for p in (__import__("pathlib").Path(__file__).parent,
-                              __import__("pathlib").Path(__file__).parent.parent)]
-    for label, kwargs, batch in (("demo 16x16, batch 16", {}, 16),
-                                 ("small 32x32, batch 2", {"preset": "small", "size": 32}, 2)):
-        code = MALLOC_CHILD.format(paths=paths, kwargs=kwargs, batch=batch,
-                                   repeats=max(3, args.repeats))
-
-        def run(how: str, code=code) -> float:
-            out = subprocess.run([sys.executable, "-c", code, how], capture_output=True,
-                                 text=True, check=True)
-            return float(out.stdout.split()[-1])
-
-        times: dict[str, list[float]] = {"keep": [], "system": []}
-        for r in range(args.rounds):
-            for how in (("keep", "system") if r % 2 == 0 else ("system", "keep")):
-                times[how].append(run(how))
-        ratios = [s / k for k, s in zip(times["keep"], times["system"], strict=True)]
-        row("freed host memory kept (mallopt)", label,
-            (statistics.median(times["keep"]), statistics.median(times["system"]), ratios))
-
-
 PATHS = {"attention": attention_paths, "inference": inference_paths,
-         "decoding": decoding_paths, "threads": decoding_threads, "malloc": freed_memory}
+         "decoding": decoding_paths, "threads": decoding_threads}
 
 
 def main() -> None:
