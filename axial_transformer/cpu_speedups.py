@@ -4,7 +4,7 @@ Each CPU path here gained at least 10% on an AVX2 and on an AVX-512 CPU, through
 API (docs/benchmarks.md, "CPU speed paths", gives each path's gain per CPU class and the paths
 measured and deleted). The model's arithmetic does not depend on any of them.
 
-The compiled sampler's settings follow: they apply on every device, and two of them need
+The compiled sampler's settings follow: they apply on every device, and three of them need
 torch's private API, which the project keeps to this module:
   torch._inductor.config   `freezing`, which `torch.compile(options=...)` does not pass through
   torch._dynamo.reset_code forget the graphs compiled for one function, not every graph
