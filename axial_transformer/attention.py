@@ -4,10 +4,11 @@ Axis letters: b batch, h rows, w columns, n heads, e features per head, t positi
 attended axis (the other spatial axis is folded into the batch).
 
 Two ways compute the same attention, chosen by name (`AttentionPath`):
-  "sdpa"    torch's `scaled_dot_product_attention`, the fused kernels every GPU run takes;
-  "matmul"  plain matmuls with the backward written out (`FoldedAttention`), faster on a CPU for
-            axes up to `MATMUL_MAX_LEN` long and in bf16 (docs/benchmarks.md);
-  "auto"    "matmul" where it is faster, "sdpa" everywhere else.
+  "sdpa"    torch's `scaled_dot_product_attention`, its fused kernels;
+  "matmul"  plain matmuls (`explicit_attention`), the scores materialised;
+  "auto"    "sdpa", except in a decoding step compiled for the CPU, where inductor fuses the
+            matmuls with the mask and the softmax around them. On the CPU the matmuls no longer
+            beat SDPA elsewhere, on AVX2 nor on AVX-512 (docs/benchmarks.md, "CPU speed paths").
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .runtime import softmax_backward_kernel
-
 Axis = Literal["row", "column"]
 AttentionPath = Literal["auto", "sdpa", "matmul"]
 ATTENTION_PATHS = ("auto", "sdpa", "matmul")
@@ -31,33 +30,15 @@ ATTENTION_PATHS = ("auto", "sdpa", "matmul")
 # heads, so the folded batch is split below the limit.
 MAX_FOLDED_BATCH = 65_535
 
-# On the CPU, axes up to this long attend faster through plain matmuls than through the fused
-# kernel, whose backward is slow at these lengths; longer axes keep the fused kernel, which never
-# materialises the [t, t] scores.
-MATMUL_MAX_LEN = 64
-# A decoding step (one query per sequence) of fewer sequences than this is cheaper as one fused
-# call than as the matmuls' separate ops, in eager mode.
-FUSED_STEP_BELOW = 8
 
-
-def uses_matmuls(
-    q: Tensor, length: int, path: AttentionPath = "auto", matmul_max_len: int = MATMUL_MAX_LEN
-) -> bool:
-    """Whether attention over axes of `length` runs through plain matmuls: always for "matmul",
-    never for "sdpa"; for "auto" on the CPU, in bf16 or up to `matmul_max_len` long."""
+def uses_matmuls(q: Tensor, path: AttentionPath = "auto") -> bool:
+    """Whether attention of queries `q` [..., t, e] runs through plain matmuls: always for
+    "matmul", never for "sdpa"; for "auto", in a decoding step (one query) compiled for the CPU."""
     if path not in ATTENTION_PATHS:
         raise ValueError(f"attention path must be one of {ATTENTION_PATHS}, got {path!r}")
     if path != "auto":
         return path == "matmul"
-    return q.device.type == "cpu" and (q.dtype == torch.bfloat16 or length <= matmul_max_len)
-
-
-def step_path(path: AttentionPath, sequences: int) -> AttentionPath:
-    """The path of a decoding step of `sequences` queries: "auto" takes SDPA in eager mode for
-    fewer than FUSED_STEP_BELOW of them; compiled, the matmuls fuse with what surrounds them."""
-    if path == "auto" and sequences < FUSED_STEP_BELOW and not torch.compiler.is_compiling():
-        return "sdpa"
-    return path
+    return q.device.type == "cpu" and q.shape[-2] == 1 and torch.compiler.is_compiling()
 
 
 def attend(
@@ -68,11 +49,10 @@ def attend(
     path: AttentionPath = "auto",
     scale: float | None = None,
     bias: Tensor | None = None,
-    matmul_max_len: int = MATMUL_MAX_LEN,
 ) -> Tensor:
     """Attention over [N, heads, t, e] by `path`. `scale` multiplies the scores (default
     1/sqrt(e)); `bias` [1, t_k] is added to every row of scores (a decoding step's mask)."""
-    if uses_matmuls(q, k.shape[2], path, matmul_max_len):
+    if uses_matmuls(q, path):
         return explicit_attention(q, k, v, causal, scale, bias)
     return chunked_sdpa(q, k, v, causal, MAX_FOLDED_BATCH, scale, bias)
 
@@ -128,75 +108,7 @@ def explicit_attention(
     scores = torch.bmm(q3, k3.mT).mul_(scale)
     if bias is not None:
         scores.add_(bias)
-    return torch.bmm(softmax(scores).to(v.dtype), v3).view(*q.shape[:-1], v.shape[-1])
-
-
-# torch's CPU softmax kernels vectorise bf16 along rows in chunks of 32: shorter rows take a
-# scalar path, several times slower than fp32 (docs/benchmarks.md). Those rows go through fp32.
-BF16_SOFTMAX_MIN_LEN = 32
-
-
-def softmax(scores: Tensor) -> Tensor:
-    """Softmax over the last axis, in the scores' dtype (bf16 in: accumulated in fp32 inside
-    torch's kernel, bit for bit the fp32 softmax rounded to bf16)."""
-    if scores.dtype == torch.bfloat16 and scores.shape[-1] < BF16_SOFTMAX_MIN_LEN:
-        return scores.float().softmax(-1).to(scores.dtype)
-    return scores.softmax(-1)
-
-
-def softmax_backward(grad: Tensor, p: Tensor) -> Tensor:
-    """d scores = p * (grad - sum(grad * p)) for p = softmax(scores)."""
-    if p.dtype == torch.bfloat16 and p.shape[-1] < BF16_SOFTMAX_MIN_LEN:
-        return softmax_backward(grad.float(), p.float()).to(p.dtype)
-    return softmax_backward_kernel(grad, p)
-
-
-class FoldedAttention(torch.autograd.Function):
-    """Attention along the rows or the columns of fused q, k, v [B, H, W, 3, heads, e], through
-    plain matmuls, forward and backward written out for the layouts.
-
-    Autograd through folding views would copy q, k and v for the matmuls, then gather the three
-    gradients back into the projection's layout with a strided `cat`. Here the forward folds q,
-    k, v in one copy, and the backward writes their gradients into one folded buffer and unfolds
-    it in one copy. Queries come scaled (the scale is folded into the projection), and the causal
-    mask is added inside the score matmul.
-    """
-
-    @staticmethod
-    def forward(ctx, qkv: Tensor, axis: Axis, causal: bool) -> Tensor:  # type: ignore[override]
-        b, _, _, _, heads, _ = qkv.shape
-        fold, unfold = FOLDS[axis]
-        with torch.autocast(qkv.device.type, enabled=False):  # every operand is in qkv's dtype
-            q, k, v = rearrange(qkv, fold).contiguous()
-            t = q.shape[1]
-            if causal:
-                scores = torch.baddbmm(causal_bias(t, t, q), q, k.mT)
-            else:
-                scores = torch.bmm(q, k.mT)
-            p = softmax(scores)
-            out = torch.bmm(p, v)
-        ctx.save_for_backward(q, k, v, p)
-        ctx.axis, ctx.b, ctx.heads = axis, b, heads
-        return rearrange(out[None], unfold, b=b, n=heads).reshape(*qkv.shape[:3], -1)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
-        q, k, v, p = ctx.saved_tensors
-        fold, unfold = FOLDS[ctx.axis]
-        g = rearrange(grad.unflatten(-1, (ctx.heads, -1))[:, :, :, None], fold)[0].contiguous()
-        grad_qkv = q.new_empty((3, *q.shape))
-        torch.bmm(p.mT, g, out=grad_qkv[2])
-        grad_scores = softmax_backward(torch.bmm(g, v.mT), p)
-        torch.bmm(grad_scores, k, out=grad_qkv[0])
-        torch.bmm(grad_scores.mT, q, out=grad_qkv[1])
-        return rearrange(grad_qkv, unfold, b=ctx.b, n=ctx.heads).contiguous(), None, None
-
-
-# einops patterns between [B, H, W, 3, heads, e] and q, k, v folded to [3, N, t, e].
-FOLDS = {
-    "row": ("b h w i n e -> i (b h n) w e", "i (b h n) w e -> b h w i n e"),
-    "column": ("b h w i n e -> i (b w n) h e", "i (b w n) h e -> b h w i n e"),
-}
+    return torch.bmm(scores.softmax(-1).to(v.dtype), v3).view(*q.shape[:-1], v.shape[-1])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -254,8 +166,6 @@ class AxialSelfAttention(nn.Module):
             return self.decode(x, cache, position)
         b = x.shape[0]
         qkv = self.project(x)
-        if uses_matmuls(qkv, x.shape[2 if self.axis == "row" else 1], self.path):
-            return self.to_out(FoldedAttention.apply(qkv, self.axis, self.causal))
         # Splitting q, k, v before folding lets the backward stack their gradients straight into
         # the projection's layout (folding the fused tensor costs a concatenation plus a copy).
         fold = "b h w n e -> (b h) n w e" if self.axis == "row" else "b h w n e -> (b w) n h e"
@@ -281,8 +191,7 @@ class AxialSelfAttention(nn.Module):
         # values, or zeros): so the step attends to all of it, not causally. SDPA's is_causal
         # would align its mask top-left and let this one query see only key 0.
         keys, values = cache.unbind(0)
-        out = attend(qkv.select(0, 0), keys, values, False, step_path(self.path, n),
-                     bias=position.bias)
+        out = attend(qkv.select(0, 0), keys, values, False, self.path, bias=position.bias)
         return F.linear(out.view(x.shape), self.to_out.weight, self.to_out.bias)
 
     def project(self, x: Tensor) -> Tensor:

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import runtime
+from . import cpu_speedups
 from .codec_format import GROUP_SIZE, LABELS, NAMES, Header, image_crc, pack, unpack
 from .exact_model import ARITHMETIC_VERSION, ExactAxialTransformer, frequencies
 from .model import AxialTransformer
@@ -257,7 +257,7 @@ def coding_mode(batch_size: int, threads: int | None, device: torch.device) -> I
     are slower) unless given: the results do not depend on it. Restores it."""
     saved = torch.get_num_threads()
     try:
-        with torch.inference_mode(), runtime.decoding_threads(batch_size, device):
+        with torch.inference_mode(), cpu_speedups.decoding_threads(batch_size, device):
             if threads is not None:
                 torch.set_num_threads(threads)
             yield

@@ -66,9 +66,8 @@ class AxialTransformerConfig:
     num_classes: int = 0
     # Their names, in label order (empty: numbers only); training takes them from the data.
     class_names: tuple[str, ...] = ()
-    # How attention is computed: "sdpa" (torch's fused kernels, what every GPU run takes),
-    # "matmul" (plain matmuls, faster on a CPU for axes up to 64 long and in bf16) or "auto"
-    # (each where it is faster). The same model and weights whichever is chosen.
+    # How attention is computed: "sdpa" (torch's fused kernels), "matmul" (plain matmuls) or
+    # "auto" (SDPA but in a compiled CPU decoding step). The same model and weights whichever.
     attention: str = "auto"
 
     def __post_init__(self) -> None:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import runtime
+from . import cpu_speedups
 from .attention import Position, decoding_positions
 from .model import AxialTransformer, at_least_fp32
 
@@ -82,7 +82,7 @@ def decode(
                 ctx = model.channel_context(x, torch.full((b,), ci, device=x.device), labels)
             if i > 0:
                 above = model.pixel_embedding(x[:, ci, i - 1]) + pos[i - 1] + ctx[:, i - 1]
-                with runtime.skip_guard_checks(compile and outer_checked):
+                with cpu_speedups.skip_guard_checks(compile and outer_checked):
                     u = outer_step(above, outer_caches, rows[i - 1])
                 outer_checked = True
             if skip is not None and skip[ci][i]:
@@ -91,7 +91,7 @@ def decode(
             h_left = pos.new_zeros((b, model.config.dim))  # shift_right's zero column
             x_row = x[:, ci, i]
             # The stance is global: user code (on_logits) must not run inside it.
-            with runtime.skip_guard_checks(compile and pixel_checked and on_logits is None):
+            with cpu_speedups.skip_guard_checks(compile and pixel_checked and on_logits is None):
                 for j in range(w):
                     h_left, logits = pixel_step(model, choose, h_left, row_inputs, inner_caches,
                                                 columns[j], x_row)
@@ -128,8 +128,8 @@ def decoding_mode(model: nn.Module, x: Tensor, autocast: bool,
     a compiled or an eager decoding loop; restores the training flag."""
     was_training = model.training
     model.eval()
-    settings = (runtime.frozen_weights_compilation(x.device) if compiled
-                else runtime.eager_decoding(model, x.shape[0], x.device))
+    settings = (cpu_speedups.frozen_weights_compilation(x.device) if compiled
+                else cpu_speedups.eager_decoding(model, x.shape[0], x.device))
     try:
         with settings, torch.inference_mode(), \
                 torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
@@ -148,14 +148,14 @@ def compiled_steps(model: AxialTransformer) -> tuple[Callable, Callable]:
     Dynamo's guards do not look at tensor values: a graph compiled before the weights changed (an
     optimizer step, a loaded checkpoint) would go on sampling from the old ones. So the graphs
     are kept for one model whose parameters are the same tensors at the same versions
-    (`runtime.weights_version`), and otherwise compiled afresh.
+    (`cpu_speedups.weights_version`), and otherwise compiled afresh.
     """
     global _compiled
-    weights = runtime.weights_version(model)
+    weights = cpu_speedups.weights_version(model)
     if _compiled is not None and _compiled[0]() is model and _compiled[1] == weights:
         return _compiled[2]
     for function in (AxialTransformer.outer_step, _pixel):
-        runtime.forget_compiled(function)
+        cpu_speedups.forget_compiled(function)
     steps = (torch.compile(model.outer_step, fullgraph=True, dynamic=False),
              torch.compile(_pixel, fullgraph=True, dynamic=False))
     _compiled = (weakref.ref(model), weights, steps)

@@ -13,8 +13,6 @@ import copy
 import torch
 from torch import nn
 
-from .runtime import lerp_all_
-
 
 def ema_decay_at(step: int, decay: float) -> float:
     """The decay of the update after `step` earlier updates."""
@@ -32,8 +30,7 @@ class EMA:
     def update(self, model: nn.Module, step: int) -> None:
         """Blend in `model`'s current weights; `step` counts the updates made before this one."""
         d = ema_decay_at(step, self.decay)
-        ema = list(self.model.state_dict().values())
-        live = [v.detach().to(e.dtype) for v, e in zip(model.state_dict().values(), ema,
-                                                         strict=True)]
-        floats = [(e, v) for e, v in zip(ema, live, strict=True) if e.is_floating_point()]
-        lerp_all_([e for e, _ in floats], [v for _, v in floats], 1.0 - d)
+        for e, v in zip(self.model.state_dict().values(), model.state_dict().values(),
+                        strict=True):
+            if e.is_floating_point():
+                e.lerp_(v.detach().to(e.dtype), 1.0 - d)

@@ -21,7 +21,6 @@ from .checkpoint import load_trained_model
 from .distributed import cpu_only
 from .evaluation import channel_names, codec_baselines, evaluate, save_heatmap
 from .formats import SPLITS
-from .host_memory import keep_freed_memory
 from .outputs import check_output
 
 
@@ -78,8 +77,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     accelerator = Accelerator(cpu=cpu_only())
-    if accelerator.device.type == "cpu":
-        keep_freed_memory()  # each batch's logits would otherwise page-fault in again
     model.to(accelerator.device)
     metrics, heatmap = evaluate(model, dataset, accelerator, args.batch_size, args.max_images,
                                 args.bf16, per_pixel=args.heatmap is not None,

@@ -20,11 +20,6 @@ from torch import Tensor, nn
 
 from .attention import MAX_FOLDED_BATCH, attend
 
-# The fused CPU kernel reads these layers' folded q, k, v as strided views, without the copies
-# that plain matmuls need, so it wins from shorter axes on than in the model's attention, in
-# time and memory (docs/benchmarks.md).
-MATMUL_MAX_LEN = 32
-
 __all__ = [
     "AxialAttention",
     "AxialAttentionBlock",
@@ -122,7 +117,7 @@ class AxisAttention(nn.Module):
         if q.is_cuda and folded[1] > MAX_FOLDED_BATCH:
             # attend() splits only the first fold under the CUDA grid limit; move all of it there
             q, k, v = (z.flatten(0, 1).unsqueeze(1) for z in (q, k, v))
-        out = attend(q, k, v, self.causal, matmul_max_len=MATMUL_MAX_LEN)
+        out = attend(q, k, v, self.causal)
         out = out.reshape(*folded, *q.shape[2:])
         sizes = {"b": b, **{f"s{a}": size for a, size in enumerate(spatial)}}
         out = rearrange(out, self.unfold, n=self.heads, **{a: sizes[a] for a in self.kept})

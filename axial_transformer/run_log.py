@@ -180,6 +180,11 @@ def init_trackers(accelerator, cfg: RunConfig) -> None:
     if not cfg.log.wandb:
         return
     try:
+        import wandb  # noqa: F401  (an optional extra; Accelerate would skip it without a word)
+    except ImportError as e:
+        raise SetupError("log.wandb=true but wandb could not start: it is not installed. Install "
+                         "it with `pip install -e '.[wandb]'`, or set log.wandb=false") from e
+    try:
         accelerator.init_trackers(
             cfg.log.wandb_project, config=cfg.to_dict(),
             init_kwargs={"wandb": {"dir": cfg.run_dir, "name": Path(cfg.run_dir).name}},

@@ -25,9 +25,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from .distributed import cpu_only
 from .errors import SetupError, TrainingError
-from .host_memory import keep_freed_memory
 from .preemption import Preempted, Preemption
 from .run_log import print_outputs
 from .train_config import RunConfig, load_config
@@ -82,8 +80,6 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("the demo config (configs/demo.yaml) comes with the repository, "
                              "not the installed package: pass --config FILE")
         cfg = load_config(args.config, args.overrides)
-        if cpu_only():
-            keep_freed_memory()  # CPU steps stop page-faulting their activations in every step
         final = train(cfg)
         outside.defer()
     except Preempted as stop:  # before train() began, or just as it returned

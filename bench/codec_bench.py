@@ -34,7 +34,7 @@ import torch
 from machine import machine_line, sampler_precision
 from PIL import Image
 
-from axial_transformer import runtime
+from axial_transformer import cpu_speedups
 from axial_transformer.checkpoint import load_trained_model
 from axial_transformer.codec import compress, decompress
 from axial_transformer.codec_format import unpack
@@ -124,14 +124,14 @@ class FloatCoding:
 def float_codec(model, images: torch.Tensor) -> tuple[np.ndarray, callable]:
     """The float codec's payload of `images` (one batch), and a call that decodes it."""
     encoder = constriction.stream.queue.RangeEncoder()
-    with torch.inference_mode(), runtime.plain_attributes(model):
+    with torch.inference_mode(), cpu_speedups.plain_attributes(model):
         decode(model, images.long(), FloatCoding(encoder))
     words = encoder.get_compressed()
 
     def decode_words() -> torch.Tensor:
         decoder = constriction.stream.queue.RangeDecoder(words)
         x = torch.zeros(images.shape, dtype=torch.long)
-        with torch.inference_mode(), runtime.plain_attributes(model):
+        with torch.inference_mode(), cpu_speedups.plain_attributes(model):
             return decode(model, x, FloatCoding(decoder))
 
     return words, decode_words

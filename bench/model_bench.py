@@ -45,7 +45,6 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from axial_transformer import AxialTransformer, AxialTransformerConfig
 from axial_transformer.attention import AxialSelfAttention
 from axial_transformer.blocks import MLP
-from axial_transformer.host_memory import keep_freed_memory
 from axial_transformer.precision import bf16_is_fast
 
 CHANNELS = 3
@@ -192,8 +191,6 @@ def rss_mib() -> float:
 
 def training_step(args: argparse.Namespace, model_name: str) -> tuple[nn.Module, Callable]:
     """The case's model and its step(bf16, compiled=False): forward + backward + Adam."""
-    if not args.system_malloc:
-        keep_freed_memory()  # as train.py does on the CPU
     torch.manual_seed(0)
     x = torch.randint(0, 256, (args.batch, CHANNELS, args.size, args.size), dtype=torch.uint8)
     model, loss_fn = build_model(model_name, args.size)
@@ -319,8 +316,7 @@ def spawn_step_case(model: str, precision: str, size: int, batch: int,
                "--precision", precision, "--size", str(size), "--batch", str(batch),
                "--threads", str(args.threads), "--warmup", str(args.warmup),
                "--repeats", str(args.repeats), "--budget", str(args.budget),
-               *(["--compile"] if compiled else []),
-               *(["--system-malloc"] if args.system_malloc else [])]
+               *(["--compile"] if compiled else [])]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     label = (f"{model} {precision if case == 'step' else 'fp32 and bf16 in turn'} "
              f"{size}x{size}x{CHANNELS} batch {batch}")
@@ -359,7 +355,6 @@ def growth_exponent(points: list[tuple[int, float]]) -> float | None:
 
 def run_bench(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    kept = not args.system_malloc and keep_freed_memory()
     pixels_per_step = QUICK_PIXELS_PER_STEP if args.quick else PIXELS_PER_STEP
     batches = {s: args.batch or max(1, pixels_per_step // (s * s)) for s in args.sizes}
 
@@ -371,8 +366,6 @@ def run_bench(args: argparse.Namespace) -> None:
     print(f"model: preset {PRESET!r} (width 256, 8 heads, 4/4/4 layers), RGB, every channel "
           f"scored; median of up to {args.repeats} steps after {args.warmup + 1} warm-up"
           + (" (--quick: tiny sizes, numbers mean nothing)" if args.quick else ""))
-    print("malloc: " + ("keeps freed memory, as train.py sets it on the CPU" if kept else
-                        "glibc's defaults (--system-malloc, or not glibc)"))
     print()
 
     n = 512 if args.quick else 2048
@@ -566,9 +559,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true",
                         help="also time the axial model's step under torch.compile (minutes of "
                         "compilation per case)")
-    parser.add_argument("--system-malloc", action="store_true",
-                        help="leave glibc's malloc as it is (train.py makes it keep freed "
-                        "memory on the CPU, axial_transformer/host_memory.py)")
     parser.add_argument("--warmup", type=int, help="warm-up steps after the FLOP-counted one")
     parser.add_argument("--repeats", type=int, help="timed steps (median reported)")
     parser.add_argument("--budget", type=float, default=60.0,

@@ -27,7 +27,7 @@ every call), and reports the median over rounds of ours / theirs, each side's be
 round after a warm-up (of 5 at batch 1, of one at batch 64): on a shared machine the speed
 drifts, in stalls that last seconds, and calls in turn meet a drift alike.
 
---settings times eager `sample` with each setting of `runtime.eager_decoding` turned off in
+--settings times eager `sample` with each setting of `cpu_speedups.eager_decoding` turned off in
 turn against all of them on, in one process, the order swapping every round, and reports the
 median over rounds of off / on.
 """
@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 from machine import machine_line, sampler_precision
 
-from axial_transformer import AxialTransformer, AxialTransformerConfig, runtime
+from axial_transformer import AxialTransformer, AxialTransformerConfig, cpu_speedups
 from axial_transformer.model import shift_down, shift_right
 from axial_transformer.precision import choose_precision
 from axial_transformer.sampling import sample, sample_naive
@@ -255,7 +255,7 @@ def against_in_turn(trees: list[Path], size: int, batch: int, compiled: bool,
             sampler.close()
 
 
-EAGER_SETTINGS = ("decoding_threads", "column_major_linears", "plain_attributes")
+EAGER_SETTINGS = ("decoding_threads", "plain_attributes")
 
 
 def compare_settings(args: argparse.Namespace) -> None:
@@ -273,11 +273,11 @@ def compare_settings(args: argparse.Namespace) -> None:
         for batch in args.batches:
             sample(model, batch)  # warm-up
             for name in EAGER_SETTINGS:
-                real = getattr(runtime, name)
+                real = getattr(cpu_speedups, name)
                 on, off = [], []
                 for r in range(args.rounds):
                     for enabled in ((True, False) if r % 2 == 0 else (False, True)):
-                        setattr(runtime, name, real if enabled else
+                        setattr(cpu_speedups, name, real if enabled else
                                 lambda *_: contextlib.nullcontext())
                         try:
                             start = time.perf_counter()
@@ -285,7 +285,7 @@ def compare_settings(args: argparse.Namespace) -> None:
                             sync(device)
                             seconds = (time.perf_counter() - start) / batch
                         finally:
-                            setattr(runtime, name, real)
+                            setattr(cpu_speedups, name, real)
                         (on if enabled else off).append(seconds)
                 ratios = [b / a for a, b in zip(on, off, strict=True)]
                 print(f"| {size}x{size}x3 | {batch} | `{name}` | {statistics.median(on):.4f} | "

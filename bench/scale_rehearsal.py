@@ -27,7 +27,6 @@ from scale_cases import QUICK_DIM, directory_bytes, peak_rss_bytes
 
 from axial_transformer import preflight, training
 from axial_transformer.checkpoint import checkpoint_dirs, load_trained_model
-from axial_transformer.host_memory import keep_freed_memory
 from axial_transformer.run_log import read_records
 from axial_transformer.train_config import load_config
 
@@ -73,7 +72,6 @@ def time_calls(module, names: list[str], times: dict[str, list[float]]) -> None:
 def train_stage(run_dir: Path, stage: str, quick: bool) -> dict:
     """train() as train.py calls it on a CPU; the steps, checkpoint writes and reads and the
     final evaluation timed one by one."""
-    keep_freed_memory()  # as train.py does on a CPU
     cfg = load_config(CONFIG, overrides(run_dir, STEPS[stage], quick))
     times: dict[str, list[float]] = {}
     time_calls(training, ["optimizer_step", "save_checkpoint", "restore", "eval_record"], times)
@@ -96,7 +94,6 @@ def evaluate_stage(run_dir: Path) -> dict:
     from axial_transformer.data import open_split
     from axial_transformer.evaluation import evaluate
 
-    keep_freed_memory()  # as evaluate.py does on a CPU
     model, cfg = load_trained_model(run_dir)
     c = model.config
     test = open_split(cfg.data.spec, "test", c.image_size, c.channels, c.num_classes)

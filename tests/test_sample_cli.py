@@ -12,7 +12,7 @@ import torch
 from conftest import error_line, randomize_
 from PIL import Image
 
-from axial_transformer import AxialTransformer, AxialTransformerConfig, runtime, sample_cli
+from axial_transformer import AxialTransformer, AxialTransformerConfig, cpu_speedups, sample_cli
 
 
 def export_tiny_model(directory: Path) -> Path:
@@ -137,8 +137,8 @@ def test_compiled_sampling_reports_its_compilation_apart(conditional_export, tmp
                                                         monkeypatch):
     # What the command line reports is under test here, not the autotuned GEMM kernels
     # (test_sampling's compiled sampler test has them), whose search takes a minute when cold.
-    monkeypatch.setattr(runtime, "frozen_weights_compilation",
-                        functools.partial(runtime.frozen_weights_compilation, autotune=False))
+    monkeypatch.setattr(cpu_speedups, "frozen_weights_compilation",
+                        functools.partial(cpu_speedups.frozen_weights_compilation, autotune=False))
     monkeypatch.setattr(sample_cli, "COMPILE_FLOOR_S", 0.0)  # compile however short the request
     args = ["--checkpoint", conditional_export, "--num-samples", 2, "--class", "dog",
             "--guidance", 1.5]

@@ -12,7 +12,13 @@ import torch
 from conftest import randomize_
 from scipy.stats import chi2
 
-from axial_transformer import AxialTransformer, AxialTransformerConfig, attention, decoding, runtime
+from axial_transformer import (
+    AxialTransformer,
+    AxialTransformerConfig,
+    attention,
+    cpu_speedups,
+    decoding,
+)
 from axial_transformer.attention import AxialSelfAttention
 from axial_transformer.sampling import sample, sample_naive
 
@@ -93,7 +99,7 @@ def test_compiled_sampler_equals_naive_sampler_and_follows_new_weights():
 def test_compiled_sampler_check_catches_stale_graphs(monkeypatch):
     """Negative control: graphs kept across a weight change go on drawing from the old
     weights, and the check above sees it."""
-    monkeypatch.setattr(runtime, "weights_version", lambda model: ())
+    monkeypatch.setattr(cpu_speedups, "weights_version", lambda model: ())
     assert not compiled_sampler_follows_weight_changes()
 
 

@@ -1,4 +1,4 @@
-"""The eager decoding loop's runtime settings (`runtime.eager_decoding`) speed it up without
+"""The eager decoding loop's settings (`cpu_speedups.eager_decoding`) speed it up without
 changing the model: every parameter is the same tensor, at the same address and version, with
 the same values and layout afterwards, trainable, and the modules hold nothing extra. Whether
 the samples are right is the sampler tests' job (they run through these settings)."""
@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import randomize_
 
-from axial_transformer import AxialTransformer, AxialTransformerConfig, runtime
+from axial_transformer import AxialTransformer, AxialTransformerConfig, cpu_speedups
 from axial_transformer.sampling import sample
 
 
@@ -47,41 +47,28 @@ def test_eager_sampling_leaves_the_model_as_it_was(outer_inference_mode):
     assert all(p.grad is not None for p in model.parameters())
 
 
-def test_state_check_catches_a_layout_left_behind(monkeypatch):
-    """Negative control: settings that leave the weights column-major fail the check above."""
+def test_state_check_catches_attributes_left_behind(monkeypatch):
+    """Negative control: settings that leave the plain references in the modules fail the check
+    above."""
 
     @contextlib.contextmanager
     def forgetful(model):
-        with torch.no_grad():
-            for m in model.modules():
-                if isinstance(m, torch.nn.Linear):
-                    m.weight.data = m.weight.data.t().contiguous().t()
+        for m in model.modules():
+            m.__dict__.update(dict(m.named_parameters(recurse=False)))
         yield
 
     model = tiny_model().eval()
     before = model_state(model)
-    monkeypatch.setattr(runtime, "column_major_linears", forgetful)
+    monkeypatch.setattr(cpu_speedups, "plain_attributes", forgetful)
     sample(model, 2, generator=torch.Generator().manual_seed(0))
     assert not same_state(before, model_state(model))
-
-
-def test_column_major_linears_keep_what_is_written_inside():
-    model = tiny_model()
-    weight = model.to_logits.weight
-    address, expected = weight.data_ptr(), weight.detach() + 1
-    with runtime.column_major_linears(model):
-        assert weight.stride() == (1, weight.shape[0])  # W^T contiguous
-        with torch.no_grad():
-            weight.add_(1)
-    assert weight.data_ptr() == address and weight.is_contiguous()
-    assert torch.equal(weight, expected)
 
 
 def test_plain_attributes_follow_a_parameter_or_module_replaced_inside():
     model = tiny_model()
     new_weight = torch.nn.Parameter(torch.zeros_like(model.to_logits.weight))
     new_norm = torch.nn.LayerNorm(16)
-    with runtime.plain_attributes(model):
+    with cpu_speedups.plain_attributes(model):
         assert "weight" in vars(model.to_logits)  # found without Module.__getattr__
         model.to_logits.weight = new_weight
         model.final_norm = new_norm

@@ -1,15 +1,14 @@
-"""Speed tricks that reach into torch's internals, each in one place behind a name that says
-what it does. Entry points and the sampler call them; the model's arithmetic does not depend on
-them. Timings that motivated each are in docs/benchmarks.md.
+"""The speed paths that earned their place, and every use of torch's private API, in one module.
 
-Private APIs used here (checked against torch 2.6 and later):
-  torch.ops.aten._softmax_backward_data   the fused softmax backward that autograd itself runs
-  torch._inductor.config                  freezing and autotuning for the compiled sampler
-  torch._dynamo.reset_code                forget the graphs compiled for a function
-  Tensor._version                         tell weights written in place (since a compilation,
-                                          or while laid out column-major)
-  torch._foreach_lerp_                    the EMA's update of every weight in one call
-  Module._parameters, Module._modules     the dicts behind a module's attributes
+Each CPU path here gained at least 10% on an AVX2 and on an AVX-512 CPU, through torch's public
+API (docs/benchmarks.md, "CPU speed paths", gives each path's gain per CPU class and the paths
+measured and deleted). The model's arithmetic does not depend on any of them.
+
+The compiled sampler's settings follow: they apply on every device, and three of them need
+torch's private API, which the project keeps to this module:
+  torch._inductor.config   `freezing`, which `torch.compile(options=...)` does not pass through
+  torch._dynamo.reset_code forget the graphs compiled for one function, not every graph
+  Tensor._version          tell weights written in place since a compilation
 """
 
 from __future__ import annotations
@@ -18,11 +17,12 @@ import contextlib
 from collections.abc import Callable, Iterator
 
 import torch
-from torch import Tensor
 
-# Below this batch a CPU decoding step is a chain of matrix-vector products: too small to split
-# between threads, and faster with each weight stored transposed. From it on they are
-# matrix-matrix products, which take the weights as they are.
+# ------------------------------------------------------------------------------------------------
+# CPU: eager decoding.
+
+# Below this batch a CPU decoding step is a chain of matrix-vector products, too small to split
+# between threads: a second thread only waits for the first, and on a loaded machine for a core.
 MATRIX_VECTOR_BELOW_BATCH = 8
 
 
@@ -31,20 +31,12 @@ def matrix_vector_steps(batch: int, device: torch.device) -> bool:
     return device.type == "cpu" and batch < MATRIX_VECTOR_BELOW_BATCH
 
 
-def softmax_backward_kernel(grad: Tensor, p: Tensor) -> Tensor:
-    """d scores = p * (grad - sum(grad * p)) along the last axis, for p = softmax(scores), in
-    one fused kernel: the one autograd runs for `Tensor.softmax`."""
-    return torch.ops.aten._softmax_backward_data(grad, p, -1, p.dtype)
-
-
 @contextlib.contextmanager
 def eager_decoding(model: torch.nn.Module, batch: int, device: torch.device) -> Iterator[None]:
     """What an eager decoding loop wants while it runs, all restored after: its steps hold a few
-    tokens each, so Python and memory layout cost it more than arithmetic. Plain attribute
-    lookups; on the CPU below batch 8, one thread and the linear layers' weights column-major."""
-    with decoding_threads(batch, device), plain_attributes(model), \
-            column_major_linears(model) if matrix_vector_steps(batch, device) \
-            else contextlib.nullcontext():
+    tokens each, so Python costs it more than arithmetic. Plain attribute lookups; on the CPU
+    below batch 8, one thread."""
+    with decoding_threads(batch, device), plain_attributes(model):
         yield
 
 
@@ -61,28 +53,6 @@ def decoding_threads(batch: int, device: torch.device) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def column_major_linears(model: torch.nn.Module) -> Iterator[None]:
-    """Each `nn.Linear` weight W [out, in] stored transposed while inside: W^T contiguous, so
-    that `F.linear` computes x W^T without a transpose in the BLAS call, as the CPU's
-    matrix-vector products run faster. The parameters stay the same objects with the same values;
-    on the way out each takes back its own storage (its version and address unchanged, so
-    compiled graphs stay valid), with anything written to the copy copied back. The copies take
-    as much memory again as the weights they copy."""
-    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    originals = [w.data for w in weights]
-    for w in weights:
-        w.data = w.data.t().contiguous().t()
-    versions = [w._version for w in weights]
-    try:
-        yield
-    finally:
-        for w, original, version in zip(weights, originals, versions, strict=True):
-            if w._version != version:
-                original.copy_(w.data)
-            w.data = original
-
-
-@contextlib.contextmanager
 def plain_attributes(model: torch.nn.Module) -> Iterator[None]:
     """Every module's parameters and submodules found by plain attribute lookup while inside.
 
@@ -93,8 +63,8 @@ def plain_attributes(model: torch.nn.Module) -> Iterator[None]:
     the rest are dropped on the way out."""
     added = []
     for module in model.modules():
-        found = {**module._parameters, **module._modules}
-        refs = {k: v for k, v in found.items() if v is not None and k not in module.__dict__}
+        found = {**dict(module.named_parameters(recurse=False)), **dict(module.named_children())}
+        refs = {k: v for k, v in found.items() if k not in module.__dict__}
         module.__dict__.update(refs)
         added.append((module, refs))
     try:
@@ -104,6 +74,10 @@ def plain_attributes(model: torch.nn.Module) -> Iterator[None]:
             for name, value in refs.items():
                 if module.__dict__.get(name) is value:
                     del module.__dict__[name]
+
+
+# ------------------------------------------------------------------------------------------------
+# The compiled sampler (every device).
 
 
 def frozen_weights_compilation(
@@ -125,11 +99,6 @@ def weights_version(model: torch.nn.Module) -> tuple:
     """Changes whenever a parameter is replaced or written in place (every in-place write bumps
     a tensor's version counter)."""
     return tuple((p.data_ptr(), p._version) for p in model.parameters())
-
-
-def lerp_all_(targets: list[Tensor], sources: list[Tensor], weight: float) -> None:
-    """targets[k] += weight * (sources[k] - targets[k]) for every k, in one fused call."""
-    torch._foreach_lerp_(targets, sources, weight)
 
 
 def forget_compiled(function: Callable) -> None:
