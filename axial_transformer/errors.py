@@ -28,3 +28,13 @@ def naming(path: str | Path) -> Iterator[None]:
         if e.errno is None:
             raise OSError(f"{path}: {e}") from None
         raise OSError(e.errno, e.strerror, str(path)) from None
+
+
+def one_line(error: BaseException) -> str:
+    """An error's message for the command line. A DataLoader worker's error comes back as the
+    same type with the worker's whole traceback as its message; its last line is the error."""
+    text = str(error)
+    if "Original Traceback" not in text:
+        return text
+    last = text.strip().splitlines()[-1]
+    return last.split(": ", 1)[1] if last.startswith(f"{type(error).__name__}: ") else last

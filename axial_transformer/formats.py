@@ -184,10 +184,18 @@ class TarScan:
     damaged: int = 0  # image members lost at the break
 
 
+# An image member takes at least this many bytes of the archive file, compressed or not: a tar
+# header alone is 512 bytes, and a PNG or JPEG barely compresses. A compressed tar of far more
+# members than its size allows is a bomb of empty entries (20M of them fit in a 10 MB .tar.gz),
+# whose name list alone would take gigabytes.
+MIN_ARCHIVE_BYTES_PER_MEMBER = 32
+
+
 def scan_tar(path: Path) -> TarScan:
     """Read a tar once, front to back, to its end: every header, and for a compressed tar every
     byte, so that a damaged or truncated stream and a failed checksum are found here."""
     scan, last, image = TarScan([]), None, False
+    most_members = 1000 + path.stat().st_size // MIN_ARCHIVE_BYTES_PER_MEMBER
     try:
         tar = tarfile.open(path, tar_mode(path), tarinfo=EndCheckedTarInfo)
     except ARCHIVE_ERRORS as e:
@@ -200,6 +208,12 @@ def scan_tar(path: Path) -> TarScan:
                 last, image = member.name, member.isfile() and is_image_name(member.name)
                 if image:
                     scan.members.append((member.name, member.size))
+                    if len(scan.members) > most_members:
+                        raise ValueError(
+                            f"{path}: more than {most_members:,} image members in "
+                            f"{path.stat().st_size:,} bytes; an archive of images holds at "
+                            f"most one per {MIN_ARCHIVE_BYTES_PER_MEMBER} bytes (a bomb of "
+                            "empty entries?)")
         except ARCHIVE_ERRORS as e:
             if image:  # its data may be what broke
                 scan.members.pop()

@@ -25,7 +25,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from .errors import SetupError, TrainingError
+from .errors import SetupError, TrainingError, one_line
 from .preemption import Preempted, Preemption
 from .run_log import print_outputs
 from .train_config import RunConfig, load_config
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         outside.defer()
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     if "preempted" in final:
         if final["checkpoint"] is None:

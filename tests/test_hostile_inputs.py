@@ -430,3 +430,54 @@ def test_split_items_read_from_the_file_match_the_array(tmp_path):
         assert torch.equal(split[i], torch.from_numpy(images[i].transpose(2, 0, 1).copy()))
     with pytest.raises(IndexError):
         split[9]
+
+
+def test_a_compressed_tar_of_empty_entries_is_refused_by_its_member_count(tmp_path):
+    """20,000 empty image members gzip to a few hundred KB; the scan stops at the count that
+    size allows instead of listing them all (20M would take gigabytes)."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        for i in range(20_000):
+            tar.addfile(tarfile.TarInfo(f"{i:05d}.png"))
+    bomb = tmp_path / "empty.tar.gz"
+    bomb.write_bytes(gzip.compress(raw.getvalue(), 9))
+    with pytest.raises(ValueError, match="image members in") as refused:
+        prepare_quiet(bomb, tmp_path / "out.npy")
+    one_line(str(refused.value))
+    assert leftovers(tmp_path) == []
+
+
+def test_a_tar_of_real_images_is_within_the_member_count(tmp_path):
+    """Negative control: small PNGs, even gzipped, are far from the bound."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        for i, image in enumerate(random_images(1200, 2, 2)):
+            data = png_bytes(image)
+            info = tarfile.TarInfo(f"{i:05d}.png")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    archive = tmp_path / "small.tar.gz"
+    archive.write_bytes(gzip.compress(raw.getvalue(), 9))
+    prepare_quiet(archive, tmp_path / "out.npy")
+    assert np.load(tmp_path / "out.npy").shape == (1200, 2, 2, 3)
+
+
+class CutShort(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int):
+        raise ValueError("train.npy: cut short while the run read it")
+
+
+def test_a_data_error_in_a_loader_worker_is_one_line():
+    """With data.workers > 0 the error comes back through a worker, carrying its traceback;
+    the command line prints the error itself (the raw message is the negative control)."""
+    from axial_transformer.errors import one_line as cli_message
+
+    loader = torch.utils.data.DataLoader(CutShort(), num_workers=1)
+    with pytest.raises(ValueError) as caught:
+        next(iter(loader))
+    assert "\n" in str(caught.value)  # what the command line printed before
+    assert cli_message(caught.value) == "train.npy: cut short while the run read it"
+    assert cli_message(ValueError("a: b")) == "a: b"
