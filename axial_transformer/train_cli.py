@@ -120,5 +120,6 @@ def print_comparison(final: dict) -> None:
     if "eval/bpd_no_class" in final:
         print(f"  {'  the same told no class':<34} {final['eval/bpd_no_class']:6.3f}")
     if "baseline/png_bpd" in final:
+        print(f"  {'JPEG XL lossless (effort 9)':<34} {final['baseline/jxl_bpd']:6.3f}")
         print(f"  {'WebP lossless (method 6)':<34} {final['baseline/webp_bpd']:6.3f}")
         print(f"  {'PNG (optimize, level 9)':<34} {final['baseline/png_bpd']:6.3f}")

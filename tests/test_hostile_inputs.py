@@ -41,17 +41,22 @@ def one_line(message: str) -> None:
 # ---- damaged archives: refused naming the member, or skipped and counted ----
 
 
-@pytest.fixture(scope="module")
-def tar_bytes():
-    """A plain tar of 40 PNGs (about 40 KB)."""
+def png_tar(images: np.ndarray, name: str = "img/{:03d}.png") -> bytes:
+    """A plain tar of `images` as PNG members."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for i, image in enumerate(random_images(40, 8, 8)):
+        for i, image in enumerate(images):
             data = png_bytes(image)
-            info = tarfile.TarInfo(f"img/{i:03d}.png")
+            info = tarfile.TarInfo(name.format(i))
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tar_bytes():
+    """A plain tar of 40 PNGs (about 40 KB)."""
+    return png_tar(random_images(40, 8, 8))
 
 
 def flipped(data: bytes, at: float, count: int = 16) -> bytes:
@@ -449,15 +454,8 @@ def test_a_compressed_tar_of_empty_entries_is_refused_by_its_member_count(tmp_pa
 
 def test_a_tar_of_real_images_is_within_the_member_count(tmp_path):
     """Negative control: small PNGs, even gzipped, are far from the bound."""
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w") as tar:
-        for i, image in enumerate(random_images(1200, 2, 2)):
-            data = png_bytes(image)
-            info = tarfile.TarInfo(f"{i:05d}.png")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
     archive = tmp_path / "small.tar.gz"
-    archive.write_bytes(gzip.compress(raw.getvalue(), 9))
+    archive.write_bytes(gzip.compress(png_tar(random_images(1200, 2, 2), "{:05d}.png"), 9))
     prepare_quiet(archive, tmp_path / "out.npy")
     assert np.load(tmp_path / "out.npy").shape == (1200, 2, 2, 3)
 
