@@ -28,6 +28,18 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="show the traceback of an error (also AXIAL_DEBUG=1)")
 
 
+def add_compute_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where and how the model runs: the file depends on none of it."""
+    parser.add_argument("--device", default="cpu",
+                        help="where the model runs, cpu or cuda (default cpu); a file written "
+                        "on either decodes on either")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="images the model computes at once (default 64)")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads (default: 1 below a batch of 8, where more are "
+                        "slower, otherwise torch's)")
+
+
 def load_model(checkpoint: str, device: str) -> AxialTransformer:
     """The model of a run, checkpoint or export directory, on `device`."""
     from .checkpoint import load_trained_model

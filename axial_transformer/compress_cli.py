@@ -28,6 +28,7 @@ import torch
 from .codec_cli import (
     CLIError,
     add_common_arguments,
+    add_compute_arguments,
     check_writable_file,
     load_model,
     run_reporting_errors,
@@ -125,15 +126,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--labels",
                         help="a class-conditional model's classes of the images: one per "
                         "image, comma-separated, or one for all (-1: no class)")
-    parser.add_argument("--batch-size", type=int, default=64,
-                        help="images the model computes at once (the file does not depend on "
-                        "it)")
-    parser.add_argument("--threads", type=int,
-                        help="CPU threads (default: 1 below a batch of 8, where more are "
-                        "slower, otherwise torch's; the file does not depend on it)")
-    parser.add_argument("--device", default="cpu",
-                        help="where the model runs, cpu or cuda (default cpu); the file "
-                        "decodes on either")
+    add_compute_arguments(parser)
     return parser.parse_args(argv)
 
 

@@ -30,6 +30,7 @@ import torch
 from .codec_cli import (
     CLIError,
     add_common_arguments,
+    add_compute_arguments,
     check_writable_file,
     load_model,
     run_reporting_errors,
@@ -112,14 +113,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_common_arguments(parser)
     parser.add_argument("--out", required=True,
                         help="a folder for one PNG per image, or FILE.npy for uint8 [N, H, W, C]")
-    parser.add_argument("--device", default="cpu",
-                        help="where the model runs, cpu or cuda (default cpu); any decodes "
-                        "any file")
-    parser.add_argument("--batch-size", type=int, default=64,
-                        help="images the model computes at once (default 64)")
-    parser.add_argument("--threads", type=int,
-                        help="CPU threads (default: 1 below a batch of 8, where more are "
-                        "slower, otherwise torch's)")
+    add_compute_arguments(parser)
     return parser.parse_args(argv)
 
 
