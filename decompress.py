@@ -6,7 +6,7 @@ The command lives in axial_transformer/decompress_cli.py; an installed package a
 
 import sys
 
-from axial_transformer.decompress_cli import main
+from axial_transformer.cli.decompress import main
 
 if __name__ == "__main__":
     sys.exit(main())

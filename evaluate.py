@@ -6,7 +6,7 @@ The command lives in axial_transformer/evaluate_cli.py; an installed package als
 
 import sys
 
-from axial_transformer.evaluate_cli import main
+from axial_transformer.cli.evaluate import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,7 +7,7 @@ The command lives in axial_transformer/sample_cli.py; an installed package also 
 
 import sys
 
-from axial_transformer.sample_cli import main
+from axial_transformer.cli.sample import main
 
 if __name__ == "__main__":
     sys.exit(main())

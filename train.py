@@ -6,7 +6,7 @@ The command lives in axial_transformer/train_cli.py; an installed package also h
 
 import sys
 
-from axial_transformer.train_cli import main
+from axial_transformer.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

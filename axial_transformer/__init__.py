@@ -1,6 +1,5 @@
 """Autoregressive image density models with the Axial Transformer (Ho et al. 2019)."""
 
-from .config import PRESETS, AxialTransformerConfig
 from .layers import (
     AxialAttention,
     AxialAttentionBlock,
@@ -8,7 +7,8 @@ from .layers import (
     AxisAttention,
     ChannelAttention,
 )
-from .model import AxialTransformer
+from .model.config import PRESETS, AxialTransformerConfig
+from .model.transformer import AxialTransformer
 
 __all__ = [
     "PRESETS",

@@ -8,12 +8,12 @@ import sys
 
 # command -> the module whose main(argv) runs it
 COMMANDS = {
-    "train": "train_cli",
-    "sample": "sample_cli",
-    "evaluate": "evaluate_cli",
-    "compress": "compress_cli",
-    "decompress": "decompress_cli",
-    "prepare": "data",
+    "train": "cli.train",
+    "sample": "cli.sample",
+    "evaluate": "cli.evaluate",
+    "compress": "cli.compress",
+    "decompress": "cli.decompress",
+    "prepare": "data.__main__",
 }
 USAGE = (f"usage: python -m axial_transformer {{{','.join(COMMANDS)}}} ...\n"
          "  (python -m axial_transformer COMMAND --help for its options)")

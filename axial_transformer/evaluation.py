@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from .data import split_batch
+from .data.splits import split_batch
 from .precision import choose_precision
 
 
@@ -175,7 +175,7 @@ def heatmap_image(pixel_bits: Tensor | np.ndarray, min_side: int = 128) -> Image
 
 
 def save_heatmap(pixel_bits: Tensor | np.ndarray, path: str | Path) -> None:
-    from .io import atomic_write
+    from .files import atomic_write
 
     image = heatmap_image(pixel_bits)
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
 
-from .config import AxialTransformerConfig
-from .io import atomic_write_text, write_safetensors
+from .files import atomic_write_text, write_safetensors
+from .model.config import AxialTransformerConfig
 from .tensor_files import check_shapes, read_tensors
 
 WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"

@@ -18,7 +18,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from .attention import MAX_FOLDED_BATCH, attend
+from .model.attention import MAX_FOLDED_BATCH, attend
 
 __all__ = [
     "AxialAttention",

@@ -110,14 +110,14 @@ def loss_curve(records: list[dict], size: tuple[int, int] = (720, 420)) -> Image
 
 def save_png(picture: Image.Image, path: str | Path) -> None:
     """Write `picture` as a PNG atomically (a reader sees the old file or the new one)."""
-    from .io import atomic_write
+    from .files import atomic_write
 
     atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
 
 
 def write_loss_curve(run_dir: str | Path) -> Path | None:
     """RUN/loss_curve.png, drawn from RUN/metrics.jsonl; None when there is nothing to draw."""
-    from .run_log import read_records
+    from .training.run_log import read_records
 
     run_dir = Path(run_dir)
     picture = loss_curve(read_records(run_dir / "metrics.jsonl"))

@@ -35,12 +35,12 @@ from machine import machine_line, sampler_precision
 from PIL import Image
 
 from axial_transformer import cpu_speedups
-from axial_transformer.checkpoint import load_trained_model
-from axial_transformer.codec import compress, decompress
-from axial_transformer.codec_format import unpack
-from axial_transformer.data import open_split
-from axial_transformer.decoding import decode
+from axial_transformer.codec.coder import compress, decompress
+from axial_transformer.codec.format import unpack
+from axial_transformer.data.splits import open_split
 from axial_transformer.evaluation import encode_baseline, lossless_bits_per_dim
+from axial_transformer.model.decoding import decode
+from axial_transformer.training.checkpoint import load_trained_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_RUN = ROOT / "runs" / "demo"

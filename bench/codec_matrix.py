@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from axial_transformer.checkpoint import load_trained_model
-from axial_transformer.data import open_split
+from axial_transformer.data.splits import open_split
+from axial_transformer.training.checkpoint import load_trained_model
 
 ROOT = Path(__file__).resolve().parents[1]
 COMBINATIONS = list(itertools.product(("avx2", "default"), (1, 2), (1, 64)))

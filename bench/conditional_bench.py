@@ -26,7 +26,7 @@ from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 
 from axial_transformer import AxialTransformer, AxialTransformerConfig
-from axial_transformer.ema import EMA
+from axial_transformer.training.ema import EMA
 
 LEVELS, CLASSES = 17, 10
 

@@ -36,7 +36,7 @@ from axial_transformer import (
     AxialTransformerConfig,
     cpu_speedups,
 )
-from axial_transformer.sampling import sample
+from axial_transformer.sampling.sampler import sample
 
 DEMO = dict(image_size=(16, 16), channels=3, dim=64, heads=4, encoder_layers=2, outer_layers=2,
             inner_layers=2)

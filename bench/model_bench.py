@@ -43,8 +43,8 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from axial_transformer import AxialTransformer, AxialTransformerConfig
-from axial_transformer.attention import AxialSelfAttention
-from axial_transformer.blocks import MLP
+from axial_transformer.model.attention import AxialSelfAttention
+from axial_transformer.model.blocks import MLP
 from axial_transformer.precision import bf16_is_fast
 
 CHANNELS = 3
@@ -527,7 +527,7 @@ def compare_attention(args: argparse.Namespace, batches: dict[int, int]) -> dict
         print()
         return {}
     print("## Attention layer: unmasked row + column, width 256, 8 heads, forward + backward")
-    print("ours = two axial_transformer.attention.AxialSelfAttention (row, column), summed; "
+    print("ours = two axial_transformer.model.attention.AxialSelfAttention (row, column), summed; "
           "package = axial_attention.AxialAttention(dim=256, heads=8, dim_index=-1, "
           "sum_axial_out=True); input [B, H, W, 256], fp32")
     timings, rows = {}, []

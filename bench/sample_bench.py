@@ -50,9 +50,9 @@ import torch
 from machine import machine_line, sampler_precision
 
 from axial_transformer import AxialTransformer, AxialTransformerConfig, cpu_speedups
-from axial_transformer.model import shift_down, shift_right
+from axial_transformer.model.transformer import shift_down, shift_right
 from axial_transformer.precision import choose_precision
-from axial_transformer.sampling import sample, sample_naive
+from axial_transformer.sampling.sampler import sample, sample_naive
 
 
 def sync(device: torch.device) -> None:

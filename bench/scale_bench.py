@@ -39,7 +39,7 @@ from scale_cases import FIT_WIDTHS, QUICK_DIM, QUICK_FIT_WIDTHS, flops_at_width,
 from scale_plan import GLOBAL_BATCH, Activation, GiB, derived_tables, print_table
 from scale_rehearsal import STAGES
 
-from axial_transformer.preflight import run_bytes
+from axial_transformer.training.startup import run_bytes
 
 HERE = Path(__file__).resolve().parent
 KEEP = 3  # checkpoint.keep in both paper configs

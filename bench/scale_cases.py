@@ -222,8 +222,8 @@ def checkpoint_case(args: argparse.Namespace) -> dict:
     own `save_checkpoint`, and measure them on disk."""
     from accelerate import Accelerator
 
-    from axial_transformer.ema import EMA
-    from axial_transformer.resume import save_checkpoint
+    from axial_transformer.training.ema import EMA
+    from axial_transformer.training.resume import save_checkpoint
 
     config = preset(args.config, args.dim)
     model = AxialTransformer(config)

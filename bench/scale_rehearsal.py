@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 from scale_cases import QUICK_DIM, directory_bytes, peak_rss_bytes
 
-from axial_transformer import preflight, training
-from axial_transformer.checkpoint import checkpoint_dirs, load_trained_model
-from axial_transformer.run_log import read_records
-from axial_transformer.train_config import load_config
+from axial_transformer.training import loop as training
+from axial_transformer.training import startup as preflight
+from axial_transformer.training.checkpoint import checkpoint_dirs, load_trained_model
+from axial_transformer.training.config import load_config
+from axial_transformer.training.run_log import read_records
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "imagenet32.yaml"
 STAGES = ("train", "resume", "evaluate", "sample")
@@ -91,7 +92,7 @@ def evaluate_stage(run_dir: Path) -> dict:
     """evaluate.py's library path: the run's EMA model on its first 4 test images, in fp32."""
     from accelerate import Accelerator
 
-    from axial_transformer.data import open_split
+    from axial_transformer.data.splits import open_split
     from axial_transformer.evaluation import evaluate
 
     model, cfg = load_trained_model(run_dir)
@@ -103,7 +104,7 @@ def evaluate_stage(run_dir: Path) -> dict:
 
 def sample_stage(run_dir: Path) -> dict:
     """One image from the EMA export with the cached sampler (sample.py's library call)."""
-    from axial_transformer.sampling import sample
+    from axial_transformer.sampling.sampler import sample
 
     model, _ = load_trained_model(run_dir / "export")
     image = sample(model, 1, generator=torch.Generator().manual_seed(0))

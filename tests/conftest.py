@@ -40,7 +40,7 @@ def attention_path(request, monkeypatch) -> str:
     SDPA (what "auto" takes), and SDPA with the folded batch split into pieces (as
     CUDA's grid limit makes it at large batches) small enough to split every call here."""
     if request.param == "chunked-sdpa":
-        from axial_transformer import attention
+        from axial_transformer.model import attention
 
         monkeypatch.setattr(attention, "MAX_FOLDED_BATCH", 3)
         return "sdpa"

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from axial_transformer.attention import (
+from axial_transformer.model.attention import (
     AxialSelfAttention,
     chunked_sdpa,
     decoding_positions,
@@ -130,7 +130,7 @@ def test_matmul_path_forward_and_backward_match_sdpa(axis, causal, shape):
 
 def test_matmul_path_check_catches_a_missing_mask(monkeypatch):
     # Negative control: the plain-matmul path without its causal mask.
-    from axial_transformer import attention
+    from axial_transformer.model import attention
 
     monkeypatch.setattr(attention, "causal_bias", lambda t_q, t_k, like: like.new_zeros(t_q, t_k))
     assert not matmul_path_matches_sdpa("row", True)

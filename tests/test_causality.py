@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import randomize_
 
-import axial_transformer.model as model_module
+import axial_transformer.model.transformer as model_module
 from axial_transformer import AxialTransformer, AxialTransformerConfig
 
 UNCHANGED, CHANGED = 1e-10, 1e-6  # in float64 the two are many orders of magnitude apart

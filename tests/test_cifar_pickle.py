@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from numpy._core.multiarray import _reconstruct
 
-from axial_transformer.cifar_pickle import read_python_batch
-from axial_transformer.data import prepare
+from axial_transformer.data.cifar import read_python_batch
+from axial_transformer.data.splits import prepare
 
 CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
                "truck"]
@@ -144,7 +144,7 @@ def test_forged_pointer_batch_is_refused_without_a_crash(tmp_path):
     payload = batch_with(ForgedArray())
     (folder / "test_batch").write_bytes(payload)
     # In a subprocess: a reader that built this array would die of a segmentation fault.
-    run = run_python("from axial_transformer.data import main; main()", "prepare", folder,
+    run = run_python("from axial_transformer.data.__main__ import main; main()", "prepare", folder,
                      tmp_path / "out.npy", "--split", "test", "--format", "cifar10-python")
     assert run.returncode == 2, (run.returncode, run.stderr)
     lines = run.stderr.strip().splitlines()

@@ -22,9 +22,11 @@ import torch.nn.functional as F
 from conftest import error_line, randomize_
 from PIL import Image
 
-from axial_transformer import AxialTransformer, AxialTransformerConfig, codec, codec_format
-from axial_transformer.codec import compress, decompress
-from axial_transformer.exact_model import ExactAxialTransformer
+from axial_transformer import AxialTransformer, AxialTransformerConfig
+from axial_transformer.codec import coder as codec
+from axial_transformer.codec import format as codec_format
+from axial_transformer.codec.coder import compress, decompress
+from axial_transformer.codec.exact_model import ExactAxialTransformer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -195,7 +197,7 @@ GOLDEN = ROOT / "tests" / "golden"
 
 
 def golden() -> tuple[AxialTransformer, torch.Tensor, bytes]:
-    from axial_transformer.checkpoint import load_trained_model
+    from axial_transformer.training.checkpoint import load_trained_model
 
     model, _ = load_trained_model(GOLDEN / "model")
     images = torch.from_numpy(np.load(GOLDEN / "images.npy", allow_pickle=False))

@@ -13,12 +13,14 @@ import pytest
 from conftest import error_line
 from PIL import Image
 
-from axial_transformer import AxialTransformer, AxialTransformerConfig, evaluate_cli, train_cli
+from axial_transformer import AxialTransformer, AxialTransformerConfig
 from axial_transformer.__main__ import COMMANDS
 from axial_transformer.__main__ import main as module_main
+from axial_transformer.cli import evaluate as evaluate_cli
+from axial_transformer.cli import train as train_cli
 from axial_transformer.plots import loss_curve
-from axial_transformer.run_log import MetricsLog
-from axial_transformer.train_config import RunConfig
+from axial_transformer.training.config import RunConfig
+from axial_transformer.training.run_log import MetricsLog
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -171,7 +173,7 @@ def test_metrics_log_keeps_the_loss_curve_current(tmp_path):
 
 
 def test_prepare_says_what_it_skips_and_names_its_options(tmp_path, capsys):
-    from axial_transformer.data import main as data_main
+    from axial_transformer.data.__main__ import main as data_main
 
     folder = tmp_path / "photos"
     folder.mkdir()

@@ -6,7 +6,7 @@ import torch
 from conftest import randomize_
 
 from axial_transformer import AxialTransformer, AxialTransformerConfig
-from axial_transformer.sampling import sample, sample_naive
+from axial_transformer.sampling.sampler import sample, sample_naive
 
 
 def conditional_model(num_classes=3, channels=3, attention="auto"):

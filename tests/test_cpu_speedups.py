@@ -10,7 +10,7 @@ import torch
 from conftest import randomize_
 
 from axial_transformer import AxialTransformer, AxialTransformerConfig, cpu_speedups
-from axial_transformer.sampling import sample
+from axial_transformer.sampling.sampler import sample
 
 
 def tiny_model() -> AxialTransformer:

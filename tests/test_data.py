@@ -16,13 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
-from axial_transformer import builtin_data
-from axial_transformer.builtin_data import builtin_crops, builtin_dataset
-from axial_transformer.data import (
+from axial_transformer.data import builtin as builtin_data
+from axial_transformer.data.__main__ import main
+from axial_transformer.data.builtin import builtin_crops, builtin_dataset
+from axial_transformer.data.splits import (
     CorruptImageError,
     ImageArrayDataset,
     load_array,
-    main,
     open_split,
     prepare,
 )

@@ -22,16 +22,16 @@ from safetensors.torch import load_file
 from test_train import ENV, ROOT, run_args
 
 from axial_transformer import AxialTransformer
-from axial_transformer.checkpoint import (
+from axial_transformer.training.checkpoint import (
     CheckpointError,
     checkpoint_problem,
     nonfinite_parameter,
     prune_checkpoints,
     seal,
 )
-from axial_transformer.preflight import check_disk_space, run_bytes
-from axial_transformer.resume import read_checkpoint
-from axial_transformer.train_config import config_from_dict
+from axial_transformer.training.config import config_from_dict
+from axial_transformer.training.resume import read_checkpoint
+from axial_transformer.training.startup import check_disk_space, run_bytes
 
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
 # Six steps of two accumulated micro-batches, a checkpoint every two, the last two kept.
@@ -240,7 +240,7 @@ def test_sigkill_then_resume_is_bit_identical(data_dir, straight, killed, tmp_pa
     # Negative control: a resume that restarts the data order from the top of the run (the
     # position in the epoch not restored) is caught too.
     forgetful = copy_run(killed, tmp_path, "forgetful")
-    patch = ("import sys; sys.argv[0] = 'train.py'; import axial_transformer.training as T; "
+    patch = ("import sys; sys.argv[0] = 'train.py'; import axial_transformer.training.loop as T; "
              "restart = T.training_batches; "
              "T.training_batches = lambda loader, acc, position: restart(loader, acc, 0); "
              "import train; sys.exit(train.main(sys.argv[1:]))")
@@ -373,9 +373,9 @@ import torch
 import yaml
 
 from axial_transformer import AxialTransformer
-from axial_transformer.checkpoint import load_trained_model
-from axial_transformer.resume import read_checkpoint
-from axial_transformer.train_config import config_from_dict
+from axial_transformer.training.checkpoint import load_trained_model
+from axial_transformer.training.resume import read_checkpoint
+from axial_transformer.training.config import config_from_dict
 
 for case in map(Path, sys.argv[1:]):
     cfg = config_from_dict(yaml.safe_load((case.parent.parent / "config.yaml").read_text()))
@@ -404,7 +404,7 @@ for case in map(Path, sys.argv[1:]):
 
 def make_checkpoint(root: Path, step: int, sealed: bool = True) -> Path:
     """A checkpoint directory with every file a seal requires (placeholder contents)."""
-    from axial_transformer.checkpoint import REQUIRED
+    from axial_transformer.training.checkpoint import REQUIRED
 
     directory = root / "checkpoints" / f"step_{step:07d}"
     directory.mkdir(parents=True)
@@ -444,7 +444,8 @@ def test_sigterm_anywhere_saves_what_is_unsaved_and_exits_0(data_dir, straight, 
     exactly as one never interrupted, with each record once. Run again when it is complete, it
     says so and changes nothing."""
     run = tmp_path / "run"
-    done = launch_with_sigterm_in("axial_transformer.preflight.select_checkpoint", data_dir, run)
+    done = launch_with_sigterm_in("axial_transformer.training.startup.select_checkpoint",
+                                  data_dir, run)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "stopped by SIGTERM during start-up; nothing to save" in done.stderr
     assert not run.exists()  # nothing left behind, not even the run_dir it created
@@ -456,9 +457,9 @@ def test_sigterm_anywhere_saves_what_is_unsaved_and_exits_0(data_dir, straight, 
     assert {"step": 4, "preempted": "SIGTERM"} in records(run)
     assert not any("eval/bpd" in r for r in records(run))  # no final evaluation when preempted
 
-    phases = [("axial_transformer.training.save_checkpoint", ()),  # the final checkpoint
-              ("axial_transformer.training.evaluate", ()),
-              ("axial_transformer.training.codec_baselines", ("eval.baselines=true",))]
+    phases = [("axial_transformer.training.loop.save_checkpoint", ()),  # the final checkpoint
+              ("axial_transformer.training.loop.evaluate", ()),
+              ("axial_transformer.training.loop.codec_baselines", ("eval.baselines=true",))]
     for function, extra in phases:
         done = launch_with_sigterm_in(function, data_dir, run, "resume=auto",
                                       "checkpoint.every=0", *extra)
@@ -569,7 +570,7 @@ def test_a_second_run_on_the_same_run_dir_stops_naming_the_holder(data_dir, tmp_
     run = tmp_path / "run"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path; "
-         "from axial_transformer.preflight import RunDirClaim; "
+         "from axial_transformer.training.startup import RunDirClaim; "
          "RunDirClaim(Path(sys.argv[1])).take(); print('locked', flush=True); time.sleep(120)",
          str(run)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
     try:
@@ -664,7 +665,7 @@ def test_prepare_errors_are_one_line(tmp_path, capsys):
 
     from PIL import Image
 
-    from axial_transformer.data import main as prepare_cli
+    from axial_transformer.data.__main__ import main as prepare_cli
 
     def png(size: tuple[int, int]) -> bytes:
         buffer = io.BytesIO()

@@ -26,9 +26,10 @@ from safetensors.torch import save_file
 from test_data import leftovers, png_bytes, prepare_quiet, random_images
 
 from axial_transformer import AxialTransformer, AxialTransformerConfig
-from axial_transformer.data import CorruptImageError, main, open_split, read_image_file
-from axial_transformer.image_files import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
-from axial_transformer.train_config import load_config
+from axial_transformer.data.__main__ import main
+from axial_transformer.data.image_files import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
+from axial_transformer.data.splits import CorruptImageError, open_split, read_image_file
+from axial_transformer.training.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -285,8 +286,8 @@ def test_a_checkpoint_config_is_checked_against_its_weights_before_it_is_built(t
                                                                                monkeypatch):
     import yaml
 
-    from axial_transformer.checkpoint import load_trained_model
-    from axial_transformer.train_config import RunConfig
+    from axial_transformer.training.checkpoint import load_trained_model
+    from axial_transformer.training.config import RunConfig
 
     run = tmp_path / "run"
     step = run / "checkpoints" / "step_0000001"
@@ -408,7 +409,7 @@ def test_a_data_file_truncated_while_read_is_a_value_error_not_sigbus(tmp_path):
     np.save(tmp_path / "train.npy", random_images(64, 16, 16))
     script = f"""
 import os, sys
-from axial_transformer.data import open_split
+from axial_transformer.data.splits import open_split
 split = open_split({str(tmp_path / 'train.npy')!r}, "train", (16, 16), 3)
 first = split[63]
 os.truncate({str(tmp_path / 'train.npy')!r}, 128 + 16 * 16 * 3 * 10)
@@ -471,7 +472,7 @@ class CutShort(torch.utils.data.Dataset):
 def test_a_data_error_in_a_loader_worker_is_one_line():
     """With data.workers > 0 the error comes back through a worker, carrying its traceback;
     the command line prints the error itself (the raw message is the negative control)."""
-    from axial_transformer.errors import one_line as cli_message
+    from axial_transformer.training.errors import one_line as cli_message
 
     loader = torch.utils.data.DataLoader(CutShort(), num_workers=1)
     with pytest.raises(ValueError) as caught:

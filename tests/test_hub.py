@@ -100,7 +100,7 @@ def test_nonfinite_weights_are_refused(tmp_path):
 def test_sample_and_evaluate_take_a_hub_repository_id(export, tmp_path, monkeypatch):
     import huggingface_hub.constants
 
-    from axial_transformer.checkpoint import load_trained_model
+    from axial_transformer.training.checkpoint import load_trained_model
 
     model, directory = export
     cache = hub_cache(directory, tmp_path / "hub")

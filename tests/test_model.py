@@ -186,7 +186,7 @@ def test_unknown_objective_and_preset():
 def test_mlp_computes_the_official_sigmoid_gelu(tokens):
     # The MLP runs z sigmoid(1.702 z) as SiLU with 1.702 moved into the weights (many tokens) or
     # onto the activations (few); both are the official GELU approximation.
-    from axial_transformer.blocks import MLP
+    from axial_transformer.model.blocks import MLP
 
     torch.manual_seed(0)
     mlp = MLP(8, 16).double()

@@ -10,7 +10,7 @@ import torch
 
 from axial_transformer import precision
 from axial_transformer.precision import choose_precision, cpu_bf16_flags, cpu_bf16_speedup
-from axial_transformer.train_config import OptimConfig, load_config
+from axial_transformer.training.config import OptimConfig, load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

@@ -22,14 +22,14 @@ from test_faults import launch, one_line_error, records
 from test_train import ENV, ROOT, run_args
 
 from axial_transformer import AxialTransformer
-from axial_transformer.checkpoint import CheckpointError, checkpoint_problem, seal
-from axial_transformer.ema import EMA
-from axial_transformer.errors import SetupError
-from axial_transformer.preflight import RunDirClaim, check_no_links
-from axial_transformer.resume import export_problem, read_checkpoint, save_checkpoint
-from axial_transformer.run_log import MetricsLog
-from axial_transformer.train_config import load_config
-from axial_transformer.train_state import adam
+from axial_transformer.training.checkpoint import CheckpointError, checkpoint_problem, seal
+from axial_transformer.training.config import load_config
+from axial_transformer.training.ema import EMA
+from axial_transformer.training.errors import SetupError
+from axial_transformer.training.optimizer_state import adam
+from axial_transformer.training.resume import export_problem, read_checkpoint, save_checkpoint
+from axial_transformer.training.run_log import MetricsLog
+from axial_transformer.training.startup import RunDirClaim, check_no_links
 
 # train.py with one library function patched: on its CALL-th call, ACTION runs first.
 PATCHED = """
@@ -91,8 +91,8 @@ def test_a_kill_between_checkpoint_and_export_is_repaired_on_resume(data_dir, tm
     """SIGKILL as the final checkpoint's export is about to be written: step_0000004 is sealed,
     export/ still holds step 2's EMA. resume=auto writes the export again before completing."""
     run_dir = tmp_path / "run"
-    done = launch_patched("axial_transformer.resume:write_export", "SIGKILL", data_dir, run_dir,
-                          call=2)
+    done = launch_patched("axial_transformer.training.resume:write_export", "SIGKILL", data_dir,
+                          run_dir, call=2)
     assert done.returncode == -9, done.stderr[-3000:]
     final = newest_checkpoint(run_dir)
     assert final.name == "step_0000004" and checkpoint_problem(final) is None
@@ -148,7 +148,7 @@ def test_a_full_disk_in_the_final_phase_names_the_file_after_showing_the_figures
 
 
 def test_metrics_log_names_its_file_when_the_disk_is_full(tmp_path, monkeypatch, capsys):
-    from axial_transformer import run_log
+    from axial_transformer.training import run_log
 
     class Full:
         def __init__(self, fd, mode):
@@ -175,7 +175,7 @@ def test_sigterm_after_the_final_record_exits_0(data_dir, tmp_path):
     the interpreter shuts down: the run is complete, so the process still exits with code 0,
     not killed by the signal (-15)."""
     run_dir = tmp_path / "run"
-    done = launch_patched("axial_transformer.run_log:print_outputs", "SIGTERM", data_dir,
+    done = launch_patched("axial_transformer.training.run_log:print_outputs", "SIGTERM", data_dir,
                           run_dir)
     assert done.returncode == 0, (done.returncode, done.stderr[-3000:])
     assert "outputs in" in done.stdout
@@ -201,7 +201,7 @@ def test_a_failure_while_building_the_run_writes_nothing(data_dir, tmp_path):
     leaves run_dir as it was (a new one is removed; an existing one keeps every file, even the
     temporary files of a killed run, and gets no config.yaml)."""
     fresh = tmp_path / "fresh"
-    done = launch_patched("axial_transformer.training:build", "ValueError", data_dir, fresh)
+    done = launch_patched("axial_transformer.training.loop:build", "ValueError", data_dir, fresh)
     one_line_error(done, "injected: the model cannot be built")
     assert not fresh.exists()
 
@@ -210,7 +210,7 @@ def test_a_failure_while_building_the_run_writes_nothing(data_dir, tmp_path):
     (used / "notes.txt").write_text("mine")
     (used / ".metrics.jsonl.k3j4h5g6.tmp").write_text("left by a kill")
     before = sorted(p.name for p in used.iterdir())
-    done = launch_patched("axial_transformer.training:build", "SIGTERM", data_dir, used)
+    done = launch_patched("axial_transformer.training.loop:build", "SIGTERM", data_dir, used)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "stopped by SIGTERM during start-up; nothing to save" in done.stderr
     assert sorted(p.name for p in used.iterdir()) == before

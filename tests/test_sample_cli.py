@@ -12,7 +12,8 @@ import torch
 from conftest import error_line, randomize_
 from PIL import Image
 
-from axial_transformer import AxialTransformer, AxialTransformerConfig, cpu_speedups, sample_cli
+from axial_transformer import AxialTransformer, AxialTransformerConfig, cpu_speedups
+from axial_transformer.cli import sample as sample_cli
 
 
 def export_tiny_model(directory: Path) -> Path:
@@ -322,12 +323,12 @@ def test_read_only_folder_is_refused(run_dir, tmp_path, capsys):
 
 
 def test_a_failed_write_comes_after_the_figures(run_dir, tmp_path, capsys, monkeypatch):
-    import axial_transformer.io
+    import axial_transformer.files
 
     def full_disk(path, write):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(axial_transformer.io, "atomic_write", full_disk)
+    monkeypatch.setattr(axial_transformer.files, "atomic_write", full_disk)
     code, out, err = run_sample(capsys, "--checkpoint", run_dir, "--num-samples", 2, "--out",
                                 tmp_path / "g.png")
     assert code == 2 and "2 images of 1x4x3 in" in out  # the figures were printed
@@ -339,16 +340,16 @@ def test_a_failed_write_comes_after_the_figures(run_dir, tmp_path, capsys, monke
 
 def test_a_set_of_outputs_is_written_whole_or_not_at_all(run_dir, tmp_path, capsys,
                                                          monkeypatch):
-    import axial_transformer.io
+    import axial_transformer.files
 
-    write = axial_transformer.io.atomic_write
+    write = axial_transformer.files.atomic_write
 
     def full_at_the_array(path, writer):
         if Path(path).suffix == ".npy":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"{path}.tmp")
         write(path, writer)
 
-    monkeypatch.setattr(axial_transformer.io, "atomic_write", full_at_the_array)
+    monkeypatch.setattr(axial_transformer.files, "atomic_write", full_at_the_array)
     code, _, err = run_sample(capsys, "--checkpoint", run_dir, "--num-samples", 2, "--out",
                               tmp_path / "g.png", "--per-image")
     assert code == 2 and err.strip().splitlines()[-1] == (

@@ -12,15 +12,10 @@ import torch
 from conftest import randomize_
 from scipy.stats import chi2
 
-from axial_transformer import (
-    AxialTransformer,
-    AxialTransformerConfig,
-    attention,
-    cpu_speedups,
-    decoding,
-)
-from axial_transformer.attention import AxialSelfAttention
-from axial_transformer.sampling import sample, sample_naive
+from axial_transformer import AxialTransformer, AxialTransformerConfig, cpu_speedups
+from axial_transformer.model import attention, decoding
+from axial_transformer.model.attention import AxialSelfAttention
+from axial_transformer.sampling.sampler import sample, sample_naive
 
 ROOT = Path(__file__).resolve().parents[1]
 

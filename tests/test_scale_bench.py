@@ -20,7 +20,7 @@ from scale_plan import (  # noqa: E402
     largest_fitting_micro_batch,
 )
 
-from axial_transformer.attention import AxialSelfAttention  # noqa: E402
+from axial_transformer.model.attention import AxialSelfAttention  # noqa: E402
 
 GiB = 2**30
 

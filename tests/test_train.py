@@ -17,9 +17,7 @@ from conftest import randomize_
 from safetensors.torch import load_file
 
 from axial_transformer import AxialTransformer, AxialTransformerConfig
-from axial_transformer.data import ImageArrayDataset
-from axial_transformer.distributed import weights_fingerprint
-from axial_transformer.ema import EMA, ema_decay_at
+from axial_transformer.data.splits import ImageArrayDataset
 from axial_transformer.evaluation import (
     bit_sums,
     heatmap_image,
@@ -27,8 +25,10 @@ from axial_transformer.evaluation import (
     shard_indices,
     summarize,
 )
-from axial_transformer.train_config import OptimConfig
-from axial_transformer.train_step import learning_rate
+from axial_transformer.training.config import OptimConfig
+from axial_transformer.training.distributed import weights_fingerprint
+from axial_transformer.training.ema import EMA, ema_decay_at
+from axial_transformer.training.step import learning_rate
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
@@ -159,9 +159,9 @@ def test_accumulating_micro_batches_equals_one_batch(tmp_path):
     loss, gradient norm and resulting weights of one step over the 8 images at once."""
     from accelerate.state import AcceleratorState, GradientState
 
-    from axial_transformer.distributed import build_accelerator
-    from axial_transformer.train_config import load_config
-    from axial_transformer.train_step import Objective, optimizer_step
+    from axial_transformer.training.config import load_config
+    from axial_transformer.training.distributed import build_accelerator
+    from axial_transformer.training.step import Objective, optimizer_step
 
     images = torch.randint(0, 256, (8, 3, 4, 5), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))
@@ -202,7 +202,7 @@ def test_accumulating_micro_batches_equals_one_batch(tmp_path):
 def test_the_update_ratio_is_the_step_adam_takes():
     """The divergence guard's prediction equals |change| / |weights| of the step Adam then
     takes (weight decay, bias corrections, eps, later steps), and a huge lr exceeds the bound."""
-    from axial_transformer.train_step import MAX_UPDATE_RATIO, adam_update_ratio
+    from axial_transformer.training.step import MAX_UPDATE_RATIO, adam_update_ratio
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=0.1)

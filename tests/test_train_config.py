@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from axial_transformer.config import PRESETS
-from axial_transformer.train_config import RunConfig, config_from_dict, load_config, save_config
+from axial_transformer.model.config import PRESETS
+from axial_transformer.training.config import RunConfig, config_from_dict, load_config, save_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .config import AxialTransformerConfig
+from ..model.config import AxialTransformerConfig
 
 
 @dataclass
@@ -338,6 +338,6 @@ def config_from_dict(tree: dict) -> RunConfig:
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    from .io import atomic_write_text
+    from ..files import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -32,10 +32,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import cpu_speedups
-from .codec_format import GROUP_SIZE, LABELS, NAMES, Header, image_crc, pack, unpack
+from .. import cpu_speedups
+from ..model.transformer import AxialTransformer
 from .exact_model import ARITHMETIC_VERSION, ExactAxialTransformer, frequencies
-from .model import AxialTransformer
+from .format import GROUP_SIZE, LABELS, NAMES, Header, image_crc, pack, unpack
 
 __all__ = ["compress", "decompress", "model_fingerprint"]
 

@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
+from ..hub import HubMixin
 from .attention import Position
 from .blocks import AxialStack, layer_norm
 from .config import AxialTransformerConfig
-from .hub import HubMixin
 
 __all__ = ["AxialTransformer", "AxialTransformerConfig", "shift_down", "shift_right"]
 
@@ -238,7 +238,7 @@ class AxialTransformer(nn.Module, HubMixin):
     @torch.no_grad()
     def sample(self, num_samples: int, **kwargs) -> Tensor:
         """Draw images row by row with cached decoding; see `axial_transformer.sampling.sample`."""
-        from .sampling import sample
+        from ..sampling.sampler import sample
 
         return sample(self, num_samples, **kwargs)
 

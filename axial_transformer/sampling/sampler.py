@@ -20,9 +20,9 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from .decoding import Choice, LogitsHook, decode, decoding_mode
-from .model import AxialTransformer, at_least_fp32
-from .sample_request import output, start
+from ..model.decoding import Choice, LogitsHook, decode, decoding_mode
+from ..model.transformer import AxialTransformer, at_least_fp32
+from .request import output, start
 
 __all__ = ["sample", "sample_naive"]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .model import AxialTransformer
+from ..model.transformer import AxialTransformer
 
 
 class CLIError(ValueError):
@@ -42,7 +42,7 @@ def add_compute_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_model(checkpoint: str, device: str) -> AxialTransformer:
     """The model of a run, checkpoint or export directory, on `device`."""
-    from .checkpoint import load_trained_model
+    from ..training.checkpoint import load_trained_model
 
     try:
         device = torch.device(device)
@@ -72,7 +72,7 @@ def check_writable_file(path: Path, option: str, folder: bool = False) -> None:
 def write_output(path: Path, write: Callable[[Path], None]) -> None:
     """atomic_write, an OSError (a full or read-only disk) reported as one line naming the
     file: nothing is left behind."""
-    from .io import atomic_write
+    from ..files import atomic_write
 
     try:
         atomic_write(path, write)

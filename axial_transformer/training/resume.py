@@ -24,6 +24,8 @@ from typing import TypeVar
 
 from torch import Tensor, nn
 
+from ..files import atomic_write_text, fsync_directory, write_safetensors
+from ..tensor_files import check_shapes, read_tensors, safetensors_shapes
 from .checkpoint import (
     MARKER,
     CheckpointError,
@@ -40,13 +42,11 @@ from .checkpoint import (
     sha256,
     unsealed_files,
 )
+from .config import RunConfig
 from .distributed import agree
 from .ema import EMA
 from .errors import SetupError, TrainingError, naming
-from .io import atomic_write_text, fsync_directory, write_safetensors
-from .tensor_files import check_shapes, read_tensors, safetensors_shapes
-from .train_config import RunConfig
-from .train_state import (
+from .optimizer_state import (
     check_optimizer_json,
     optimizer_from_files,
     optimizer_to_files,

@@ -20,19 +20,19 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..evaluation import codec_baselines, evaluate, save_heatmap
+from ..model.transformer import AxialTransformer
 from .checkpoint import checkpoint_path
+from .config import RunConfig
 from .distributed import agree, replicas_in_sync
 from .ema import EMA
 from .errors import TrainingError, naming
-from .evaluation import codec_baselines, evaluate, save_heatmap
-from .model import AxialTransformer
-from .preemption import Preempted, Preemption, inject_faults
-from .preflight import Start, begin_run, start_run
+from .optimizer_state import adam
 from .resume import export_problem, restore, save_checkpoint, write_export
 from .run_log import MetricsLog, TrainMeter, eval_metrics, run_outputs, save_samples
-from .train_config import RunConfig
-from .train_state import adam
-from .train_step import Objective, learning_rate, optimizer_step, training_batches
+from .signals import Preempted, Preemption, inject_faults
+from .startup import Start, begin_run, start_run
+from .step import Objective, learning_rate, optimizer_step, training_batches
 
 
 def train(cfg: RunConfig) -> dict:

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .model import AxialTransformer
+from ..model.transformer import AxialTransformer
 
 COMPLETION_CAVEAT = (
     "Completion of an RGB image is approximate: the model draws channel after channel, so the "
@@ -57,9 +57,9 @@ class CLIError(ValueError):
 def load_image(spec: str, channels: int, size: tuple[int, int], resize: bool) -> np.ndarray:
     """A PNG/JPEG file, or PATH.npy:INDEX of a prepared uint8 [N, H, W, C] array -> [H, W, C];
     box-resized to `size` with `resize`."""
-    from .data import read_image_file
-    from .formats import load_array
-    from .prepare import resize_box
+    from ..data.prepare import resize_box
+    from ..data.sources import load_array
+    from ..data.splits import read_image_file
 
     path, _, index = spec.rpartition(":")
     if not (path.endswith(".npy") and index.lstrip("-").isdigit()):
@@ -95,7 +95,7 @@ def output_name(args: argparse.Namespace, class_name: str | None, per_class: int
     requests never share a file: sample_n64_seed0.png, sample_class_ship_n8_seed0_g3.png,
     completion_photo_k8_n8_seed0.png, with _t0.9 for a temperature, _b4 when batches of 4
     split the request (the noise is drawn batch by batch) and _cuda off the CPU."""
-    from .outputs import safe_name
+    from ..outputs import safe_name
 
     settings = f"n{per_class}_seed{args.seed}"
     settings += f"_t{args.temperature:g}" if args.temperature != 1 else ""
@@ -243,7 +243,7 @@ class Request:
 
     def draw(self, generator, compile: bool) -> torch.Tensor:
         """Every batch in turn -> uint8 [N, C, H, W] on the CPU."""
-        from .sampling import sample
+        from ..sampling.sampler import sample
 
         batches, first = [], 0
         for n in self.batch_sizes:
@@ -258,7 +258,7 @@ class Request:
     def two_rows(self, n: int, compile: bool) -> float:
         """Seconds to draw the first two rows of the first channel of a batch of n (every other
         pixel given): 2 / (C H) of the batch's work, to time the sampler by."""
-        from .sampling import sample
+        from ..sampling.sampler import sample
 
         c, (h, w) = self.model.config.channels, self.model.config.image_size
         mask = torch.ones((1, c, h, w), dtype=torch.bool)
@@ -316,9 +316,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .checkpoint import load_trained_model
-    from .outputs import check_output
-    from .plots import image_grid
+    from ..outputs import check_output
+    from ..plots import image_grid
+    from ..training.checkpoint import load_trained_model
 
     model, _ = load_trained_model(args.checkpoint)
     config = model.config
@@ -387,8 +387,8 @@ def write_outputs(grid, samples: torch.Tensor, out: Path, per_image: bool) -> No
     after an OSError that names the output it hit, none."""
     from PIL import Image
 
-    from .io import atomic_write
-    from .plots import save_png
+    from ..files import atomic_write
+    from ..plots import save_png
 
     pixels = samples.permute(0, 2, 3, 1).numpy()
 

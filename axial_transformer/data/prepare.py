@@ -19,9 +19,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .formats import Source, open_source
+from .sources import Source, open_source
 from .image_files import CorruptImageError, decode_image
-from .io import atomic_write
+from ..files import atomic_write
 from .labels import classes_path, labels_path
 from .npy_rows import RowWriter, set_npy_length
 

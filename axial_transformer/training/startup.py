@@ -30,12 +30,12 @@ import yaml
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..model.transformer import AxialTransformer
+from .config import RunConfig, config_from_dict, save_config
 from .distributed import agree, build_accelerator
 from .errors import SetupError, naming
-from .model import AxialTransformer
 from .resume import CheckpointState, export_problem, select_checkpoint
 from .run_log import drop_stale_records, final_record, init_trackers
-from .train_config import RunConfig, config_from_dict, save_config
 
 
 @dataclass
@@ -100,7 +100,7 @@ def begin_run(cfg: RunConfig, start: Start) -> None:
 
 def check_inputs(cfg: RunConfig) -> tuple[Dataset, Dataset, nn.Module]:
     """The data, run_dir and the disk; returns the splits and the model on the meta device."""
-    from .data import class_names, open_split
+    from ..data.splits import class_names, open_split
 
     mc = cfg.model
     train_set = open_split(cfg.data.spec, "train", mc.image_size, mc.channels, mc.num_classes)

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import cpu_speedups
+from .. import cpu_speedups
 from .attention import Position, decoding_positions
-from .model import AxialTransformer, at_least_fp32
+from .transformer import AxialTransformer, at_least_fp32
 
 # Called with (channel, row, column, logits [B, V]) for every subpixel, in the order of the draws.
 LogitsHook = Callable[[int, int, int, Tensor], None]

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cifar_pickle import read_python_batch
+from .cifar import read_python_batch
 from .image_files import CorruptImageError, check_image_bytes, read_image_bytes
 from .labels import check_labels, labels_path, load_class_names, load_labels
 

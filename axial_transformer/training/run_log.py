@@ -26,10 +26,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..plots import write_loss_curve
+from .config import RunConfig
 from .ema import EMA
 from .errors import SetupError, naming
-from .plots import write_loss_curve
-from .train_config import RunConfig
 
 
 class MetricsLog:
@@ -125,7 +125,7 @@ def drop_stale_records(path: Path, step: int, final: bool = False) -> None:
     `final`, the final record at it too (this run does its final phase again)."""
     if not path.is_file():
         return
-    from .io import atomic_write_text
+    from ..files import atomic_write_text
 
     redone = ("start", "preempted", "final") if final else ("start", "preempted")
     kept = [r for r in read_records(path) if r["step"] < step or
@@ -141,7 +141,7 @@ def final_record(path: Path, steps: int) -> dict | None:
 
 
 def eval_metrics(metrics: dict, channels: int) -> dict:
-    from .evaluation import channel_names
+    from ..evaluation import channel_names
 
     out = {"eval/bpd": metrics["bpd"], "eval/images": metrics["images"]}
     for name, bpd in zip(channel_names(channels), metrics["bpd_channel"], strict=True):
@@ -156,7 +156,7 @@ def save_samples(accelerator, ema: EMA, cfg: RunConfig, step: int) -> Path | Non
     from PIL import Image
     from torchvision.utils import make_grid
 
-    from .io import atomic_write
+    from ..files import atomic_write
 
     g = torch.Generator(accelerator.device).manual_seed(cfg.train.seed + step)
     n, classes = cfg.log.num_samples, cfg.model.num_classes

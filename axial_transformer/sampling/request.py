@@ -9,8 +9,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .model import AxialTransformer
-from .precision import choose_precision
+from ..model.transformer import AxialTransformer
+from ..precision import choose_precision
 
 
 class Request(NamedTuple):

@@ -25,14 +25,14 @@ import sys
 import textwrap
 from pathlib import Path
 
-from .errors import SetupError, TrainingError, one_line
-from .preemption import Preempted, Preemption
-from .run_log import print_outputs
-from .train_config import RunConfig, load_config
-from .training import train
+from ..training.config import RunConfig, load_config
+from ..training.errors import SetupError, TrainingError, one_line
+from ..training.loop import train
+from ..training.run_log import print_outputs
+from ..training.signals import Preempted, Preemption
 
 # The presets live in the repository's configs/, beside the package.
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
 
 def config_keys() -> str:

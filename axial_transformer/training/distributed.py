@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..precision import Precision, choose_precision
+from .config import RunConfig
 from .errors import SetupError
-from .precision import Precision, choose_precision
-from .train_config import RunConfig
 
 
 def cpu_only() -> bool:

@@ -17,10 +17,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from .data import split_batch
+from ..data.splits import split_batch
+from ..model.transformer import AxialTransformer
+from .config import DebugConfig, OptimConfig
 from .distributed import agree
-from .model import AxialTransformer
-from .train_config import DebugConfig, OptimConfig
 
 # A step whose Adam update would move the weights by more than this fraction of their norm is
 # skipped like a non-finite one. Adam moves every weight by about lr per step whatever the

@@ -25,7 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .codec_cli import (
+from ..codec.format import safe_name
+from ..data.splits import read_image_file
+from .common import (
     CLIError,
     add_common_arguments,
     add_compute_arguments,
@@ -34,8 +36,6 @@ from .codec_cli import (
     run_reporting_errors,
     write_output,
 )
-from .codec_format import safe_name
-from .data import read_image_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 ARRAY_RANGE = re.compile(r"(?P<path>.+\.npy)(:(?P<start>\d*):(?P<stop>\d*))?")
@@ -101,7 +101,7 @@ def parse_labels(text: str | None, count: int) -> torch.Tensor | None:
 
 def read_array_range(spec: str, channels: int, size: tuple[int, int]) -> np.ndarray:
     """PATH.npy or PATH.npy:START:STOP of a prepared uint8 [N, H, W, C] array."""
-    from .formats import load_array
+    from ..data.sources import load_array
 
     match = ARRAY_RANGE.fullmatch(spec)
     if match is None:
@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def compress_files(args: argparse.Namespace) -> int:
-    from .codec import compress
-    from .codec_format import unpack
+    from ..codec.coder import compress
+    from ..codec.format import unpack
 
     out = Path(args.out)
     if out.suffix != ".axc":

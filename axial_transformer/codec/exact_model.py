@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .attention import Position, decoding_positions
-from .blocks import GELU_SCALE, AxialBlock
-from .model import AxialTransformer
+from ..model.attention import Position, decoding_positions
+from ..model.blocks import GELU_SCALE, AxialBlock
+from ..model.transformer import AxialTransformer
 
 __all__ = ["ARITHMETIC_VERSION", "ExactAxialTransformer", "frequencies"]
 

@@ -17,11 +17,11 @@ import os
 import sys
 from pathlib import Path
 
-from .checkpoint import load_trained_model
-from .distributed import cpu_only
-from .evaluation import channel_names, codec_baselines, evaluate, save_heatmap
-from .formats import SPLITS
-from .outputs import check_output
+from ..data.sources import SPLITS
+from ..evaluation import channel_names, codec_baselines, evaluate, save_heatmap
+from ..outputs import check_output
+from ..training.checkpoint import load_trained_model
+from ..training.distributed import cpu_only
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from accelerate import Accelerator
 
-    from .data import open_split
+    from ..data.splits import open_split
 
     try:
         if args.split not in SPLITS:

@@ -28,11 +28,11 @@ import torch
 import yaml
 from torch import nn
 
+from ..hub import is_hub_id
+from ..model.transformer import AxialTransformer
+from ..tensor_files import check_shapes, read_tensors
+from .config import RunConfig, config_from_dict
 from .ema import EMA
-from .hub import is_hub_id
-from .model import AxialTransformer
-from .tensor_files import check_shapes, read_tensors
-from .train_config import RunConfig, config_from_dict
 
 CHECKPOINT_PREFIX = "step_"
 MARKER = "complete.json"
@@ -77,7 +77,7 @@ def sha256(file: Path) -> str:
 
 def seal(directory: Path) -> None:
     """Write the marker of a checkpoint whose files are all written and fsynced."""
-    from .io import atomic_write_text
+    from ..files import atomic_write_text
 
     files = {f.name: {"bytes": f.stat().st_size, "sha256": sha256(f)}
              for f in sorted(directory.iterdir()) if f.is_file() and f.name != MARKER}

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .train_config import OptimConfig
+from .config import OptimConfig
 
 
 def adam(params, t: OptimConfig) -> torch.optim.Adam:

@@ -13,7 +13,7 @@ import os
 import signal
 import threading
 
-from .train_config import DebugConfig
+from .config import DebugConfig
 
 
 class Preempted(BaseException):

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .codec_cli import (
+from .common import (
     CLIError,
     add_common_arguments,
     add_compute_arguments,
@@ -74,7 +74,7 @@ def write_pngs(pixels: np.ndarray, folder: Path, names: list[str]) -> None:
 def replace_folder(out: Path, write: Callable[[Path], None]) -> None:
     """Call `write(tmp)` on a new temporary folder beside `out`, then put it in `out`'s place:
     a reader sees the old folder or the new one, never a mix or part of one."""
-    from .io import fsync_directory, umask_mode
+    from ..files import fsync_directory, umask_mode
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
@@ -123,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def decompress_file(args: argparse.Namespace) -> int:
-    from .codec import decompress
-    from .codec_format import NAMES, unpack
+    from ..codec.coder import decompress
+    from ..codec.format import NAMES, unpack
 
     source, out = Path(args.file), Path(args.out)
     if not source.is_file():
