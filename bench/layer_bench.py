@@ -3,8 +3,9 @@
 
 Every layer gets a [8, 128, S, S] feature map and returns the sum of row and column attention
 (full attention: all S*S positions at once), 8 heads each. Measured per case: forward+backward
-time (median over repeats) and peak memory, the ru_maxrss of a fresh subprocess that ran only that
-case; "net" subtracts the ru_maxrss of a process that only imported torch and built the inputs.
+time (median of torch.utils.benchmark's blocked_autorange) and peak memory, the ru_maxrss of a
+fresh process that ran only that case; "net" subtracts the ru_maxrss of a process that only
+built the inputs.
 
     python bench/layer_bench.py                  # 32x32 and 64x64, torch's default threads
     python bench/layer_bench.py --threads 4
@@ -16,16 +17,14 @@ Needs `pip install axial-attention` (the `bench` extra) for the comparison.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
+import multiprocessing
 import resource
-import statistics
-import subprocess
-import sys
-import time
 
-from machine import machine_line
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from machine import machine_line, seconds, table
+from torch import nn
 
 METHODS = {
     "axial_transformer": "axial_transformer.layers.AxialAttention (ours)",
@@ -34,21 +33,22 @@ METHODS = {
 }
 
 
-def build_inputs(batch: int, dim: int, size: int):
-    import torch
+class FullSelfAttention(nn.Module):
+    """Every position attends to every other: the (S*S)^2 baseline axial attention avoids."""
 
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, dim, size, size, generator=g).requires_grad_()
-    grad = torch.randn(batch, dim, size, size, generator=g)
-    return x, grad
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads, self.to_qkv, self.to_out = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[2:]
+        tokens = rearrange(x, "b d h w -> b (h w) d")
+        q, k, v = rearrange(self.to_qkv(tokens), "b t (i n e) -> i b n t e", i=3, n=self.heads)
+        out = rearrange(F.scaled_dot_product_attention(q, k, v), "b n t e -> b t (n e)")
+        return rearrange(self.to_out(out), "b (h w) d -> b d h w", h=h, w=w)
 
 
-def build_layer(method: str, dim: int, heads: int):
-    import torch
-    import torch.nn.functional as F
-    from einops import rearrange
-    from torch import nn
-
+def build_layer(method: str, dim: int, heads: int) -> nn.Module:
     if method == "axial_transformer":
         from axial_transformer.layers import AxialAttention
 
@@ -57,113 +57,57 @@ def build_layer(method: str, dim: int, heads: int):
         import axial_attention
 
         return axial_attention.AxialAttention(dim, heads=heads, dim_index=1, sum_axial_out=True)
-
-    class FullSelfAttention(nn.Module):
-        """Every position attends to every other: the (S*S)^2 baseline axial attention avoids."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.to_qkv, self.to_out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            h, w = x.shape[2:]
-            tokens = rearrange(x, "b d h w -> b (h w) d")
-            q, k, v = rearrange(self.to_qkv(tokens), "b t (i n e) -> i b n t e", i=3, n=heads)
-            out = rearrange(F.scaled_dot_product_attention(q, k, v), "b n t e -> b t (n e)")
-            return rearrange(self.to_out(out), "b (h w) d -> b d h w", h=h, w=w)
-
-    return FullSelfAttention()
+    return FullSelfAttention(dim, heads)
 
 
-def worker(args: argparse.Namespace) -> None:
-    """One case in this process; prints a JSON line. method 'baseline' only builds the inputs."""
-    import torch
-
+def case(args: argparse.Namespace, method: str | None, size: int) -> tuple[float | None, float]:
+    """(ms of forward + backward, this process's peak MB) of one layer, in a fresh process;
+    method None only builds the inputs."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    x, grad = build_inputs(args.batch, args.dim, args.size)
-    times = []
-    if args.worker != "baseline":
-        layer = build_layer(args.worker, args.dim, args.heads)
-        for step in range(args.warmup + args.repeats):
-            x.grad = None
-            layer.zero_grad(set_to_none=True)
-            start = time.perf_counter()
-            layer(x).backward(grad)
-            if step >= args.warmup:
-                times.append(time.perf_counter() - start)
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-    print(json.dumps({"ms": 1e3 * statistics.median(times) if times else None, "rss_mb": rss_mb}))
+    x = torch.randn(args.batch, args.dim, size, size).requires_grad_()
+    grad = torch.randn_like(x)
+    ms = None
+    if method:
+        layer = build_layer(method, args.dim, args.heads)
+        ms = 1e3 * seconds(lambda: layer(x).backward(grad), args.min_run_time)
+    return ms, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def run_case(method: str, size: int, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", method, "--size", str(size)]
-    for flag in ("threads", "batch", "dim", "heads", "repeats", "warmup"):
-        cmd += [f"--{flag}", str(getattr(args, flag))]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if done.returncode:
-        raise SystemExit(f"{method} at {size}x{size} failed:\n{done.stderr}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
+def in_fresh_process(args: argparse.Namespace, method: str | None, size: int):
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(case, (args, method, size))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny shapes: checks that it runs")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5)")
-    p.add_argument("--worker", choices=["baseline", *METHODS], help=argparse.SUPPRESS)
-    p.add_argument("--size", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--dim", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--heads", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--warmup", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                   help="torch threads (default: torch's)")
+    p.add_argument("--min-run-time", type=float, help="seconds of timing per case (default 2)")
     args = p.parse_args()
-    if args.threads is not None and args.threads < 1:
-        p.error("--threads must be at least 1")
-    if args.repeats is not None and args.repeats < 1:
-        p.error("--repeats must be at least 1")
-
-    quick = args.quick
-    args.batch = args.batch or (2 if quick else 8)
-    args.dim = args.dim or (32 if quick else 128)
-    args.heads = args.heads or (4 if quick else 8)
-    args.repeats = args.repeats or (3 if quick else 5)
-    args.warmup = args.warmup if args.warmup is not None else (1 if quick else 2)
-    if args.worker:
-        args.threads = args.threads or int(os.environ.get("OMP_NUM_THREADS", "0")) or 1
-        worker(args)
-        return
-
-    import torch
-
-    args.threads = args.threads or torch.get_num_threads()
-    sizes = (8, 12) if quick else (32, 64)
-    print(f"# Axial attention layer benchmark, {datetime.date.today().isoformat()}")
-    print(f"# CPU: {machine_line('fp32', args.threads)} ({os.cpu_count()} logical cores)")
-    print(f"# batch {args.batch}, {args.dim} channels, {args.heads} heads, forward+backward, "
-          f"median of {args.repeats} after {args.warmup} warm-up")
-    print("# peak: ru_maxrss of a fresh process per case; net: minus a process that only built "
+    if args.threads < 1:
+        p.error(f"--threads must be at least 1, got {args.threads}")
+    args.batch, args.dim, args.heads = (2, 32, 4) if args.quick else (8, 128, 8)
+    if args.min_run_time is None:
+        args.min_run_time = 0 if args.quick else 2
+    print(f"# Axial attention layer benchmark, {machine_line('fp32', args.threads)}")
+    print(f"# batch {args.batch}, {args.dim} channels, {args.heads} heads, forward+backward; "
+          "peak: ru_maxrss of a fresh process per case; net: minus a process that only built "
           "the inputs\n")
-    header = (f"| {'layer':<47} | map   | fwd+bwd ms | peak MB | net MB | "
-              "time vs pkg | net mem vs pkg |")
-    print(header)
-    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
-    for size in sizes:
-        base = run_case("baseline", size, args)["rss_mb"]
-        results = {m: run_case(m, size, args) for m in METHODS}
-        ref = results["axial_attention"]
-        for method, r in results.items():
-            net = r["rss_mb"] - base
-            ref_net = ref["rss_mb"] - base
-            time_ratio = f"{r['ms'] / ref['ms']:.2f}x"
-            mem_ratio = f"{net / ref_net:.2f}x" if ref_net > 0 else "n/a"
-            print(f"| {METHODS[method]:<47} | {f'{size}x{size}':<5} | {r['ms']:>10.1f} | "
-                  f"{r['rss_mb']:>7.0f} | {net:>6.0f} | {time_ratio:>11} | {mem_ratio:>14} |")
-        print(f"| {'(inputs only: baseline process)':<47} | {f'{size}x{size}':<5} | {'':>10} | "
-              f"{base:>7.0f} | {0:>6.0f} | {'':>11} | {'':>14} |")
+    rows = []
+    for size in (8, 12) if args.quick else (32, 64):
+        base = in_fresh_process(args, None, size)[1]
+        results = {m: in_fresh_process(args, m, size) for m in METHODS}
+        ref_ms, ref_mb = results["axial_attention"]
+        for method, (ms, mb) in results.items():
+            mem_ratio = f"{(mb - base) / (ref_mb - base):.2f}x" if ref_mb > base else "n/a"
+            rows.append([METHODS[method], f"{size}x{size}", f"{ms:.1f}", f"{mb:.0f}",
+                         f"{mb - base:.0f}", f"{ms / ref_ms:.2f}x", mem_ratio])
+        rows.append(["(inputs only: baseline process)", f"{size}x{size}", "", f"{base:.0f}", "0",
+                     "", ""])
+    table(["layer", "map", "fwd+bwd ms", "peak MB", "net MB", "time vs pkg", "net mem vs pkg"],
+          rows)
 
 
 if __name__ == "__main__":

@@ -10,35 +10,27 @@ subpixels per step. It prints:
 
 1. training steps (forward + backward + Adam) of the Axial Transformer and of a GPT-style baseline
    over the C*H*W subpixels flattened in the model's (c, i, j) order: median step time, peak memory
-   (`ru_maxrss` of a fresh subprocess per case), model FLOPs and their rate as a fraction of a
+   (`ru_maxrss` of a fresh process per case), model FLOPs and their rate as a fraction of a
    matmul peak measured in the same run, in fp32 and in bf16 autocast;
 2. the bf16 speed-up over fp32 from fp32 and bf16 steps taken in turn in one process;
 3. the growth exponent of the step time per image against the pixel count (log-log least squares);
 4. our row + column attention against `AxialAttention` of the `axial-attention` package.
-
-Each case runs in a fresh process as `python bench/model_bench.py --case step|paired ...` and prints
-one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
+import multiprocessing
 import os
-import platform
 import resource
 import statistics
-import subprocess
-import sys
 import time
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from machine import machine_line
+from machine import in_turn, machine_line, ratio, seconds, table
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
@@ -69,7 +61,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         q, k, v = rearrange(self.to_qkv(x), "b t (i n e) -> i b n t e", i=3, n=self.heads)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.to_out(rearrange(out, "b n t e -> b t (n e)"))
 
 
@@ -78,11 +70,8 @@ class GPTBlock(nn.Module):
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
         super().__init__()
-        hidden = max(1, round(dim * mlp_ratio))
-        self.attn_norm = nn.LayerNorm(dim)
-        self.attn = CausalSelfAttention(dim, heads)
-        self.mlp_norm = nn.LayerNorm(dim)
-        self.mlp = MLP(dim, hidden)
+        self.attn_norm, self.attn = nn.LayerNorm(dim), CausalSelfAttention(dim, heads)
+        self.mlp_norm, self.mlp = nn.LayerNorm(dim), MLP(dim, max(1, round(dim * mlp_ratio)))
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.attn_norm(x))
@@ -97,9 +86,8 @@ class PixelGPT(nn.Module):
     model) that cost no compute but would break the parameter match.
     """
 
-    def __init__(self, config: AxialTransformerConfig) -> None:
+    def __init__(self, c: AxialTransformerConfig) -> None:
         super().__init__()
-        c = config
         (height, width), dim = c.image_size, c.dim
         depth = c.encoder_layers + c.outer_layers + c.inner_layers
         self.token_embedding = nn.Embedding(c.levels, dim)
@@ -120,46 +108,28 @@ class PixelGPT(nn.Module):
         for block in self.blocks:
             h = block(h)
         logits = self.to_logits(self.final_norm(h)).float()  # cross-entropy in fp32
-        nats = F.cross_entropy(rearrange(logits, "b t v -> b v t"), tokens)
-        return nats / math.log(2)
-
-
-def build_model(name: str, size: int) -> tuple[nn.Module, Callable[[Tensor], Tensor]]:
-    config = AxialTransformerConfig.from_preset(PRESET, image_size=(size, size),
-                                                channels=CHANNELS)
-    if name == "axial":
-        model = AxialTransformer(config)
-        return model, lambda x: model.loss(x, "all")
-    model = PixelGPT(config)
-    return model, model.loss
+        return F.cross_entropy(rearrange(logits, "b t v -> b v t"), tokens) / math.log(2)
 
 
 # ------------------------------------------------------------------------------------------------
-# FLOPs.
+# FLOPs (also bench/scale_bench.py's).
 #
 # FlopCounterMode counts the matmuls, convolutions and attention kernels that actually run
-# (2 FLOPs per multiply-add; layer norms, softmax, GELU and Adam are left out). For a dense layer
-# that is 6 * weights * tokens per training step; attention adds 4 * t * D per token and layer
-# forward (scores and values over the attended axis of length t) and twice that backward. Its
-# table has no entry for the CPU flash kernel, which is what SDPA runs here, so we add one. A
-# causal kernel computes only the t(t+1)/2 query-key pairs on and below the diagonal, so it counts
-# that share; the backward's recomputation of the scores is not counted (model FLOPs).
+# (2 FLOPs per multiply-add; layer norms, softmax, GELU and Adam are left out). Its table has no
+# entry for the CPU flash kernel, which is what SDPA runs here, so we add one. A causal kernel
+# computes only the t(t+1)/2 query-key pairs on and below the diagonal, so it counts that share;
+# the backward is twice the forward (its recomputation of the scores is not a model FLOP).
 
 
-def _causal_share(seq_len: int, is_causal: bool) -> float:
-    return (seq_len + 1) / (2 * seq_len) if is_causal else 1.0
-
-
-def _cpu_flash_flop(query, key, value, dropout_p=0.0, is_causal=False, *args, out_shape=None,
+def _cpu_flash_flop(query, key, value, dropout_p=0.0, is_causal=False, *args, backward=False,
                     **kwargs) -> int:
-    full = sdpa_flop_count(query, key, value)
-    return round(full * _causal_share(query[2], is_causal))
+    share = (query[2] + 1) / (2 * query[2]) if is_causal else 1
+    return round((2 if backward else 1) * sdpa_flop_count(query, key, value) * share)
 
 
 def _cpu_flash_backward_flop(grad_out, query, key, value, out, logsumexp, dropout_p=0.0,
-                             is_causal=False, *args, out_shape=None, **kwargs) -> int:
-    full = 2 * sdpa_flop_count(query, key, value)  # grads of both operands of both matmuls
-    return round(full * _causal_share(query[2], is_causal))
+                             is_causal=False, *args, **kwargs) -> int:
+    return _cpu_flash_flop(query, key, value, dropout_p, is_causal, backward=True)
 
 
 CPU_FLASH_FLOPS = {
@@ -169,322 +139,88 @@ CPU_FLASH_FLOPS = {
 
 
 # ------------------------------------------------------------------------------------------------
-# Timing.
-
-
-def median_seconds(fn: Callable[[], object], warmup: int, repeats: int, budget_s: float) -> float:
-    """Median wall time of `fn` after `warmup` calls; stops early (after 3) past `budget_s`."""
-    for _ in range(warmup):
-        fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < repeats and (len(times) < 3 or time.perf_counter() - start < budget_s):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+# The cases, each run in a fresh process (peak memory is per process).
 
 
 def rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def training_step(args: argparse.Namespace, model_name: str) -> tuple[nn.Module, Callable]:
-    """The case's model and its step(bf16, compiled=False): forward + backward + Adam."""
+def training_step(args: argparse.Namespace, variant: str, size: int, batch: int):
+    """The case's model and its step(bf16): forward + backward + Adam."""
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    x = torch.randint(0, 256, (args.batch, CHANNELS, args.size, args.size), dtype=torch.uint8)
-    model, loss_fn = build_model(model_name, args.size)
-    compiled_loss = torch.compile(loss_fn) if args.compile else None
+    x = torch.randint(0, 256, (batch, CHANNELS, size, size), dtype=torch.uint8)
+    config = AxialTransformerConfig.from_preset(PRESET, image_size=(size, size),
+                                                channels=CHANNELS)
+    if variant.startswith("axial"):
+        model = AxialTransformer(config)
+        loss_fn = lambda x: model.loss(x, "all")
+    else:
+        model = PixelGPT(config)
+        loss_fn = model.loss
+    compiled_loss = torch.compile(loss_fn) if variant == "axial compiled" else None
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
 
-    def step(bf16: bool, compiled: bool = False) -> None:
+    def step(bf16: bool, compiled: bool = True) -> None:
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = (compiled_loss if compiled else loss_fn)(x)
+            loss = (compiled_loss if compiled and compiled_loss else loss_fn)(x)
         loss.backward()
         optimizer.step()
 
     return model, step
 
 
-def run_step_case(args: argparse.Namespace) -> dict:
-    """One training-step case, in this (fresh) process."""
+def step_case(args: argparse.Namespace, variant: str, precision: str, size: int,
+              batch: int) -> dict:
+    """One model's training step: model FLOPs (counted on an eager fp32 step, so the same for
+    every variant), time and this process's peak memory."""
     base_rss = rss_mib()
-    model, step = training_step(args, args.model)
-
-    # Model FLOPs, the same whatever runs the attention: counted on an fp32 step through SDPA,
-    # whose causal kernels count only the query-key pairs they need. The plain-matmul attention
-    # used for short axes computes the masked half too; that work is not credited.
-    layers = [m for m in model.modules() if isinstance(m, AxialSelfAttention)]
-    paths = [layer.path for layer in layers]
-    for layer in layers:
-        layer.path = "sdpa"
+    model, step = training_step(args, variant, size, batch)
     counter = FlopCounterMode(display=False, custom_mapping=CPU_FLASH_FLOPS)
     with counter:
-        step(bf16=False)
-    for layer, path in zip(layers, paths, strict=True):
-        layer.path = path
-
-    bf16 = args.precision == "bf16"
-    if args.compile:
+        step(bf16=False, compiled=False)
+    bf16, compile_seconds = precision == "bf16", None
+    if variant == "axial compiled":
         start = time.perf_counter()
-        step(bf16, compiled=True)  # compiles
+        step(bf16)  # compiles
         compile_seconds = time.perf_counter() - start
-    seconds = median_seconds(lambda: step(bf16, args.compile), args.warmup, args.repeats,
-                             args.budget)
-    return dict(model=args.model, precision=args.precision, size=args.size, batch=args.batch,
-                compiled=args.compile, params=sum(p.numel() for p in model.parameters()),
-                seconds=seconds, flops=counter.get_total_flops(),
-                compile_seconds=compile_seconds if args.compile else None,
-                rss_base_mib=base_rss, rss_peak_mib=rss_mib(), threads=torch.get_num_threads())
+    return dict(params=sum(p.numel() for p in model.parameters()), batch=batch,
+                seconds=seconds(lambda: step(bf16), args.min_run_time),
+                flops=counter.get_total_flops(), compile_seconds=compile_seconds,
+                rss_base_mib=base_rss, rss_peak_mib=rss_mib())
 
 
-def run_paired_case(args: argparse.Namespace) -> dict:
-    """The model's fp32 and bf16 steps (`--precision` is not used) taken in turn in one process,
-    the order swapped every round, for the bf16 speed-up: on a shared machine the speed drifts by
-    10% or more between processes, and a drift hits both precisions of a round alike."""
-    _, step = training_step(args, args.model)
-    for bf16 in (False, True):
-        for _ in range(1 + args.warmup):  # the first compiles, under either autocast state
-            step(bf16, args.compile)
-    times: dict[bool, list[float]] = {False: [], True: []}
-    for i in range(args.repeats):
-        for bf16 in (False, True) if i % 2 else (True, False):
-            start = time.perf_counter()
-            step(bf16, args.compile)
-            times[bf16].append(time.perf_counter() - start)
-    ratios = [fp32 / bf16 for fp32, bf16 in zip(times[False], times[True], strict=True)]
-    return dict(size=args.size, batch=args.batch, compiled=args.compile,
-                fp32_seconds=statistics.median(times[False]),
-                bf16_seconds=statistics.median(times[True]), speedup=statistics.median(ratios),
-                speedup_range=(min(ratios), max(ratios)))
+def paired_case(args: argparse.Namespace, variant: str, size: int, batch: int) -> dict:
+    """The axial model's fp32 and bf16 steps taken in turn in one process, for the bf16
+    speed-up: on a shared machine the speed drifts by 10% or more between processes, and a drift
+    hits both precisions of a round alike."""
+    _, step = training_step(args, variant, size, batch)
+    return in_turn({p: lambda bf16=p == "bf16": step(bf16) for p in ("fp32", "bf16")},
+                   args.rounds)
 
 
-def matmul_peak(n: int, dtype: torch.dtype, repeats: int) -> float:
-    """FLOP/s of an n x n @ n x n matmul: the best of `repeats`, since it is a peak."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    out = torch.empty(n, n, dtype=dtype)
-    for _ in range(2):
-        torch.mm(a, b, out=out)
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.mm(a, b, out=out)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
-
-
-def attention_seconds(size: int, batch: int, warmup: int, repeats: int, budget: float) -> dict:
-    """Forward + backward of unmasked row + column attention, ours and the package's."""
-    from axial_attention import AxialAttention
-
-    dim, heads = 256, 8
-    torch.manual_seed(0)
-    row = AxialSelfAttention(dim, heads, "row")
-    column = AxialSelfAttention(dim, heads, "column")
-    # sum_axial_out=True: row and column attention of the same input, summed, as below.
-    package = AxialAttention(dim=dim, heads=heads, dim_index=-1, sum_axial_out=True)
-    x = torch.randn(batch, size, size, dim, requires_grad=True)  # channels last [B, H, W, D]
-    grad = torch.randn_like(x)
-
-    def fwd_bwd(forward: Callable[[Tensor], Tensor], params: list[nn.Parameter]) -> None:
-        x.grad = None
-        for p in params:
-            p.grad = None
-        forward(x).backward(grad)
-
-    ours_params = [*row.parameters(), *column.parameters()]
-    ours = median_seconds(lambda: fwd_bwd(lambda t: row(t) + column(t), ours_params),
-                          warmup, repeats, budget)
-    theirs = median_seconds(lambda: fwd_bwd(package, list(package.parameters())),
-                            warmup, repeats, budget)
-    return dict(size=size, batch=batch, ours=ours, package=theirs)
+def in_fresh_process(args: argparse.Namespace, case, *case_args) -> dict:
+    """`case(args, *case_args)` in a fresh process; {"error": ...} if it fails or times out."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        try:
+            return pool.apply_async(case, (args, *case_args)).get(args.case_timeout)
+        except multiprocessing.TimeoutError:
+            return {"error": f"did not finish in {args.case_timeout:.0f} s"}
+        except Exception as e:  # an out-of-memory case is a row of the table, not the end
+            return {"error": f"failed: {str(e).splitlines()[0][:120]}"}
 
 
 # ------------------------------------------------------------------------------------------------
-# The driver: machine info, subprocess per step case, tables.
+# Layer-level tables.
 
 
-
-
-def spawn_step_case(model: str, precision: str, size: int, batch: int,
-                    args: argparse.Namespace, case: str = "step") -> dict:
-    """`model` is "axial", "axial compiled" (torch.compile'd loss) or "baseline"; `case` "step"
-    times one precision, "paired" both (run_paired_case)."""
-    name, *compiled = model.split()
-    command = [sys.executable, os.path.abspath(__file__), "--case", case, "--model", name,
-               "--precision", precision, "--size", str(size), "--batch", str(batch),
-               "--threads", str(args.threads), "--warmup", str(args.warmup),
-               "--repeats", str(args.repeats), "--budget", str(args.budget),
-               *(["--compile"] if compiled else [])]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    label = (f"{model} {precision if case == 'step' else 'fp32 and bf16 in turn'} "
-             f"{size}x{size}x{CHANNELS} batch {batch}")
-    print(f"running {label} ...", file=sys.stderr, flush=True)
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, env=env,
-                              timeout=args.case_timeout)
-    except subprocess.TimeoutExpired:
-        return dict(error=f"did not finish in {args.case_timeout:.0f} s")
-    if done.returncode != 0:
-        if done.returncode == -9:
-            return dict(error="killed (out of memory?)")
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return dict(error=f"failed: {last[:120]}")
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    return json.loads(lines[-1])
-
-
-def print_table(header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    fmt = lambda r: "| " + " | ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) + " |"
-    print(fmt(header))
-    print("|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|")
-    for r in rows:
-        print(fmt(r))
-
-
-def growth_exponent(points: list[tuple[int, float]]) -> float | None:
-    """Slope of log(seconds per image) against log(pixels), least squares."""
-    if len(points) < 2:
-        return None
-    fit = statistics.linear_regression([math.log(p) for p, _ in points],
-                                       [math.log(s) for _, s in points])
-    return fit.slope
-
-
-def run_bench(args: argparse.Namespace) -> None:
-    torch.set_num_threads(args.threads)
-    pixels_per_step = QUICK_PIXELS_PER_STEP if args.quick else PIXELS_PER_STEP
-    batches = {s: args.batch or max(1, pixels_per_step // (s * s)) for s in args.sizes}
-
-    print(f"# Axial Transformer training-step benchmark, {datetime.datetime.now():%Y-%m-%d %H:%M}")
-    print(f"CPU: {machine_line('fp32 and bf16 autocast, each timed', args.threads)} "
-          f"({os.cpu_count()} logical CPUs), load average {os.getloadavg()[0]:.2f}")
-    print(f"bf16 on this machine: {bf16_is_fast(torch.device('cpu'))[1]}; python "
-          f"{platform.python_version()}")
-    print(f"model: preset {PRESET!r} (width 256, 8 heads, 4/4/4 layers), RGB, every channel "
-          f"scored; median of up to {args.repeats} steps after {args.warmup + 1} warm-up"
-          + (" (--quick: tiny sizes, numbers mean nothing)" if args.quick else ""))
-    print()
-
-    n = 512 if args.quick else 2048
-    peak = {"fp32": matmul_peak(n, torch.float32, 3 if args.quick else 10),
-            "bf16": matmul_peak(n, torch.bfloat16, 3 if args.quick else 10)}
-    print(f"matmul peak ({n}x{n} @ {n}x{n}, best of repeats): fp32 {peak['fp32'] / 1e9:.0f} "
-          f"GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s")
-    print()
-
-    variants = ["axial", "axial compiled", "baseline"] if args.compile else ["axial", "baseline"]
-    cases = [(m, p) for m in variants for p in ("fp32", "bf16")
-             if p in args.precisions and not (m == "baseline" and p == "bf16")]
-    results: dict[tuple[str, str, int], dict] = {}
-    paired: dict[tuple[str, int], dict] = {}
-    for size in args.sizes:
-        for model, precision in cases:
-            results[model, precision, size] = spawn_step_case(model, precision, size,
-                                                              batches[size], args)
-        if {"fp32", "bf16"} <= set(args.precisions):
-            for model in variants[:-1]:
-                paired[model, size] = spawn_step_case(model, "fp32", size, batches[size], args,
-                                                      case="paired")
-
-    print("## Training step (forward + backward + Adam)")
-    print("axial = AxialTransformer; axial compiled = its loss under torch.compile (inductor), "
-          "timed after compiling; baseline = GPT over C*H*W tokens, full causal attention "
-          "(SDPA is_causal); all with 12 blocks and the same batch at each size")
-    for size, batch in batches.items():
-        if batch == 1:
-            print(f"{size}x{size}x{CHANNELS} runs at batch 1: the baseline attends over "
-                  f"{CHANNELS * size * size:,} tokens")
-    header = ["model", "prec", "image", "batch", "params", "step ms", "ms/image", "peak MiB",
-              "GFLOP/step", "GFLOP/s", "% matmul peak"]
-    rows = []
-    for (model, precision, size), r in results.items():
-        image = f"{size}x{size}x{CHANNELS}"
-        if "error" in r:
-            rows.append([model, precision, image, str(batches[size]), "-", r["error"], *[""] * 5])
-            continue
-        rate = r["flops"] / r["seconds"]
-        rows.append([model, precision, image, str(r["batch"]), f"{r['params']:,}",
-                     f"{1e3 * r['seconds']:.1f}", f"{1e3 * r['seconds'] / r['batch']:.1f}",
-                     f"{r['rss_peak_mib']:.0f}", f"{r['flops'] / 1e9:.1f}",
-                     f"{rate / 1e9:.1f}", f"{100 * rate / peak[precision]:.0f}%"])
-    print_table(header, rows)
-    base_rss = [r["rss_base_mib"] for r in results.values() if "rss_base_mib" in r]
-    if base_rss:
-        print(f"peak MiB is ru_maxrss of the case's process, which holds about "
-              f"{statistics.median(base_rss):.0f} MiB before the model is built")
-    compile_s = [f"{s}x{s} {p} {r['compile_seconds']:.0f} s" for (m, p, s), r in results.items()
-                 if r.get("compile_seconds") is not None]
-    if compile_s:
-        print(f"compilation (the first compiled step): {', '.join(compile_s)}")
-    print("FLOPs: torch.utils.flop_counter on an fp32 step with SDPA attention (matmuls, convs, "
-          "attention; causal attention counts the pairs at or below the diagonal), the same "
-          "model FLOPs for every variant")
-    print()
-
-    if paired:
-        print_paired(paired)
-        print()
-    bound = matmul_bf16_speedup(batches, args)
-    print()
-    layer_times = compare_attention(args, batches)
-
-    ok = lambda *keys: all(k in results and "error" not in results[k] for k in keys)
-    per_image = lambda k: results[k]["seconds"] / results[k]["batch"]
-    verdict = lambda met: "met" if met else "NOT met"
-    print("## Summary (targets are for a quiet machine)")
-    for model, precision in cases:
-        points = [(s * s, per_image((model, precision, s))) for s in args.sizes
-                  if ok((model, precision, s))]
-        slope = growth_exponent(points)
-        if slope is not None:
-            print(f"growth exponent of step time per image vs pixels, {model} {precision}: "
-                  f"{slope:.2f}")
-    for size in args.sizes:
-        image = f"{size}x{size}x{CHANNELS}"
-        if ok(("axial", "fp32", size), ("baseline", "fp32", size)):
-            ratio = per_image(("baseline", "fp32", size)) / per_image(("axial", "fp32", size))
-            target = f" (target at 64x64x3: >= 4x, {verdict(ratio >= 4)})" if size == 64 else ""
-            print(f"{image}: axial step speed-up over the baseline {ratio:.2f}x (fp32, per "
-                  f"image){target}")
-        for model in variants[:-1]:
-            if ok((model, "fp32", size)):
-                r = results[model, "fp32", size]
-                share = r["flops"] / r["seconds"] / peak["fp32"]
-                print(f"{image}: {model} fp32 step at {100 * share:.0f}% of the fp32 matmul "
-                      f"peak (target >= 65%, {verdict(share >= 0.65)})")
-            if "speedup" in paired.get((model, size), {}):
-                ratio = paired[model, size]["speedup"]
-                apart = ""
-                if ok((model, "fp32", size), (model, "bf16", size)):
-                    fp32, bf16 = (per_image((model, p, size)) for p in ("fp32", "bf16"))
-                    apart = f"; from the separate processes above {fp32 / bf16:.2f}x"
-                print(f"{image}: {model} bf16 step speed-up over fp32 {ratio:.2f}x, steps in "
-                      f"turn (target >= 2x, {verdict(ratio >= 2)}; this model's matmuls alone: "
-                      f"{bound[size]:.2f}x{apart})")
-        if size in layer_times:
-            ratio = layer_times[size]["package"] / layer_times[size]["ours"]
-            print(f"{image}: our row + column attention's speed-up over axial-attention's "
-                  f"{ratio:.2f}x (target > 1x, {verdict(ratio > 1)})")
-
-
-def print_paired(paired: dict[tuple[str, int], dict]) -> None:
-    print("## bf16 speed-up, fp32 and bf16 steps in turn in one process")
-    print("the order swaps every round; speed-up = median over rounds of fp32 / bf16 step time")
-    rows = []
-    for (model, size), r in paired.items():
-        image = f"{size}x{size}x{CHANNELS}"
-        if "error" in r:
-            rows.append([model, image, str(r.get("batch", "-")), r["error"], "", "", ""])
-            continue
-        low, high = r["speedup_range"]
-        rows.append([model, image, str(r["batch"]), f"{1e3 * r['fp32_seconds']:.1f}",
-                     f"{1e3 * r['bf16_seconds']:.1f}", f"{r['speedup']:.2f}x",
-                     f"{low:.2f}-{high:.2f}x"])
-    print_table(["model", "image", "batch", "fp32 step ms", "bf16 step ms", "speed-up",
-                 "range over rounds"], rows)
+def matmul_peak(n: int, dtype: torch.dtype) -> float:
+    """FLOP/s of an n x n @ n x n matmul."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    out = torch.empty(n, n, dtype=dtype)
+    return 2 * n**3 / seconds(lambda: torch.mm(a, b, out=out), 1.0)
 
 
 def matmul_bf16_speedup(batches: dict[int, int], args: argparse.Namespace) -> dict[int, float]:
@@ -499,55 +235,170 @@ def matmul_bf16_speedup(batches: dict[int, int], args: argparse.Namespace) -> di
     speedups, rows = {}, []
     for size, batch in batches.items():
         tokens = batch * CHANNELS * size * size  # one image per channel scored (a slice)
-        seconds = {}
+        ms = {}
         for dtype in (torch.float32, torch.bfloat16):
-            total = 0.0
+            ms[dtype] = 0.0
             for width, count in ((3 * dim, 1), (dim, 3)):  # QKV; attention out, MLP in and out
                 a = torch.randn(tokens, dim, dtype=dtype)
                 w = torch.randn(dim, width, dtype=dtype)
                 g = torch.randn(tokens, width, dtype=dtype)
-                products = [lambda: a @ w, lambda: g @ w.T, lambda: a.T @ g]  # noqa: B023
-                for product in products:
-                    total += count * median_seconds(product, 1, 5, args.budget)
-            seconds[dtype] = total
-        speedups[size] = seconds[torch.float32] / seconds[torch.bfloat16]
-        rows.append([f"{size}x{size}x{CHANNELS}", f"{tokens:,}",
-                     f"{1e3 * seconds[torch.float32]:.1f}", f"{1e3 * seconds[torch.bfloat16]:.1f}",
-                     f"{speedups[size]:.2f}x"])
-    print_table(["image", "tokens", "fp32 ms per block", "bf16 ms per block", "speed-up"], rows)
+                for product in (lambda: a @ w, lambda: g @ w.T, lambda: a.T @ g):  # noqa: B023
+                    ms[dtype] += 1e3 * count * seconds(product, args.min_run_time / 50)
+        speedups[size] = ms[torch.float32] / ms[torch.bfloat16]
+        rows.append([f"{size}x{size}x{CHANNELS}", f"{tokens:,}", f"{ms[torch.float32]:.1f}",
+                     f"{ms[torch.bfloat16]:.1f}", f"{speedups[size]:.2f}x"])
+    table(["image", "tokens", "fp32 ms per block", "bf16 ms per block", "speed-up"], rows)
     return speedups
 
 
-def compare_attention(args: argparse.Namespace, batches: dict[int, int]) -> dict[int, dict]:
-    """Prints the attention-layer table; returns its timings by image size."""
+def compare_attention(args: argparse.Namespace, batches: dict[int, int]) -> dict[int, float]:
+    """Prints the attention-layer table; returns the package's time over ours by image size."""
     try:
-        import axial_attention  # noqa: F401
+        from axial_attention import AxialAttention
     except ImportError:
-        print("## Attention layer: skipped (pip install axial-attention to compare)")
-        print()
+        print("## Attention layer: skipped (pip install axial-attention to compare)\n")
         return {}
     print("## Attention layer: unmasked row + column, width 256, 8 heads, forward + backward")
     print("ours = two axial_transformer.model.attention.AxialSelfAttention (row, column), summed; "
           "package = axial_attention.AxialAttention(dim=256, heads=8, dim_index=-1, "
           "sum_axial_out=True); input [B, H, W, 256], fp32")
-    timings, rows = {}, []
+    torch.manual_seed(0)
+    row, column = AxialSelfAttention(256, 8, "row"), AxialSelfAttention(256, 8, "column")
+    package = AxialAttention(dim=256, heads=8, dim_index=-1, sum_axial_out=True)
+    speedups, rows = {}, []
     for size in args.sizes:
         # B = step batch x channels: what one attention layer of the model sees in a step.
-        r = attention_seconds(size, batches[size] * CHANNELS, args.warmup, args.repeats,
-                              args.budget)
-        timings[size] = r
-        rows.append([f"{r['batch']}x{size}x{size}x256", f"{1e3 * r['ours']:.2f}",
-                     f"{1e3 * r['package']:.2f}", f"{r['package'] / r['ours']:.2f}x"])
-    print_table(["input", "ours ms", "package ms", "speed-up"], rows)
+        x = torch.randn(batches[size] * CHANNELS, size, size, 256, requires_grad=True)
+        grad = torch.randn_like(x)
+        ours = seconds(lambda: (row(x) + column(x)).backward(grad), args.min_run_time)  # noqa: B023
+        theirs = seconds(lambda: package(x).backward(grad), args.min_run_time)  # noqa: B023
+        speedups[size] = theirs / ours
+        rows.append([f"{len(x)}x{size}x{size}x256", f"{1e3 * ours:.2f}", f"{1e3 * theirs:.2f}",
+                     f"{theirs / ours:.2f}x"])
+    table(["input", "ours ms", "package ms", "speed-up"], rows)
     print()
-    return timings
+    return speedups
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+# ------------------------------------------------------------------------------------------------
+# The driver.
+
+
+def run_bench(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    pixels_per_step = QUICK_PIXELS_PER_STEP if args.quick else PIXELS_PER_STEP
+    batches = {s: args.batch or max(1, pixels_per_step // (s * s)) for s in args.sizes}
+    print(f"# Axial Transformer training-step benchmark, "
+          f"{machine_line('fp32 and bf16 autocast, each timed', args.threads)} "
+          f"({os.cpu_count()} logical CPUs), load average {os.getloadavg()[0]:.2f}")
+    print(f"bf16 on this machine: {bf16_is_fast(torch.device('cpu'))[1]}")
+    print(f"model: preset {PRESET!r} (width 256, 8 heads, 4/4/4 layers), RGB, every channel "
+          f"scored; step time: median of torch.utils.benchmark's blocked_autorange over "
+          f"{args.min_run_time:g} s after a FLOP-counted step and its warm-up"
+          + (" (--quick: tiny sizes, numbers mean nothing)" if args.quick else ""))
+    n = 512 if args.quick else 2048
+    peak = {"fp32": matmul_peak(n, torch.float32), "bf16": matmul_peak(n, torch.bfloat16)}
+    print(f"matmul peak ({n}x{n} @ {n}x{n}, median over 1 s): fp32 {peak['fp32'] / 1e9:.0f} "
+          f"GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s\n")
+
+    variants = ["axial", "axial compiled", "baseline"] if args.compile else ["axial", "baseline"]
+    cases = [(m, p) for m in variants for p in ("fp32", "bf16")
+             if p in args.precisions and not (m == "baseline" and p == "bf16")]
+    results, paired = {}, {}
+    for size in args.sizes:
+        for variant, precision in cases:
+            results[variant, precision, size] = in_fresh_process(
+                args, step_case, variant, precision, size, batches[size])
+        if {"fp32", "bf16"} <= set(args.precisions):
+            for variant in variants[:-1]:
+                paired[variant, size] = in_fresh_process(args, paired_case, variant, size,
+                                                         batches[size])
+
+    print("## Training step (forward + backward + Adam)")
+    print("axial = AxialTransformer; axial compiled = its loss under torch.compile (inductor), "
+          "timed after compiling; baseline = GPT over C*H*W tokens, full causal attention "
+          "(SDPA is_causal); all with 12 blocks and the same batch at each size")
+    rows = []
+    for (variant, precision, size), r in results.items():
+        image = f"{size}x{size}x{CHANNELS}"
+        if "error" in r:
+            rows.append([variant, precision, image, batches[size], "-", r["error"], *[""] * 5])
+            continue
+        rate = r["flops"] / r["seconds"]
+        rows.append([variant, precision, image, r["batch"], f"{r['params']:,}",
+                     f"{1e3 * r['seconds']:.1f}", f"{1e3 * r['seconds'] / r['batch']:.1f}",
+                     f"{r['rss_peak_mib']:.0f}", f"{r['flops'] / 1e9:.1f}", f"{rate / 1e9:.1f}",
+                     f"{100 * rate / peak[precision]:.0f}%"])
+    table(["model", "prec", "image", "batch", "params", "step ms", "ms/image", "peak MiB",
+           "GFLOP/step", "GFLOP/s", "% matmul peak"], rows)
+    ok = {k: r for k, r in results.items() if "error" not in r}
+    if ok:
+        print(f"peak MiB is ru_maxrss of the case's process, which holds about "
+              f"{statistics.median(r['rss_base_mib'] for r in ok.values()):.0f} MiB before the "
+              "model is built")
+    compile_s = [f"{s}x{s} {p} {r['compile_seconds']:.0f} s" for (_, p, s), r in ok.items()
+                 if r["compile_seconds"] is not None]
+    if compile_s:
+        print(f"compilation (the first compiled step): {', '.join(compile_s)}")
+    print("FLOPs: torch.utils.flop_counter on an fp32 step (matmuls, convs, attention; causal "
+          "attention counts the pairs at or below the diagonal), the same model FLOPs for every "
+          "variant\n")
+
+    if paired:
+        print("## bf16 speed-up, fp32 and bf16 steps in turn in one process")
+        print("the order swaps every round; speed-up = median over rounds of fp32 / bf16 step "
+              "time (range over rounds)")
+        table(["model", "image", "batch", "fp32 step ms", "bf16 step ms", "speed-up"],
+              [[v, f"{s}x{s}x{CHANNELS}", batches[s], *([r["error"], "", ""] if "error" in r else
+               [f"{1e3 * statistics.median(r['fp32']):.1f}",
+                f"{1e3 * statistics.median(r['bf16']):.1f}", ratio(r["bf16"], r["fp32"])])]
+               for (v, s), r in paired.items()])
+        print()
+    bound = matmul_bf16_speedup(batches, args)
+    print()
+    layer_speedups = compare_attention(args, batches)
+
+    per_image = lambda k: ok[k]["seconds"] / ok[k]["batch"]
+    verdict = lambda met: "met" if met else "NOT met"
+    print("## Summary (targets are for a quiet machine)")
+    for variant, precision in cases:
+        points = [(s * s, per_image((variant, precision, s))) for s in args.sizes
+                  if (variant, precision, s) in ok]
+        if len(points) > 1:
+            fit = statistics.linear_regression(*zip(*((math.log(p), math.log(t))
+                                                       for p, t in points), strict=True))
+            print(f"growth exponent of step time per image vs pixels, {variant} {precision}: "
+                  f"{fit.slope:.2f}")
+    for size in args.sizes:
+        image = f"{size}x{size}x{CHANNELS}"
+        if {("axial", "fp32", size), ("baseline", "fp32", size)} <= ok.keys():
+            speedup = per_image(("baseline", "fp32", size)) / per_image(("axial", "fp32", size))
+            target = f" (target at 64x64x3: >= 4x, {verdict(speedup >= 4)})" if size == 64 else ""
+            print(f"{image}: axial step speed-up over the baseline {speedup:.2f}x (fp32, per "
+                  f"image){target}")
+        for variant in variants[:-1]:
+            if (variant, "fp32", size) in ok:
+                r = ok[variant, "fp32", size]
+                share = r["flops"] / r["seconds"] / peak["fp32"]
+                print(f"{image}: {variant} fp32 step at {100 * share:.0f}% of the fp32 matmul "
+                      f"peak (target >= 65%, {verdict(share >= 0.65)})")
+            r = paired.get((variant, size), {})
+            if "fp32" in r:
+                speedup = statistics.median(a / b for a, b in zip(r["fp32"], r["bf16"],
+                                                                   strict=True))
+                print(f"{image}: {variant} bf16 step speed-up over fp32 {speedup:.2f}x, steps in "
+                      f"turn (target >= 2x, {verdict(speedup >= 2)}; this model's matmuls alone: "
+                      f"{bound[size]:.2f}x)")
+        if size in layer_speedups:
+            print(f"{image}: our row + column attention's speed-up over axial-attention's "
+                  f"{layer_speedups[size]:.2f}x (target > 1x, {verdict(layer_speedups[size] > 1)})")
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="tiny sizes and few repeats, to check that the script runs")
+                        help="tiny sizes and short timings, to check that the script runs")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="intra-op threads (default: torch's, i.e. OMP_NUM_THREADS)")
     parser.add_argument("--sizes", type=int, nargs="+",
@@ -559,45 +410,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true",
                         help="also time the axial model's step under torch.compile (minutes of "
                         "compilation per case)")
-    parser.add_argument("--warmup", type=int, help="warm-up steps after the FLOP-counted one")
-    parser.add_argument("--repeats", type=int, help="timed steps (median reported)")
-    parser.add_argument("--budget", type=float, default=60.0,
-                        help="seconds of timing per case before stopping at 3 repeats")
+    parser.add_argument("--min-run-time", type=float,
+                        help="seconds of timing per case (default 15; --quick: 0)")
+    parser.add_argument("--rounds", type=int, help="rounds of fp32 and bf16 steps in turn "
+                        "(default 7; --quick: 2)")
     parser.add_argument("--case-timeout", type=float, default=1200.0,
                         help="seconds before a case counts as not fitting in time")
-    # Internal: one case in a fresh process (peak memory is per process).
-    parser.add_argument("--case", choices=["step", "paired"], help=argparse.SUPPRESS)
-    parser.add_argument("--model", choices=["axial", "baseline"], help=argparse.SUPPRESS)
-    parser.add_argument("--precision", choices=["fp32", "bf16"], help=argparse.SUPPRESS)
-    parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-
+    args = parser.parse_args()
     args.sizes = args.sizes or ([4, 8] if args.quick else [16, 32, 64])
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
-    args.repeats = args.repeats or (2 if args.quick else 7)
-    for name in ("threads", "repeats"):
-        if getattr(args, name) < 1:
+    args.min_run_time = args.min_run_time if args.min_run_time is not None else (
+        0.0 if args.quick else 15.0)
+    args.rounds = args.rounds or (2 if args.quick else 7)
+    for name in ("threads", "rounds", "batch"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.batch is not None and args.batch < 1:
-        parser.error(f"--batch must be at least 1, got {args.batch}")
-    if args.warmup < 0:
-        parser.error(f"--warmup must be 0 or more, got {args.warmup}")
-    if any(s < 1 for s in args.sizes):
-        parser.error(f"--sizes must be positive, got {args.sizes}")
-    if args.case and None in (args.model, args.precision, args.size, args.batch):
-        parser.error(f"--case {args.case} needs --model, --precision, --size and --batch")
+    if args.min_run_time < 0 or any(s < 1 for s in args.sizes):
+        parser.error("--min-run-time must be 0 or more and --sizes positive")
     return args
 
 
-def main() -> None:
-    args = parse_args()
-    if args.case:
-        torch.set_num_threads(args.threads)
-        run_case = run_step_case if args.case == "step" else run_paired_case
-        print(json.dumps(run_case(args)))
-    else:
-        run_bench(args)
-
-
 if __name__ == "__main__":
-    main()
+    run_bench(parse_args())
