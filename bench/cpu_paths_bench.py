@@ -10,9 +10,10 @@ drop-in layers' plain matmuls, column-major linear weights, the fused EMA update
     python bench/cpu_paths_bench.py --threads 1 --paths decoding --rounds 9
 
 For every path the two variants (the path on, and what the code does without it) run in turn,
-the order swapping every round, each call the best of `--repeats`; the table gives the median
-over rounds of off / on (above 1: the path gains) and its range. On a shared machine the speed
-drifts; calls in turn meet a drift alike, so the ratio holds where the seconds do not.
+the order swapping every round, each timing the median of torch.utils.benchmark's
+blocked_autorange; the table gives the median over rounds of off / on (above 1: the path gains)
+and its range. On a shared machine the speed drifts; calls in turn meet a drift alike, so the
+ratio holds where the seconds do not.
 
 The model is the shape of the demo (16x16x3, dim 64, 4 heads, 2+2+2 layers), training
 at batch 16 and sampling at batch 1 and 4, plus the "small" preset at 32x32 (batch 2) for the
@@ -23,71 +24,46 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import statistics
-import time
 from collections.abc import Callable, Iterator
 
 import torch
-from machine import cpu_model
+from machine import in_turn, machine_line, ratio, table
 
-from axial_transformer import (
-    AxialTransformer,
-    AxialTransformerConfig,
-    cpu_speedups,
-)
+from axial_transformer import AxialTransformer, AxialTransformerConfig, cpu_speedups
 from axial_transformer.sampling.sampler import sample
 
 DEMO = dict(image_size=(16, 16), channels=3, dim=64, heads=4, encoder_layers=2, outer_layers=2,
             inner_layers=2)
 
 
-def best_of(function: Callable[[], object], repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def in_turn(on: Callable[[], object], off: Callable[[], object], rounds: int,
-            repeats: int) -> tuple[float, float, list[float]]:
-    """(median seconds on, median seconds off, off / on of every round), the order swapping."""
-    on(), off()  # warm-up
-    times: dict[bool, list[float]] = {True: [], False: []}
-    for r in range(rounds):
-        for enabled in ((True, False) if r % 2 == 0 else (False, True)):
-            times[enabled].append(best_of(on if enabled else off, repeats))
-    ratios = [b / a for a, b in zip(times[True], times[False], strict=True)]
-    return statistics.median(times[True]), statistics.median(times[False]), ratios
-
-
-def row(path: str, case: str, result: tuple[float, float, list[float]]) -> None:
-    on, off, ratios = result
-    print(f"| {path} | {case} | {on * 1e3:.2f} | {off * 1e3:.2f} | "
-          f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) |", flush=True)
+def row(path: str, case: str, on: Callable[[], object], off: Callable[[], object],
+        args: argparse.Namespace) -> list[str]:
+    t = in_turn({"on": on, "off": off}, args.rounds, args.min_run_time)
+    return [path, case, f"{1e3 * statistics.median(t['on']):.2f}",
+            f"{1e3 * statistics.median(t['off']):.2f}", ratio(t["on"], t["off"])]
 
 
 @contextlib.contextmanager
-def patched(owner: object, name: str, value: object) -> Iterator[None]:
-    real = getattr(owner, name)
-    setattr(owner, name, value)
+def without(setting: str):
+    """`cpu_speedups.<setting>` turned into a no-op while the block runs."""
+    real = getattr(cpu_speedups, setting)
+    setattr(cpu_speedups, setting, lambda *_: contextlib.nullcontext())
     try:
         yield
     finally:
-        setattr(owner, name, real)
+        setattr(cpu_speedups, setting, real)
 
 
-def model(attention_path: str = "auto", preset: str | None = None, size: int = 16,
-          dtype: torch.dtype = torch.float32) -> AxialTransformer:
+def model(attention_path: str = "auto", preset: str | None = None,
+          size: int = 16) -> AxialTransformer:
     torch.manual_seed(0)
     if preset:
         cfg = AxialTransformerConfig.from_preset(preset, image_size=(size, size), channels=3,
                                                  attention=attention_path)
     else:
         cfg = AxialTransformerConfig(**DEMO, attention=attention_path)
-    return AxialTransformer(cfg).to(dtype)
+    return AxialTransformer(cfg)
 
 
 def training_step(m: AxialTransformer, batch: int, autocast: bool = False) -> Callable[[], None]:
@@ -104,91 +80,65 @@ def training_step(m: AxialTransformer, batch: int, autocast: bool = False) -> Ca
     return step
 
 
-def attention_paths(args: argparse.Namespace) -> None:
+def attention_paths(args: argparse.Namespace) -> Iterator[list[str]]:
     """Plain-matmul attention against SDPA in training steps, fp32 and under bf16 autocast."""
-    cases = [("demo 16x16, batch 16", {}, 16), ("small 32x32, batch 2",
-                                                 {"preset": "small", "size": 32}, 2)]
-    for label, kwargs, batch in cases:
+    for label, kwargs, batch in (("demo 16x16, batch 16", {}, 16),
+                                 ("small 32x32, batch 2", {"preset": "small", "size": 32}, 2)):
         fast, fused = model("matmul", **kwargs), model("sdpa", **kwargs)
-        row("plain-matmul attention vs SDPA (fp32 step)", label,
-            in_turn(training_step(fast, batch), training_step(fused, batch),
-                    args.rounds, args.repeats))
+        yield row("plain-matmul attention vs SDPA (fp32 step)", label,
+                  training_step(fast, batch), training_step(fused, batch), args)
     fast, fused = model("matmul"), model("sdpa")
-    row("plain-matmul attention vs SDPA (bf16 autocast step)", "demo 16x16, batch 16",
-        in_turn(training_step(fast, 16, True), training_step(fused, 16, True),
-                max(3, args.rounds // 2), 1))
+    yield row("plain-matmul attention vs SDPA (bf16 autocast step)", "demo 16x16, batch 16",
+              training_step(fast, 16, True), training_step(fused, 16, True), args)
 
 
-def inference_paths(args: argparse.Namespace) -> None:
+def inference_paths(args: argparse.Namespace) -> Iterator[list[str]]:
     """Plain-matmul attention against SDPA without autograd: the forward pass of an evaluation
-    batch, and eager sampling (a decoding step of 8 or more sequences takes plain matmuls under
-    "auto")."""
+    batch, and eager sampling."""
     fast, fused = model("matmul").eval(), model("sdpa").eval()
     x = torch.randint(0, 256, (64, 3, 16, 16), generator=torch.Generator().manual_seed(0))
-
-    def forward(m: AxialTransformer) -> Callable[[], object]:
-        def call() -> object:
-            with torch.no_grad():
-                return m(x)
-        return call
-
-    row("plain-matmul attention vs SDPA (forward, no autograd)", "demo 16x16, batch 64",
-        in_turn(forward(fast), forward(fused), args.rounds, args.repeats))
+    forward = lambda m: torch.no_grad()(lambda: m(x))
+    yield row("plain-matmul attention vs SDPA (forward, no autograd)", "demo 16x16, batch 64",
+              forward(fast), forward(fused), args)
     for batch in (1, 64):
-        row("plain-matmul attention vs SDPA (eager sampling)", f"demo 16x16, batch {batch}",
-            in_turn(lambda batch=batch: sample(fast, batch),
-                    lambda batch=batch: sample(fused, batch), args.rounds, 1))
+        yield row("plain-matmul attention vs SDPA (eager sampling)", f"demo 16x16, batch {batch}",
+                  lambda b=batch: sample(fast, b), lambda b=batch: sample(fused, b), args)
 
 
-def decoding_paths(args: argparse.Namespace) -> None:
-    """Eager sampling with plain attribute lookups off."""
+def decoding_paths(args: argparse.Namespace, setting: str) -> Iterator[list[str]]:
+    """Eager sampling with one eager-decoding setting of cpu_speedups off."""
     m = model().eval()
-    for batch in (1, 4):
-        def without(batch=batch) -> None:
-            with patched(cpu_speedups, "plain_attributes", lambda *_: contextlib.nullcontext()):
-                sample(m, batch)
+    name = f"eager decoding: `{setting}`" + (
+        f" (1 thread against {torch.get_num_threads()})" if setting == "decoding_threads" else "")
 
-        row("eager decoding: `plain_attributes`", f"demo 16x16, batch {batch}",
-            in_turn(lambda batch=batch: sample(m, batch), without, args.rounds, 1))
-
-
-def decoding_threads(args: argparse.Namespace) -> None:
-    """Eager sampling below batch 8 on one thread, against torch's thread count (--threads)."""
-    m = model().eval()
-    for batch in (1, 4):
-        def draw(batch=batch) -> None:
+    def off(batch: int) -> None:
+        with without(setting):
             sample(m, batch)
 
-        def without(draw=draw) -> None:
-            with patched(cpu_speedups, "decoding_threads", lambda *_: contextlib.nullcontext()):
-                draw()
-
-        row(f"eager decoding: `decoding_threads` (1 against {torch.get_num_threads()})",
-            f"demo 16x16, batch {batch}", in_turn(draw, without, args.rounds, 1))
+    for batch in (1, 4):
+        yield row(name, f"demo 16x16, batch {batch}", lambda b=batch: sample(m, b),
+                  lambda b=batch: off(b), args)
 
 
 PATHS = {"attention": attention_paths, "inference": inference_paths,
-         "decoding": decoding_paths, "threads": decoding_threads}
+         "decoding": lambda args: decoding_paths(args, "plain_attributes"),
+         "threads": lambda args: decoding_paths(args, "decoding_threads")}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--paths", nargs="+", choices=list(PATHS), default=list(PATHS))
     parser.add_argument("--rounds", type=int, default=7, help="rounds of on and off in turn")
-    parser.add_argument("--repeats", type=int, default=3, help="calls per timing (best kept)")
+    parser.add_argument("--min-run-time", type=float, default=0.5,
+                        help="seconds of calls per timing (at least one call after a warm-up)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"# CPU speed paths, {datetime.datetime.now().isoformat(timespec='seconds')}")
-    print(f"# {cpu_model()}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 unless a row "
-          f"says bf16; {args.rounds} rounds, best of {args.repeats} calls per timing "
-          "(sampling: 1)\n")
-    print("| path | case | on (ms) | off (ms) | off / on (range) |")
-    print("|---|---|--:|--:|--:|")
-    for name in args.paths:
-        PATHS[name](args)
+    print(f"# CPU speed paths, {machine_line('fp32 unless a row says bf16')}; {args.rounds} "
+          f"rounds, blocked_autorange over {args.min_run_time:g} s per timing\n")
+    table(["path", "case", "on (ms)", "off (ms)", "off / on (range)"],
+          (r for name in args.paths for r in PATHS[name](args)))
 
 
 if __name__ == "__main__":
