@@ -6,88 +6,80 @@
                                                  # nothing
     python bench/scale_bench.py --configs imagenet64 --mfu 0.35
 
-For each paper config at full size it MEASURES, on this CPU: the parameters; the model FLOPs
-per training image (random-channel objective) and per evaluated image, counted on real steps
-(scale_cases.py); a checkpoint and export written by the training code; and the memory a bf16
-training step adds, op by op at two batches, with and without gradient checkpointing. From
-these it DERIVES, with the formulas printed beside them, the memory per GPU at batch 64 over 1,
-8 and 64 GPUs and the time per 100k steps on A100s and H100s at an assumed share of their peak.
-Then it runs the imagenet32 config end to end on this CPU (scale_rehearsal.py). Every
-measurement runs in a fresh process, capped below the memory available so that a case that does
-not fit fails in torch.
+MEASURED on this CPU for each paper config at full size: the parameters; the model FLOPs per
+training image (random-channel objective) and per evaluated image, counted on real steps; a
+checkpoint and export written by the training code; and the tensor bytes a bf16 training step
+holds, op by op at two batches, with and without gradient checkpointing. ESTIMATED from these,
+with the formulas and assumptions printed beside them (no GPU has confirmed them): the memory per
+GPU at batch 64 over 1, 8 and 64 GPUs and the time per 100k steps on A100s and H100s. Then the
+rehearsal: configs/imagenet32.yaml at full size trained for 3 steps on this CPU through train.py,
+resumed for 2 more, evaluated and sampled, each stage a fresh process, to check that it runs and
+fits. Allocations are capped below the memory available, so a case that does not fit fails in
+torch instead of waking the kernel's OOM killer.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import torch
-from machine import machine_line
-from scale_cases import FIT_WIDTHS, QUICK_DIM, QUICK_FIT_WIDTHS, flops_at_width, preset
-from scale_plan import GLOBAL_BATCH, Activation, GiB, derived_tables, print_table
-from scale_rehearsal import STAGES
+from machine import machine_line, table
+from model_bench import CPU_FLASH_FLOPS
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
 
+from axial_transformer import AxialTransformer, AxialTransformerConfig
+from axial_transformer.training.run_log import read_records
 from axial_transformer.training.startup import run_bytes
 
-HERE = Path(__file__).resolve().parent
-KEEP = 3  # checkpoint.keep in both paper configs
+ROOT = Path(__file__).resolve().parents[1]
+GiB = 2**30
+GLOBAL_BATCH = 64  # the paper's batch, train.batch_size in both configs
+GPU_COUNTS = (1, 8, 64)
 MICRO_BATCHES = (1, 8, 64)  # the per-GPU batches at global batch 64 on 64, 8 and 1 GPUs
+STEPS = 100_000
+TEST_IMAGES = 49_999  # the paper's validation split, scored whole at every evaluation
+KEEP = 3  # checkpoint.keep in both paper configs
+# Of the GPU's 80 GiB, what is left for the CUDA context, cuBLAS and NCCL workspaces and the
+# caching allocator's fragmentation (an allowance, not a measurement).
+GPU_MEMORY, HEADROOM = 80 * GiB, 4 * GiB
+QUICK_DIM = 32
+# Widths at which FLOPs are counted (multiples of the presets' 16 heads), and the quick ones.
+FIT_WIDTHS, QUICK_FIT_WIDTHS = (64, 128, 192), (16, 32, 48)
 
 
-@dataclass
-class DeeperActivation:
-    """A full-depth step's memory from steps at 2 and 4 layers per stack, linear in depth
-    (every block of a stack holds the same activations, and the three stacks grow together)."""
-
-    shallow: Activation
-    deeper: Activation
-    steps: float  # from 2 layers to the config's, in steps of 2
-    how: str
-
-    def at(self, micro_batch: int) -> float:
-        a = self.shallow.at(micro_batch)
-        return a + self.steps * (self.deeper.at(micro_batch) - a)
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    bf16: float  # dense bf16 tensor-core peak, FLOP/s
+    fp32: float  # fp32 peak without TF32: what fp32 matmuls run at under torch's defaults
+    node_bus: float  # all-reduce bus bandwidth between the 8 GPUs of a node, bytes/s (assumed)
+    net_bus: float  # ... across nodes, per GPU (assumed)
 
 
-def memory_cap() -> int:
-    """Bytes a case may use: what the machine has available now, less 1 GiB for the rest."""
-    with open("/proc/meminfo") as f:
-        available = next(int(line.split()[1]) * 1024 for line in f
-                          if line.startswith("MemAvailable:"))
-    return available - GiB
+# Peaks from the data sheets (SXM parts). Bus bandwidths: about 80% of NVLink's one-way rate in
+# a node (A100 300 GB/s, H100 450 GB/s), and of one InfiniBand NIC per GPU across nodes (HDR
+# 200 Gb/s, NDR 400 Gb/s), as NCCL's all-reduce reaches on such machines.
+GPUS = (GPU("A100", 312e12, 19.5e12, 240e9, 20e9),
+        GPU("H100 SXM", 989e12, 67e12, 360e9, 40e9))
 
 
-def spawn(script: str, arguments: list[str], label: str, args: argparse.Namespace) -> dict:
-    """Run `script` (in bench/) in a fresh process under the memory cap; its last JSON line."""
-    cap = memory_cap()
-    command = [sys.executable, str(HERE / script), *arguments]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    print(f"running {label} ...", file=sys.stderr, flush=True)
-    try:
-        # RLIMIT_DATA: an allocation past the cap fails inside torch (an error the case reports)
-        # instead of waking the kernel's OOM killer, which could pick another process.
-        done = subprocess.run(command, capture_output=True, text=True, env=env,
-                              timeout=args.case_timeout, preexec_fn=lambda: resource.setrlimit(
-                                  resource.RLIMIT_DATA, (cap, cap)))
-    except subprocess.TimeoutExpired:
-        return {"error": f"did not finish in {args.case_timeout:.0f} s"}
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": f"exit code {done.returncode}: {last[:160]}"}
-    return json.loads(lines[-1])
+def preset(name: str, dim: int | None = None, **overrides) -> AxialTransformerConfig:
+    """A paper preset, optionally at another width."""
+    return AxialTransformerConfig.from_preset(name, **({"dim": dim} if dim else {}), **overrides)
 
 
 def gib(n: float) -> str:
@@ -95,192 +87,392 @@ def gib(n: float) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Measured: FLOPs, checkpoints, activation memory.
+# Measured: FLOPs.
 
 
-def flops_section(names: list[str], args: argparse.Namespace) -> dict[str, dict]:
-    widths = QUICK_FIT_WIDTHS if args.quick else FIT_WIDTHS
-    flops, rows = {}, []
-    for name in names:
-        print(f"counting FLOPs of {name} at widths {widths} ...", file=sys.stderr, flush=True)
-        config = preset(name, args.dim)
-        f = flops_at_width(name, config.dim, widths)
-        exact = all(f[f"{k}_exact"] for k in ("train", "train_gc", "eval"))
-        flops[name] = {**f, "exact": exact}
-        rows.append([name, "x".join(map(str, (config.channels, *config.image_size))),
-                     str(config.dim), f"{config.encoder_layers}/{config.outer_layers}/"
-                     f"{config.inner_layers}", f"{f['train'] / 1e9:,.1f}",
-                     f"{f['train_gc'] / 1e9:,.1f} ({f['train_gc'] / f['train']:.3f}x)",
-                     f"{f['eval'] / 1e9:,.1f}", "yes" if exact else "NO"])
-    print("## FLOPs per image (measured: counted on real steps)")
-    print(f"torch.utils.flop_counter on fp32 steps of the model's attention=\"sdpa\" path at "
-          f"batch 1, widths {widths[0]} and {widths[1]}, scaled to the config's width as "
-          f"a D^2 + b D (dense layers ~ D^2; convolution, logits and attention ~ D), and checked "
-          f"against a count at width {widths[2]}. Train: forward + backward of the "
-          "random-channel loss (one channel slice per image); with gradient checkpointing "
-          "(GC) the recomputed forward is counted as executed. Eval: forward of bits/dim, "
-          "every channel. Causal attention counts the t(t+1)/2 pairs it needs.")
-    print_table(["config", "image", "width", "layers", "train GFLOP", "train with GC GFLOP",
-                 "eval GFLOP", f"width {widths[2]} predicted exactly"], rows)
-    return flops
+def counted_flops(config: AxialTransformerConfig, kind: str) -> int:
+    """FLOPs of one image: "train" is a step's forward and backward of the random-channel loss
+    (one channel slice), "eval" the forward of bits/dim over every channel."""
+    torch.manual_seed(0)
+    model = AxialTransformer(config)
+    x = torch.randint(0, 256, (1, config.channels, *config.image_size), dtype=torch.uint8)
+    counter = FlopCounterMode(display=False, custom_mapping=CPU_FLASH_FLOPS)
+    with counter:
+        if kind == "train":
+            model.loss(x, "random", channel=torch.zeros(1, dtype=torch.long)).backward()
+        else:
+            with torch.no_grad():
+                model.eval().bits_per_dim(x)
+    return counter.get_total_flops()
 
 
-def checkpoint_section(names: list[str], args: argparse.Namespace) -> dict[str, dict]:
-    sizes, rows = {}, []
-    for name in names:
-        with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
-            r = spawn("scale_cases.py", ["--case", "checkpoint", "--config", name, "--dir", tmp,
-                                         *dim_args(args)], f"{name} checkpoint", args)
-        sizes[name] = r
-        if "error" in r:
-            rows.append([name, r["error"], *[""] * 5])
-            continue
-        need = (KEEP + 1) * r["checkpoint"] + r["export"]
-        preflight_need = run_bytes(r["params"], KEEP)
-        rows.append([name, f"{r['params']:,}", gib(r["checkpoint"]), gib(r["export"]),
-                     f"{r['seconds']:.0f}", gib(need),
-                     f"{gib(preflight_need)} ({preflight_need / need:.2f}x)"])
-    print("## Checkpoints (measured: written by resume.save_checkpoint, sizes on disk)")
-    print("A checkpoint holds fp32 weights, Adam's two moments, the EMA, generator states and "
-          f"JSON; the export the EMA weights. The run's peak disk need at checkpoint.keep={KEEP} "
-          f"is {KEEP + 1} checkpoints (a new one is sealed before the oldest goes) + the export; "
-          "preflight.run_bytes is what start-up checks for.")
-    print_table(["config", "parameters", "checkpoint GiB", "export GiB", "written in s",
-                 f"disk need keep={KEEP} GiB", "preflight.run_bytes GiB"], rows)
-    return sizes
+def flops_at_width(name: str, dim: int, widths: tuple[int, int, int]) -> dict:
+    """Training FLOPs per image (without and with gradient checkpointing, whose recomputed
+    forward is counted as executed) and evaluation FLOPs per image of preset `name` at width
+    `dim`, from counts at the smaller `widths`.
+
+    Every counted FLOP is a dense layer's (proportional to D^2) or the convolution's, the
+    logits' or attention's (proportional to D), so a count is a D^2 + b D exactly. Two widths
+    give a and b; the third is counted too and must be predicted to the FLOP.
+    """
+    result = {}
+    for key, kind, gc in (("train", "train", False), ("train_gc", "train", True),
+                          ("eval", "eval", False)):
+        (d1, f1), (d2, f2), (d3, f3) = (
+            (w, counted_flops(preset(name, w, gradient_checkpointing=gc), kind)) for w in widths)
+        a = (Fraction(f2, d2) - Fraction(f1, d1)) / (d2 - d1)
+        b = Fraction(f1, d1) - a * d1
+        result[key] = float(a * dim**2 + b * dim)
+        result["exact"] = result.get("exact", True) and a * d3**2 + b * d3 == f3
+    return result
 
 
-def dim_args(args: argparse.Namespace) -> list[str]:
-    return ["--dim", str(args.dim)] if args.dim else []
+# ---------------------------------------------------------------------------------------------
+# Measured: the tensor bytes of a training step.
 
 
-def clean_batch(name: str, args: argparse.Namespace) -> int:
+class LiveTensorBytes(TorchDispatchMode):
+    """Bytes of tensor storage alive while the mode is on, after each op (`trace`), and their
+    peak: on the CPU what torch.cuda.max_memory_allocated() reports on a GPU (where the caching
+    allocator's fragmentation comes on top). A storage counts from the op that returns it until
+    it is freed; those of `existing` tensors (the weights, the batch) are not counted."""
+
+    def __init__(self, existing: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.existing = {t.untyped_storage().data_ptr() for t in existing}
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.now = self.peak = 0
+        self.trace: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        # Freed storages go first, so that a new one at a freed one's address is counted.
+        for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
+            self.now -= self.live.pop(key)[1]
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                # A view or an in-place result shares a storage already known.
+                if key not in self.existing and key not in self.live and storage.nbytes():
+                    self.live[key] = (StorageWeakRef(storage), storage.nbytes())
+                    self.now += storage.nbytes()
+        self.peak = max(self.peak, self.now)
+        self.trace.append(self.now)
+        return out
+
+
+@dataclass
+class Activation:
+    """Memory a bf16 training step adds at micro-batch m: after each of the step's ops, the live
+    bytes are `fixed + m x per_image` (its own pair for each op: gradients and bf16 weight
+    copies do not grow with the batch, saved activations do), and the step takes the highest.
+    Which op that is moves with m: at a few images it can be the end of the backward, where
+    every gradient is alive; at 64, the end of the forward, where every activation is."""
+
+    lines: list[tuple[float, float]]  # (fixed, per_image), one per op
+
+    @classmethod
+    def from_traces(cls, trace_a: list[int], batch_a: int, trace_b: list[int],
+                    batch_b: int) -> Activation:
+        """From the live bytes after each op at two batches that run the same ops."""
+        if len(trace_a) != len(trace_b):
+            raise ValueError(f"batches {batch_a} and {batch_b} ran different ops "
+                             f"({len(trace_a)} and {len(trace_b)})")
+        lines = set()
+        for a, b in zip(trace_a, trace_b, strict=True):
+            per_image = (b - a) / (batch_b - batch_a)
+            lines.add((a - batch_a * per_image, per_image))
+        return cls(sorted(lines))
+
+    def at(self, micro_batch: int) -> float:
+        return max(fixed + micro_batch * per_image for fixed, per_image in self.lines)
+
+
+def clean_batch(config: AxialTransformerConfig) -> int:
     """The smallest batch whose step takes the model's large-batch code paths. The model scales
     a weight instead of its activations once a batch holds more numbers than the weight
-    (attention.py's project: 3D x D, model.py's MLP: hidden x D); below that its step saves
-    other tensors, so the two batches compared must both be at or above it. And at least 2:
-    at batch 1 the column attention's fold of (batch, width) into one axis is a view where larger
-    batches copy."""
-    config = preset(name, args.dim)
+    (attention's projection: 3D x D, the MLP: hidden x D); below that its step saves other
+    tensors, so the two batches compared must both be at or above it. And at least 2: at batch 1
+    the column attention's fold of (batch, width) into one axis is a view where larger batches
+    copy."""
     tokens = config.image_size[0] * config.image_size[1]
     return max(2, math.ceil(max(3 * config.dim, round(config.dim * config.mlp_ratio)) / tokens))
 
 
-def step_memory(name: str, gc: bool, layers: int | None, args: argparse.Namespace
-                ) -> tuple[Activation | None, list[list[str]]]:
-    """Activation from steps at two consecutive clean batches, and their table rows."""
-    b0 = clean_batch(name, args)
-    runs, rows = {}, []
-    for batch in (b0, b0 + 1):
-        extra = [*dim_args(args), *(["--gc"] if gc else []),
-                 *(["--layers", str(layers)] if layers else [])]
-        label = f"{name} step memory, GC {'on' if gc else 'off'}, batch {batch}" + (
-            f", {layers}/{layers}/{layers} layers" if layers else "")
-        r = spawn("scale_cases.py", ["--case", "memory", "--config", name, "--batch",
-                                     str(batch), *extra], label, args)
-        depth = f"{layers}/{layers}/{layers}" if layers else "full"
-        if "error" in r:
-            rows.append([name, "on" if gc else "off", depth, str(batch), r["error"], "", "", ""])
-            return None, rows
-        runs[batch] = r
-        rows.append([name, "on" if gc else "off", depth, str(batch), gib(r["tensors"]),
-                     gib(r["rss"]), f"{r['seconds']:.0f}", gib(r["peak"])])
-    rss = runs[b0 + 1]["rss"] - runs[b0]["rss"]
-    how = (f"measured, op by op from batches {b0} and {b0 + 1} (peak RSS per image: "
-           f"{gib(rss)})")
-    return Activation.from_traces(runs[b0]["trace"], b0, runs[b0 + 1]["trace"], b0 + 1,
-                                  how), rows
+def step_trace(config: AxialTransformerConfig, batch: int) -> LiveTensorBytes:
+    """One bf16 training step (forward and backward of the random-channel loss, as training
+    takes it) of a model in training mode (dropout masks are saved as on a GPU): what it adds to
+    the fp32 model and the batch: gradients, autocast's bf16 weight copies, the activations saved
+    for the backward and the kernels' outputs."""
+    torch.manual_seed(0)
+    model = AxialTransformer(config)
+    x = torch.randint(0, 256, (batch, config.channels, *config.image_size), dtype=torch.uint8)
+    channel = torch.arange(batch) % config.channels
+    tensors = LiveTensorBytes([*model.parameters(), *model.buffers(), x, channel])
+    with tensors:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model.loss(x, "random", channel=channel)
+        loss.backward()
+    return tensors
 
 
-def memory_section(names: list[str], args: argparse.Namespace
-                   ) -> dict[tuple[str, bool], Activation | DeeperActivation]:
-    """Full size where it fits in this machine's memory; where it does not, the same width and
-    image size at 2 and 4 layers per stack, extrapolated linearly in depth (DeeperActivation)."""
-    found, rows, notes = {}, [], []
+def kib_field(path: str, name: str) -> int:
+    with open(path) as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(name))
+
+
+def memory_cap() -> int:
+    """Bytes a case may allocate: what the machine has available now, less 1 GiB for the rest.
+    Set as RLIMIT_DATA, an allocation past it fails inside torch (an error the table reports)
+    instead of waking the kernel's OOM killer, which could pick another process."""
+    return kib_field("/proc/meminfo", "MemAvailable:") - GiB
+
+
+def memory_section(names: list[str], args: argparse.Namespace) -> dict:
+    found, rows = {}, []
     for name in names:
         for gc in (False, True):
-            activation, new_rows = step_memory(name, gc, None, args)
-            rows += new_rows
-            if activation is None:
-                layers = preset(name, args.dim).inner_layers
-                shallow, rows_2 = step_memory(name, gc, 2, args)
-                deeper, rows_4 = step_memory(name, gc, 4, args)
-                rows += rows_2 + rows_4
-                if shallow is None or deeper is None:
-                    continue
-                steps = layers / 2 - 1
-                activation = DeeperActivation(
-                    shallow, deeper, steps, f"DERIVED: full depth did not fit; a({layers}) = "
-                    f"a(2) + {steps:g} (a(4) - a(2)) from 2 and 4 layers per stack")
-            found[name, gc] = activation
-            notes.append([name, "on" if gc else "off",
-                          *(gib(activation.at(m)) for m in MICRO_BATCHES), activation.how])
+            config = preset(name, args.dim, gradient_checkpointing=gc)
+            b0 = clean_batch(config)
+            try:
+                start = time.perf_counter()
+                a, b = step_trace(config, b0), step_trace(config, b0 + 1)
+            except (RuntimeError, MemoryError) as e:
+                if isinstance(e, RuntimeError) and "alloc" not in str(e):
+                    raise
+                rows.append([name, "on" if gc else "off", f"{b0}, {b0 + 1}",
+                             "did not fit in this machine's memory", "", *[""] * 3])
+                continue
+            act = found[name, gc] = Activation.from_traces(a.trace, b0, b.trace, b0 + 1)
+            rows.append([name, "on" if gc else "off", f"{b0}, {b0 + 1}",
+                         f"{gib(a.peak)}, {gib(b.peak)}", f"{time.perf_counter() - start:.0f}",
+                         *(gib(act.at(m)) for m in MICRO_BATCHES)])
     print("## Memory of a bf16 training step (measured on this CPU)")
-    print("A fresh process per row builds the fp32 model (attention=\"sdpa\", what GPUs run) and "
-          "takes one forward (torch.autocast(\"cpu\", bfloat16)) and backward of the "
-          "random-channel loss. 'tensors' = the peak of the tensor bytes the step holds alive "
-          "(gradients, autocast's bf16 weight copies, saved activations, outputs), counted op by "
-          "op by a TorchDispatchMode: the CPU's counterpart of torch.cuda.max_memory_allocated, "
-          "and what the figures below use. 'RSS' = the process's peak resident memory during "
-          "the step minus its RSS just before (glibc set to map every block of 1 MiB or more "
-          "apart), a cross-check that includes the allocator and the kernels' scratch. The step "
-          "at micro-batch m: two batches that run the same ops (scale_bench.clean_batch) give, "
-          "after each op, live bytes = fixed + m x per image; the step takes the highest over its "
-          "ops. (The peak's op moves with m: with gradient checkpointing a few images peak at "
-          "the end of the backward, where every gradient is alive, and 64 at the end of the "
-          "forward; one line through the two batches' peaks would miss that.)")
-    print_table(["config", "GC", "layers", "batch", "tensors GiB", "RSS GiB", "step s",
-                 "process peak GiB"], rows)
-    print_table(["config", "GC", *(f"step at m={m} GiB" for m in MICRO_BATCHES), "how"], notes)
+    print("Forward (bf16 autocast) and backward of the random-channel loss at two batches that "
+          "run the same ops. 'tensors' = the peak tensor bytes the step holds alive, counted op "
+          "by op (the CPU's torch.cuda.max_memory_allocated). After each op, live bytes = fixed "
+          "+ m x per image; the step at micro-batch m takes the highest over its ops.")
+    table(["config", "GC", "batches", "tensors GiB", "both steps s",
+           *(f"step at m={m} GiB" for m in MICRO_BATCHES)], rows)
+    print()
     return found
 
 
 # ---------------------------------------------------------------------------------------------
-# The end-to-end run.
+# Measured: a checkpoint on disk.
+
+
+def directory_bytes(directory: Path) -> int:
+    return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+
+
+def checkpoint_section(names: list[str], args: argparse.Namespace) -> None:
+    """One checkpoint and the EMA export of each full-size model, written by the training
+    code's own `save_checkpoint`."""
+    from accelerate import Accelerator
+
+    from axial_transformer.training.ema import EMA
+    from axial_transformer.training.resume import save_checkpoint
+
+    rows = []
+    for name in names:
+        model = AxialTransformer(preset(name, args.dim))
+        ema = EMA(model, 0.99995)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        optimizer.step()  # Adam holds its moments once it has stepped; zero gradients move nothing
+        with tempfile.TemporaryDirectory(dir=args.work_dir) as run_dir:
+            start = time.perf_counter()
+            path = save_checkpoint(Accelerator(cpu=True), model, optimizer, ema,
+                                   {"step": 1, "skipped_steps": 0}, Path(run_dir), keep=1)
+            seconds = time.perf_counter() - start
+            checkpoint, export = directory_bytes(path), directory_bytes(Path(run_dir, "export"))
+        params = model.num_parameters()
+        del model, ema, optimizer
+        need, preflight = (KEEP + 1) * checkpoint + export, run_bytes(params, KEEP)
+        rows.append([name, f"{params:,}", gib(checkpoint), gib(export), f"{seconds:.0f}",
+                     gib(need), f"{gib(preflight)} ({preflight / need:.2f}x)"])
+    print("## Checkpoints (measured: written by resume.save_checkpoint, sizes on disk)")
+    print(f"Peak disk need at checkpoint.keep={KEEP}: {KEEP + 1} checkpoints (a new one is sealed "
+          "before the oldest goes) + the export; startup.run_bytes is what start-up checks for.")
+    table(["config", "parameters", "checkpoint GiB", "export GiB", "written in s",
+           f"disk need keep={KEEP} GiB", "startup.run_bytes GiB"], rows)
+    print()
+
+
+# ---------------------------------------------------------------------------------------------
+# ESTIMATED: memory per GPU and time, from the measurements and the assumptions above.
+
+
+def states_bytes(params: int) -> int:
+    """fp32 weights, Adam's two fp32 moments and the fp32 EMA: replicated on every GPU under
+    DDP, which splits only the batch."""
+    return (4 + 8 + 4) * params
+
+
+def ddp_bucket_bytes(params: int, gpus: int) -> int:
+    """DDP all-reduces the fp32 gradients through buckets of its own, a second copy of them
+    (Accelerate leaves gradient_as_bucket_view off)."""
+    return 4 * params if gpus > 1 else 0
+
+
+def gpu_memory(params: int, step: float, gpus: int) -> float:
+    """Bytes on each GPU at the higher of a step's two peaks, both over the states and DDP's
+    buckets: the forward and backward's, `step` (Activation.at the micro-batch); and the
+    optimizer step's, with the 4 P of gradients and the 4 P square root of Adam's second moments
+    that torch's foreach Adam (the GPU's) takes out of place."""
+    return states_bytes(params) + ddp_bucket_bytes(params, gpus) + max(step, 8 * params)
+
+
+def largest_fitting_micro_batch(params: int, step, gpus: int, per_gpu: int) -> int | None:
+    """The largest divisor of the per-GPU batch whose step fits (train.grad_accumulation then
+    takes per_gpu / it micro-batches per step), or None when not even one image fits; `step`
+    gives a micro-batch's step memory."""
+    fitting = [m for m in range(per_gpu, 0, -1) if per_gpu % m == 0
+               and gpu_memory(params, step(m), gpus) <= GPU_MEMORY - HEADROOM]
+    return fitting[0] if fitting else None
+
+
+def memory_table(params: dict[str, int], activations: dict) -> None:
+    print(f"## Memory per GPU at global batch {GLOBAL_BATCH} (ESTIMATED from the measurements; "
+          "no GPU has confirmed it)")
+    print("total = 16 P (fp32 weights, Adam's moments, EMA, on every GPU under DDP) + 4 P (DDP's "
+          "gradient buckets, with more than one GPU) + max(step(m) measured above, 8 P: the "
+          "optimizer step's gradients and Adam's out-of-place square root). Fits when total <= "
+          f"{(GPU_MEMORY - HEADROOM) / GiB:.0f} GiB of an 80 GiB A100/H100 ({HEADROOM / GiB:.0f} "
+          "GiB assumed for the CUDA context, workspaces and fragmentation). Evaluation is not "
+          "covered.")
+    rows = []
+    for (name, gc), act in activations.items():
+        p = params[name]
+        for gpus in GPU_COUNTS:
+            per_gpu = GLOBAL_BATCH // gpus
+            m = largest_fitting_micro_batch(p, act.at, gpus, per_gpu)
+            verdict = ("fits" if m == per_gpu else "does NOT fit, even at micro-batch 1"
+                       if m is None else f"no: train.grad_accumulation={per_gpu // m} "
+                       f"(micro-batch {m}, {gpu_memory(p, act.at(m), gpus) / GiB:.1f} GiB)")
+            rows.append([name, "on" if gc else "off", gpus, per_gpu,
+                         f"{states_bytes(p) / GiB:.1f}", f"{ddp_bucket_bytes(p, gpus) / GiB:.1f}",
+                         f"{act.at(per_gpu) / GiB:.1f}",
+                         f"{gpu_memory(p, act.at(per_gpu), gpus) / GiB:.1f}", verdict])
+    table(["config", "GC", "GPUs", "per GPU", "states GiB", "buckets GiB", "step(m) GiB",
+           "total GiB", "fits 80 GiB?"], rows)
+    print()
+
+
+def duration(seconds: float) -> str:
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def time_table(params: dict[str, int], flops: dict, mfu: float) -> None:
+    print(f"## Time per {STEPS:,} steps (ESTIMATED: counted FLOPs at an ASSUMED {mfu:.0%} of "
+          "peak; no GPU has confirmed it)")
+    print(f"step = max(compute, all-reduce), DDP overlapping the two; compute = {GLOBAL_BATCH} / "
+          f"N x executed FLOPs per training image / ({mfu:.0%} x bf16 peak); all-reduce = "
+          "2 (N-1)/N x 4 P bytes / bus bandwidth. Peaks: A100 312, H100 SXM 989 TFLOP/s bf16 "
+          "dense; 19.5 and 67 TFLOP/s fp32. Bus (assumed): 240 / 360 GB/s within a node, 20 / 40 "
+          f"GB/s per GPU across nodes. {mfu:.0%}: a planning figure (well-tuned large runs report "
+          "40-55%, PaLM 46%). Each config with its own gradient_checkpointing setting. One "
+          "evaluation = the 49,999 test images at the same share of the fp32 peak (eval.bf16="
+          "false, the default) or of the bf16 peak (eval.bf16=true).")
+    rows = []
+    for name, p in params.items():
+        gc = preset(name).gradient_checkpointing
+        per_image = flops[name]["train_gc" if gc else "train"]
+        for gpu in GPUS:
+            for gpus in GPU_COUNTS:
+                compute = GLOBAL_BATCH / gpus * per_image / (gpu.bf16 * mfu)
+                bus = gpu.node_bus if gpus <= 8 else gpu.net_bus  # a ring all-reduce
+                allreduce = 2 * (gpus - 1) / gpus * 4 * p / bus
+                step = max(compute, allreduce)
+                evaluation = TEST_IMAGES / gpus * flops[name]["eval"] / mfu
+                rows.append([name, "on" if gc else "off", gpu.name, gpus, f"{1e3 * compute:.0f}",
+                             f"{1e3 * allreduce:.0f}", f"{1e3 * step:.0f}",
+                             duration(STEPS * step), duration(evaluation / gpu.fp32),
+                             duration(evaluation / gpu.bf16)])
+    table(["config", "GC", "GPU", "GPUs", "compute ms", "all-reduce ms", "step ms",
+           f"{STEPS // 1000}k steps", "one eval fp32", "one eval bf16"], rows)
+    print()
+
+
+# ---------------------------------------------------------------------------------------------
+# The rehearsal: configs/imagenet32.yaml end to end through the commands a user runs.
+
+
+def run_stage(command: list[str], args: argparse.Namespace) -> dict:
+    """`command` in a fresh process under the memory cap: wall seconds, peak RSS, stdout."""
+    cap = memory_cap()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        process = subprocess.Popen(
+            [sys.executable, *command], cwd=ROOT, stdout=out, stderr=err,
+            env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_DATA, (cap, cap)))
+        _, status, usage = os.wait4(process.pid, 0)  # the rusage of this process alone
+        process.returncode = os.waitstatus_to_exitcode(status)
+        seconds = time.perf_counter() - start
+        out.seek(0), err.seek(0)
+        if process.returncode:
+            last = (err.read().strip().splitlines() or ["no output"])[-1]
+            return {"error": f"exit code {process.returncode}: {last[:160]}"}
+        return {"seconds": seconds, "peak": usage.ru_maxrss * 1024, "stdout": out.read()}
 
 
 def rehearsal_section(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
-        run_dir = str(Path(tmp) / "run")
-        results = {}
-        for stage in STAGES:
-            results[stage] = spawn("scale_rehearsal.py", ["--stage", stage, "--run-dir", run_dir,
-                                                          *(["--quick"] if args.quick else [])],
-                                   f"rehearsal: {stage}", args)
-            if "error" in results[stage]:
+        run = Path(tmp) / "run"
+        # The paper config with the built-in images at batch 2, a checkpoint after every step
+        # (one kept: a full-size checkpoint is 5 GiB), 4 evaluated images and no sample grid
+        # (16 images would take most of an hour); bf16 as on the GPUs the config is for.
+        train = ["train.py", "--config", "configs/imagenet32.yaml", "data.spec=builtin",
+                 "model.image_size=[32,32]", "data.workers=0", "train.batch_size=2",
+                 "checkpoint.every=1", "checkpoint.keep=1", "eval.every=0", "eval.max_images=4",
+                 "log.every=1", "log.sample_every=0", f"run_dir={run}", "resume=auto",
+                 "train.mixed_precision=bf16", "train.threads=0",
+                 *([f"model.dim={QUICK_DIM}"] if args.quick else [])]
+        stages = {"train": [*train, "train.steps=3"], "resume": [*train, "train.steps=5"],
+                  "evaluate": ["evaluate.py", "--checkpoint", str(run), "--max-images", "4",
+                               "--json"],
+                  "sample": ["sample.py", "--checkpoint", str(run / "export"), "--num-samples",
+                             "1", "--device", "cpu", "--out", f"{tmp}/sample.png"]}
+        rows = []
+        for stage, command in stages.items():
+            print(f"running the rehearsal's {stage} stage ...", file=sys.stderr, flush=True)
+            r = run_stage(command, args)
+            if "error" in r:
+                rows.append([stage, r["error"], "", ""])
                 break
+            if stage in ("train", "resume"):
+                records = read_records(run / "metrics.jsonl")
+                start = [rec for rec in records if "start" in rec][-1]
+                losses = ", ".join(f"{rec['step']}: {rec['train/loss_bpd']:.4f}" for rec in records
+                                   if "train/loss_bpd" in rec and rec["step"] > start["step"])
+                final = [rec for rec in records if "eval/bpd" in rec][-1]
+                what = (f"{start['parameters']:,} parameters, {start['start']} at step "
+                        f"{start['step']}; train loss by step {losses}; final evaluation "
+                        f"{final['eval/bpd']:.4f} bits/dim; checkpoint "
+                        f"{gib(directory_bytes(run / 'checkpoints'))} GiB")
+            elif stage == "evaluate":
+                metrics = json.loads(r["stdout"].strip().splitlines()[-1])
+                what = f"fp32 bits/dim {metrics['bpd']:.4f} over {metrics['images']} test images"
+            else:
+                what = "one image from the EMA export"
+            rows.append([stage, f"{r['seconds']:.0f}", gib(r["peak"]), what])
     print("## End to end: configs/imagenet32.yaml on this CPU (measured)")
-    print("Built-in images at 32x32, batch 2, bf16 autocast (the config's), checkpoint.every=1, "
-          "checkpoint.keep=1, eval.max_images=4; one fresh process per stage (bench/"
-          "scale_rehearsal.py). Peak = ru_maxrss of the stage's process.")
-    rows = []
-    for stage, r in results.items():
-        if "error" in r:
-            rows.append([stage, r["error"], "", ""])
-            continue
-        rows.append([stage, f"{r['seconds']:.0f}", gib(r["peak"]), describe(stage, r)])
-    print_table(["stage", "wall s", "peak GiB", "what it did"], rows)
+    print("Built-in images at 32x32, batch 2, bf16 autocast, checkpoint.every=1, "
+          "checkpoint.keep=1, eval.max_images=4; each stage a fresh process running the command "
+          "a user runs. Peak = the stage's ru_maxrss.")
+    table(["stage", "wall s", "peak GiB", "what it did"], rows)
+    print()
 
 
-def describe(stage: str, r: dict) -> str:
-    if stage == "evaluate":
-        return f"fp32 bits/dim {r['eval_bpd']:.4f} over {r['eval_images']} test images"
-    if stage == "sample":
-        return f"one image {r['dtype']} {r['shape']}, mean pixel {r['mean_pixel']:.1f}"
-    t = r["times"]
-    each = lambda key: ", ".join(f"{s:.0f}" for s in t.get(key, [])) or "-"
-    losses = ", ".join(f"{step}: {loss:.4f}" for step, loss in r["losses"].items())
-    return (f"{r['params']:,} parameters, {r['started']}; steps {each('optimizer_step')} s; "
-            f"checkpoint writes {each('save_checkpoint')} s (each {gib(r['checkpoint_bytes'])} "
-            f"GiB); checkpoint read {each('select_checkpoint')} s, restore {each('restore')} s; "
-            f"final evaluation {each('eval_record')} s, bits/dim {r['eval_bpd']:.4f} over "
-            f"{r['eval_images']} images; train loss by step {losses}")
-
-
-# ---------------------------------------------------------------------------------------------
-
-
-def parse_args() -> argparse.Namespace:
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", default=["imagenet32", "imagenet64"],
                         choices=["imagenet32", "imagenet64"])
@@ -292,39 +484,48 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--work-dir", default=None,
                         help="where checkpoints are written and removed (default: the temp dir)")
-    parser.add_argument("--case-timeout", type=float, default=3600.0)
     args = parser.parse_args()
     if not 0 < args.mfu <= 1:
         parser.error(f"--mfu must be in (0, 1], got {args.mfu}")
     args.dim = QUICK_DIM if args.quick else None
-    return args
-
-
-def main() -> None:
-    args = parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    with open("/proc/meminfo") as f:
-        ram = int(f.readline().split()[1]) * 1024
-    print(f"# Scale rehearsal of the paper configs, {datetime.datetime.now():%Y-%m-%d %H:%M}")
-    print(f"command: python {' '.join(sys.argv)}")
-    print(f"machine: {machine_line('bf16 autocast, the GPU recipe', args.threads)} "
-          f"({os.cpu_count()} logical CPUs), {ram / GiB:.0f} GiB RAM, load average "
-          f"{os.getloadavg()[0]:.2f}; no GPU was used")
-    print(f"python "
-          f"{platform.python_version()}" + (f"; --quick: width {QUICK_DIM}, the numbers mean "
-                                            "nothing" if args.quick else ""))
+    print(f"# Scale rehearsal of the paper configs, "
+          f"{machine_line('bf16 autocast, the GPU recipe', args.threads)}, "
+          f"{memory_cap() / GiB + 1:.0f} GiB available; no GPU was used"
+          + (f"; --quick: width {QUICK_DIM}, the numbers mean nothing" if args.quick else ""))
+    print(f"command: python {' '.join(sys.argv)}\n")
+    held = kib_field("/proc/self/status", "VmData:")
+    resource.setrlimit(resource.RLIMIT_DATA, (held + memory_cap(), resource.RLIM_INFINITY))
+
+    widths = QUICK_FIT_WIDTHS if args.quick else FIT_WIDTHS
+    flops, params, rows = {}, {}, []
+    for name in args.configs:
+        c = preset(name, args.dim)
+        with torch.device("meta"):
+            params[name] = AxialTransformer(c).num_parameters()
+        f = flops[name] = flops_at_width(name, c.dim, widths)
+        rows.append([name, "x".join(map(str, (c.channels, *c.image_size))), c.dim,
+                     f"{c.encoder_layers}/{c.outer_layers}/{c.inner_layers}", f"{params[name]:,}",
+                     f"{f['train'] / 1e9:,.1f}",
+                     f"{f['train_gc'] / 1e9:,.1f} ({f['train_gc'] / f['train']:.3f}x)",
+                     f"{f['eval'] / 1e9:,.1f}", "yes" if f["exact"] else "NO"])
+    print("## FLOPs per image (measured: counted on real steps)")
+    print(f"torch.utils.flop_counter on fp32 steps at batch 1, widths {widths[0]} and "
+          f"{widths[1]}, scaled to the config's width as a D^2 + b D and checked at width "
+          f"{widths[2]}. Train: forward + backward of the random-channel loss; with gradient "
+          "checkpointing (GC) the recomputed forward counts. Eval: forward of bits/dim, every "
+          "channel. Causal attention counts the t(t+1)/2 pairs it needs.")
+    table(["config", "image", "width", "layers", "parameters", "train GFLOP",
+           "train with GC GFLOP", "eval GFLOP", f"width {widths[2]} predicted exactly"], rows)
     print()
-    flops = flops_section(args.configs, args)
-    checkpoints = checkpoint_section(args.configs, args)
+    checkpoint_section(args.configs, args)
     activations = memory_section(args.configs, args)
-    configs = {name: preset(name, args.dim) for name in args.configs}
-    derived_tables(configs, flops, activations, args.mfu)
+    memory_table(params, activations)
+    time_table(params, flops, args.mfu)
     if not args.skip_run:
         rehearsal_section(args)
-    print(f"global batch {GLOBAL_BATCH}; checkpoints measured: "
-          f"{', '.join(n for n, c in checkpoints.items() if 'error' not in c) or 'none'}; "
-          f"bench wall time {(time.perf_counter() - start) / 60:.1f} min")
+    print(f"bench wall time {(time.perf_counter() - start) / 60:.1f} min")
 
 
 if __name__ == "__main__":

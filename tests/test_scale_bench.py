@@ -1,6 +1,6 @@
-"""bench/scale_bench.py's own instruments and arithmetic: the attention FLOPs it counts on the
-CPU's fused kernel, the live tensor bytes it counts op by op, and the micro-batch it advises when a
-step does not fit a GPU."""
+"""The benchmarks' own instruments and arithmetic: the attention FLOPs counted on the CPU's fused
+kernel (bench/model_bench.py), and bench/scale_bench.py's live tensor bytes counted op by op and
+the micro-batch it advises when a step does not fit a GPU."""
 
 import sys
 from pathlib import Path
@@ -11,11 +11,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from scale_cases import CPU_ATTENTION_FLOPS, LiveTensorBytes  # noqa: E402
-from scale_plan import (  # noqa: E402
+from model_bench import CPU_FLASH_FLOPS  # noqa: E402
+from scale_bench import (  # noqa: E402
     GPU_MEMORY,
     HEADROOM,
     Activation,
+    LiveTensorBytes,
     gpu_memory,
     largest_fitting_micro_batch,
 )
@@ -42,7 +43,7 @@ def test_attention_flops_count_the_causal_pairs():
     dense = 3 * 2 * tokens * dim * (3 * dim + dim)
     # q k^T and p v over the t(t+1)/2 pairs on and below the diagonal; the backward twice that.
     attention = 3 * 2 * 2 * rows * heads * head_dim * length * (length + 1) // 2
-    assert attention_layer_flops(CPU_ATTENTION_FLOPS) == dense + attention
+    assert attention_layer_flops(CPU_FLASH_FLOPS) == dense + attention
     # Without the entries for the CPU's fused kernel its attention goes uncounted.
     assert attention_layer_flops({}) == dense
 
@@ -67,12 +68,13 @@ def test_live_tensor_bytes_peak_counts_each_storage_while_alive():
 @pytest.mark.parametrize("gpus, per_image, expected", [
     (1, 10 * GiB, 4),     # 64 images: 4 + 2 + 10 m <= 76 GiB gives m <= 7; 4 divides 64
     (8, 10 * GiB, 4),     # 8 images, DDP's buckets add 1 GiB: m <= 6.9; 4 divides 8
+    (1, 18 * GiB, 2),     # m <= 3.9 within the 76 GiB (without the headroom, 4 would fit)
     (64, 0.5 * GiB, 1),   # one image per GPU fits
     (1, 80 * GiB, None),  # not even one image fits
 ])
 def test_micro_batch_is_the_largest_divisor_that_fits(gpus, per_image, expected):
     params, fixed = GiB // 4, 2 * GiB  # 16 bytes of states per parameter: 4 GiB
-    step = Activation([(fixed, per_image)], "").at
+    step = Activation([(fixed, per_image)]).at
     assert largest_fitting_micro_batch(params, step, gpus, 64 // gpus) == expected
     if expected is not None:
         assert gpu_memory(params, step(expected), gpus) <= GPU_MEMORY - HEADROOM
@@ -95,7 +97,7 @@ def toy_step(batch: int) -> LiveTensorBytes:
 def test_activation_from_traces_follows_the_peak_to_any_batch():
     one, two, ten = toy_step(1), toy_step(2), toy_step(10)
     assert (one.peak, two.peak, ten.peak) == (20_400, 20_800, 40_000)
-    activation = Activation.from_traces(one.trace, 1, two.trace, 2, "")
+    activation = Activation.from_traces(one.trace, 1, two.trace, 2)
     assert activation.at(10) == ten.peak
     # The line through the two peaks puts batch 10 at the gradients' op: 24,000 bytes.
     per_image = two.peak - one.peak
