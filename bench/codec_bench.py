@@ -1,25 +1,27 @@
-"""Lossless compression of the built-in test split: the model's codec against PNG, WebP and JPEG XL.
+r"""Lossless compression of the built-in test split: the codec against PNG, WebP and JPEG XL.
 
     python bench/codec_bench.py                          # the demo model, runs/demo
     python bench/codec_bench.py --checkpoint runs/mine   # any model of the split's image size
+    python bench/codec_bench.py --checkpoint tests/golden/model --images 8 --batch1-images 1 \
+        --rounds 1                                       # checks that it runs
 
 Without --checkpoint the demo model is used, trained first by `python train.py` if runs/demo
 has none. Prints a markdown table: file bits/dim (header included) beside the model's exact
 bits/dim (teacher-forced, float32) for the whole split coded at batch 64 and its first
 --batch1-images coded one at a time; PNG (optimize), WebP lossless (method 6) and JPEG XL
 lossless (effort 9) per image and as one mosaic of all test images; and encode and decode
-images/s. The codec's rates are the best of 3 rounds over one group of 64 images, taken in turn
-with the float decoder the codec had before its exact arithmetic (the same loop over the float
-model, each subpixel's float32 softmax quantised by constriction), so that a shared machine's
-slow spells fall on both; batch 1 takes the best of 2 rounds. The baselines' rates are over the
-whole split, one image at a time. Then the targets: the file at most 1% above the exact bits,
-decoding at batch 64 at least half as fast as the float decoder.
+images/s. The codec's rates are the best of --rounds (3) over one group of 64 images (each a
+torch.utils.benchmark timing after a warm-up call), taken in turn with the float decoder the
+codec had before its exact arithmetic (the same loop over the float model, each subpixel's
+float32 softmax quantised by constriction), so that a shared machine's slow spells fall on both;
+batch 1 takes one round fewer. The baselines' rates are over the whole split, one image at a
+time. Then the targets: the file at most 1% above the exact bits, decoding at batch 64 at least
+half as fast as the float decoder.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import io
 import math
 import subprocess
@@ -31,7 +33,7 @@ import constriction
 import imagecodecs
 import numpy as np
 import torch
-from machine import machine_line, sampler_precision
+from machine import in_turn, machine_line, sampler_precision, table
 from PIL import Image
 
 from axial_transformer import cpu_speedups
@@ -71,30 +73,18 @@ def decode_baseline(data: bytes, codec: str) -> np.ndarray:
     return np.array(Image.open(io.BytesIO(data)))
 
 
-def baseline(images: np.ndarray, codec: str) -> tuple[float, float, float]:
-    """(bits/dim, encode images/s, decode images/s) of `codec` on each image on its own, decoded
-    and checked to be lossless."""
+def baseline(images: np.ndarray, codec: str, tiled: bool) -> tuple[float, float, float]:
+    """(bits/dim, encode images/s, decode images/s) of `codec` on each image on its own, or on
+    one mosaic of all of them (`tiled`), decoded and checked to be lossless; one pass, timed."""
+    pictures = mosaic(images)[None] if tiled else images
     start = time.perf_counter()
-    files = [encode_baseline(image, codec) for image in images]
+    files = [encode_baseline(picture, codec) for picture in pictures]
     encoding = time.perf_counter() - start
     start = time.perf_counter()
     decoded = np.stack([decode_baseline(f, codec) for f in files])
     decoding = time.perf_counter() - start
-    assert np.array_equal(decoded.reshape(images.shape), images), f"{codec} is not lossless"
+    assert np.array_equal(decoded.reshape(pictures.shape), pictures), f"{codec} is not lossless"
     return 8 * sum(map(len, files)) / images.size, len(images) / encoding, len(images) / decoding
-
-
-def mosaic_baseline(images: np.ndarray, codec: str) -> tuple[float, float, float]:
-    """(bits/dim, encode images/s, decode images/s) of `codec` on one mosaic of all images."""
-    tiled = mosaic(images)
-    start = time.perf_counter()
-    data = encode_baseline(tiled, codec)
-    encoding = time.perf_counter() - start
-    start = time.perf_counter()
-    decoded = decode_baseline(data, codec)
-    decoding = time.perf_counter() - start
-    assert np.array_equal(decoded.reshape(tiled.shape), tiled), f"{codec} is not lossless"
-    return 8 * len(data) / images.size, len(images) / encoding, len(images) / decoding
 
 
 class FloatCoding:
@@ -144,18 +134,6 @@ def ours(model, images: torch.Tensor, batch_size: int) -> bytes:
     return data
 
 
-def best_seconds(calls: dict, repeats: int) -> dict:
-    """The best wall time of each call over `repeats` rounds, the calls taken in turn within a
-    round, so that a shared machine's slow spells fall on all of them alike."""
-    best = dict.fromkeys(calls, math.inf)
-    for _ in range(repeats):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
-
-
 def rates(model, images: torch.Tensor, batch_size: int, repeats: int,
           with_float: bool = False) -> dict:
     """Images/s of the codec's encoding and decoding of `images` at `batch_size`, and of the
@@ -165,8 +143,7 @@ def rates(model, images: torch.Tensor, batch_size: int, repeats: int,
              "decode": lambda: decompress(model, data, batch_size=batch_size)}
     if with_float:
         _, calls["float decode"] = float_codec(model, images)
-    seconds = best_seconds(calls, repeats)
-    return {name: len(images) / t for name, t in seconds.items()}
+    return {name: len(images) / min(t) for name, t in in_turn(calls, repeats).items()}
 
 
 def exact_bits_per_dim(model, images: torch.Tensor) -> float:
@@ -183,12 +160,14 @@ def main() -> None:
                         "runs/demo, trained if missing)")
     parser.add_argument("--batch1-images", type=int, default=16,
                         help="images coded one at a time for the batch-1 figures")
+    parser.add_argument("--images", type=int, help="code only the first N test images")
+    parser.add_argument("--rounds", type=int, default=3, help="timing rounds at batch 64")
     args = parser.parse_args()
     checkpoint = Path(args.checkpoint) if args.checkpoint else demo_model()
     model, _ = load_trained_model(checkpoint)
     model.eval()
     c, (h, w) = model.config.channels, model.config.image_size
-    array = np.asarray(open_split("builtin", "test", (h, w), c).array)  # [N, H, W, C]
+    array = np.asarray(open_split("builtin", "test", (h, w), c).array)[: args.images]  # NHWC
     images = torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
     n = len(images)
 
@@ -200,43 +179,39 @@ def main() -> None:
     first = images[: args.batch1_images]
     file1_bpd = 8 * len(ours(model, first, 1)) / first.numel()
     exact1 = exact_bits_per_dim(model, first)
-    speed64 = rates(model, images[:64], 64, repeats=3, with_float=True)
-    speed1 = rates(model, first, 1, repeats=2)
+    speed64 = rates(model, images[:64], 64, args.rounds, with_float=True)
+    speed1 = rates(model, first, 1, max(1, args.rounds - 1))
     float_words, _ = float_codec(model, images[:64])
     float_bpd = 32 * len(float_words) / images[:64].numel()
     exact64 = exact_bits_per_dim(model, images[:64])
-    baselines = {codec: (baseline(array, codec), mosaic_baseline(array, codec))
+    baselines = {codec: (baseline(array, codec, False), baseline(array, codec, True))
                  for codec in BASELINE_NAMES}
 
-    rows = mosaic(array).shape[0] // h
-    cols = n // rows
+    tile_rows = mosaic(array).shape[0] // h
     command = " ".join(["python", "bench/codec_bench.py", *sys.argv[1:]])
-    date = datetime.datetime.now().isoformat(timespec="seconds")
-    print(f"# Codec benchmark: `{command}`, {date}")
+    print(f"# Codec benchmark: `{command}`")
     precision = f"fp32 in the codec, {sampler_precision()} in the sampler"
     print(f"# {machine_line(precision)} (the codec: {torch.get_num_threads()} threads at batch "
           "64, 1 at batch 1, as the sampler)")
     print(f"# model {checkpoint} ({model.num_parameters():,} parameters); built-in test split, "
           f"{n} images of {c}x{h}x{w}\n")
-    print("| codec | bits/dim | vs exact | encode images/s | decode images/s |")
-    print("|---|---:|---:|---:|---:|")
-    print(f"| model's exact bits/dim (teacher-forced, float32) | {exact:.4f} | | | |")
-    print(f"| ours, batch 64: file ({header_bytes:,} bytes of header) | {file_bpd:.4f} | "
-          f"{100 * (file_bpd / exact - 1):+.2f}% | {speed64['encode']:.1f} | "
-          f"{speed64['decode']:.1f} |")
-    print(f"| ours, batch 64: payload | {payload_bpd:.4f} | {100 * (payload_bpd / exact - 1):+.3f}%"
-          " | | |")
-    print(f"| ours, batch 1: file of the first {len(first)} images (exact {exact1:.4f}) | "
-          f"{file1_bpd:.4f} | {100 * (file1_bpd / exact1 - 1):+.2f}% | {speed1['encode']:.1f} | "
-          f"{speed1['decode']:.1f} |")
-    print(f"| float decoder (before the exact arithmetic), batch 64: payload of the first 64 "
-          f"images (exact {exact64:.4f}) | {float_bpd:.4f} | "
-          f"{100 * (float_bpd / exact64 - 1):+.3f}% | | {speed64['float decode']:.1f} |")
+    vs = lambda bpd, ref=exact, digits=2: f"{100 * (bpd / ref - 1):+.{digits}f}%"
+    rows = [["model's exact bits/dim (teacher-forced, float32)", f"{exact:.4f}", "", "", ""],
+            [f"ours, batch 64: file ({header_bytes:,} bytes of header)", f"{file_bpd:.4f}",
+             vs(file_bpd), f"{speed64['encode']:.1f}", f"{speed64['decode']:.1f}"],
+            ["ours, batch 64: payload", f"{payload_bpd:.4f}", vs(payload_bpd, digits=3), "", ""],
+            [f"ours, batch 1: file of the first {len(first)} images (exact {exact1:.4f})",
+             f"{file1_bpd:.4f}", vs(file1_bpd, exact1), f"{speed1['encode']:.1f}",
+             f"{speed1['decode']:.1f}"],
+            ["float decoder (before the exact arithmetic), batch 64: payload of the first "
+             f"{min(n, 64)} images (exact {exact64:.4f})", f"{float_bpd:.4f}",
+             vs(float_bpd, exact64, 3), "", f"{speed64['float decode']:.1f}"]]
     for codec, name in BASELINE_NAMES.items():
-        for label, (bpd, enc, dec) in zip(("per image", f"one {rows}x{cols} mosaic"),
+        for label, (bpd, enc, dec) in zip(("per image", f"one {tile_rows}x{n // tile_rows} mosaic"),
                                           baselines[codec], strict=True):
-            print(f"| {name}, {label} | {bpd:.4f} | {100 * (bpd / exact - 1):+.1f}% | {enc:.0f} "
-                  f"| {dec:.0f} |")
+            rows.append([f"{name}, {label}", f"{bpd:.4f}", vs(bpd, digits=1), f"{enc:.0f}",
+                         f"{dec:.0f}"])
+    table(["codec", "bits/dim", "vs exact", "encode images/s", "decode images/s"], rows)
 
     webp_check = lossless_bits_per_dim(array, "webp")
     assert abs(webp_check - baselines["webp"][0][0]) < 1e-9, "WebP's settings differ from " \

@@ -2,6 +2,7 @@
 
     python bench/conditional_bench.py                # ~4 minutes on 2 idle CPU cores
     python bench/conditional_bench.py --steps 200    # a quick look
+    python bench/conditional_bench.py --steps 5 --per-class 2    # checks that it runs
 
 1,797 digits with their classes, pixel values 0..16 (a model of 17 levels); a fixed 20% is held
 out. Three models of the same size are trained for the same steps: unconditional, conditional
@@ -15,13 +16,12 @@ per class, at guidance 1 and 3.
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
 import time
 
 import numpy as np
 import torch
-from machine import machine_line, sampler_precision
+from machine import machine_line, sampler_precision, table
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 
@@ -110,26 +110,26 @@ def main() -> None:
     real = classifier.score(x_test.reshape(len(x_test), -1), y_test)
     shuffled = np.random.default_rng(3).permutation(y_train)
 
-    print(f"# Class-conditional digits, {datetime.datetime.now().isoformat(timespec='seconds')}")
-    print(f"# {machine_line(f'fp32 training, {sampler_precision()} sampling')}; "
+    print(f"# Class-conditional digits, "
+          f"{machine_line(f'fp32 training, {sampler_precision()} sampling')}; "
           f"{len(x_train)} train / {len(x_test)} test digits, 8x8, 17 levels; width {args.dim}, "
           f"layers 2/2/{args.inner_layers}, dropout {args.dropout}, {args.steps} steps of "
           f"{args.batch_size}, label dropout {args.label_dropout}")
     print(f"# the classifier (logistic regression) recognises {real:.1%} of the real test "
           "digits\n")
-    print("| model | test bits/dim | recognised, guidance 1 | recognised, guidance 3 |")
-    print("|---|--:|--:|--:|")
-    unconditional = train(x_train, None, args.steps, args)
-    print(f"| unconditional | {bits_per_dim(unconditional, x_test, None):.3f} | - | - |",
-          flush=True)
-    rows = (("conditional", y_train), ("conditional on shuffled labels (control)", shuffled))
-    for name, labels in rows:
-        model = train(x_train, labels, args.steps, args)
-        given, no_class = bits_per_dim(model, x_test, y_test), bits_per_dim(
-            model, x_test, np.full_like(y_test, -1))
-        accuracy = [recognised(model, classifier, s, args.per_class) for s in (1.0, 3.0)]
-        print(f"| {name} | {given:.3f} (no class: {no_class:.3f}) | {accuracy[0]:.1%} | "
-              f"{accuracy[1]:.1%} |", flush=True)
+
+    def rows():
+        unconditional = train(x_train, None, args.steps, args)
+        yield ["unconditional", f"{bits_per_dim(unconditional, x_test, None):.3f}", "-", "-"]
+        for name, labels in (("conditional", y_train),
+                             ("conditional on shuffled labels (control)", shuffled)):
+            model = train(x_train, labels, args.steps, args)
+            given = bits_per_dim(model, x_test, y_test)
+            no_class = bits_per_dim(model, x_test, np.full_like(y_test, -1))
+            yield [name, f"{given:.3f} (no class: {no_class:.3f})",
+                   *(f"{recognised(model, classifier, s, args.per_class):.1%}" for s in (1, 3))]
+
+    table(["model", "test bits/dim", "recognised, guidance 1", "recognised, guidance 3"], rows())
     print(f"\n# {math.ceil(time.perf_counter() - start)} s in all")
 
 
