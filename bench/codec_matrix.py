@@ -7,7 +7,8 @@ Encodes the first --images of the built-in test split with compress.py under eac
 {avx2, default} kernels (ATEN_CPU_CAPABILITY) x {1, 2} threads x {batch 1, 64}, each in a fresh
 process, checks that the 8 files are the same bytes, and decodes the file of each combination
 with decompress.py under the next one in the list (so every combination decodes once, each a
-file written under another), checking the pixels. Prints one line per combination.
+file written under another), checking the pixels. Prints whether the files agree, and a markdown
+table of the decodings.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from machine import machine_line, table
 
 from axial_transformer.data.splits import open_split
 from axial_transformer.training.checkpoint import load_trained_model
@@ -53,17 +55,22 @@ def main() -> None:
                 str(source), "-o", str(out))
             files[k] = out.read_bytes()
         same = len(set(files.values())) == 1
+        print(f"# {machine_line('exact integer coding', threads='1 and 2')}")
         print(f"# {args.images} images of {c}x{h}x{w}, model {args.checkpoint}: the 8 files "
-              f"are {'the same bytes' if same else 'NOT the same'} ({len(files[0]):,} bytes)")
-        for k, encoder in enumerate(COMBINATIONS):
-            decoder = COMBINATIONS[(k + 1) % len(COMBINATIONS)]
-            back = Path(tmp) / f"{k}.npy"
-            run("decompress.py", *decoder, str(Path(tmp) / f"{k}.axc"), "--checkpoint",
-                args.checkpoint, "--out", str(back))
-            exact = np.array_equal(np.load(back), images)
-            print(f"written under {encoder[0]:7}, {encoder[1]} thread(s), batch {encoder[2]:2}; "
-                  f"decoded under {decoder[0]:7}, {decoder[1]} thread(s), batch "
-                  f"{decoder[2]:2}: {'exact' if exact else 'NOT exact'}")
+              f"are {'the same bytes' if same else 'NOT the same'} ({len(files[0]):,} bytes)\n")
+
+        def rows():
+            for k, encoder in enumerate(COMBINATIONS):
+                decoder = COMBINATIONS[(k + 1) % len(COMBINATIONS)]
+                back = Path(tmp) / f"{k}.npy"
+                run("decompress.py", *decoder, str(Path(tmp) / f"{k}.axc"), "--checkpoint",
+                    args.checkpoint, "--out", str(back))
+                exact = np.array_equal(np.load(back), images)
+                yield [", ".join(map(str, encoder)), ", ".join(map(str, decoder)),
+                       "exact" if exact else "NOT exact"]
+
+        table(["written under (kernels, threads, batch)", "decoded under (kernels, threads, batch)",
+               "pixels"], rows())
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ Needs `pip install axial-attention` (the `bench` extra) for the comparison.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import multiprocessing
 import resource
 
@@ -88,6 +89,8 @@ def main() -> None:
     args = p.parse_args()
     if args.threads < 1:
         p.error(f"--threads must be at least 1, got {args.threads}")
+    if importlib.util.find_spec("axial_attention") is None:  # every ratio is against it
+        p.error("needs the axial-attention package: pip install -e '.[bench]'")
     args.batch, args.dim, args.heads = (2, 32, 4) if args.quick else (8, 128, 8)
     if args.min_run_time is None:
         args.min_run_time = 0 if args.quick else 2

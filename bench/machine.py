@@ -23,7 +23,7 @@ def cpu_model() -> str:
         return platform.processor() or platform.machine()
 
 
-def machine_line(precision: str, threads: int | None = None) -> str:
+def machine_line(precision: str, threads: int | str | None = None) -> str:
     """A header's machine: the date, the CPU, the vector code torch runs on it (its capability,
     which ATEN_CPU_CAPABILITY can narrow), torch, threads, and the precision the bench ran in."""
     return (f"{datetime.datetime.now():%Y-%m-%d %H:%M}, {cpu_model()}, CPU capability "

@@ -1,7 +1,7 @@
 """Training-step speed and memory of the Axial Transformer against full causal self-attention.
 
     python bench/model_bench.py                   # the full table: ~10 min on 2 quiet cores
-    python bench/model_bench.py --quick           # tiny sizes, ~30 s: checks that the script runs
+    python bench/model_bench.py --quick           # tiny model and sizes: checks that it runs
     python bench/model_bench.py --threads 8 --sizes 16 32
 
 Both models are the "small" preset's size (width 256, 8 heads, 12 blocks, MLP ratio 1) and score
@@ -40,7 +40,7 @@ from axial_transformer.model.blocks import MLP
 from axial_transformer.precision import bf16_is_fast
 
 CHANNELS = 3
-PRESET = "small"
+PRESET, QUICK_PRESET = "small", "tiny"
 # Default batch: batch x H x W is held at this many pixels (batch 16 at 16x16, 4 at 32x32, 1 at
 # 64x64), so the dense FLOPs per step stay equal across sizes and the 64x64 baseline (12,288
 # tokens) runs at batch 1.
@@ -151,7 +151,7 @@ def training_step(args: argparse.Namespace, variant: str, size: int, batch: int)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     x = torch.randint(0, 256, (batch, CHANNELS, size, size), dtype=torch.uint8)
-    config = AxialTransformerConfig.from_preset(PRESET, image_size=(size, size),
+    config = AxialTransformerConfig.from_preset(args.preset, image_size=(size, size),
                                                 channels=CHANNELS)
     if variant.startswith("axial"):
         model = AxialTransformer(config)
@@ -292,10 +292,12 @@ def run_bench(args: argparse.Namespace) -> None:
           f"{machine_line('fp32 and bf16 autocast, each timed', args.threads)} "
           f"({os.cpu_count()} logical CPUs), load average {os.getloadavg()[0]:.2f}")
     print(f"bf16 on this machine: {bf16_is_fast(torch.device('cpu'))[1]}")
-    print(f"model: preset {PRESET!r} (width 256, 8 heads, 4/4/4 layers), RGB, every channel "
+    c = AxialTransformerConfig.from_preset(args.preset)
+    print(f"model: preset {args.preset!r} (width {c.dim}, {c.heads} heads, {c.encoder_layers}/"
+          f"{c.outer_layers}/{c.inner_layers} layers), RGB, every channel "
           f"scored; step time: median of torch.utils.benchmark's blocked_autorange over "
           f"{args.min_run_time:g} s after a FLOP-counted step and its warm-up"
-          + (" (--quick: tiny sizes, numbers mean nothing)" if args.quick else ""))
+          + (" (--quick: tiny model and sizes, numbers mean nothing)" if args.quick else ""))
     n = 512 if args.quick else 2048
     peak = {"fp32": matmul_peak(n, torch.float32), "bf16": matmul_peak(n, torch.bfloat16)}
     print(f"matmul peak ({n}x{n} @ {n}x{n}, median over 1 s): fp32 {peak['fp32'] / 1e9:.0f} "
@@ -317,7 +319,8 @@ def run_bench(args: argparse.Namespace) -> None:
     print("## Training step (forward + backward + Adam)")
     print("axial = AxialTransformer; axial compiled = its loss under torch.compile (inductor), "
           "timed after compiling; baseline = GPT over C*H*W tokens, full causal attention "
-          "(SDPA is_causal); all with 12 blocks and the same batch at each size")
+          f"(SDPA is_causal); all with {c.encoder_layers + c.outer_layers + c.inner_layers} "
+          "blocks and the same batch at each size")
     rows = []
     for (variant, precision, size), r in results.items():
         image = f"{size}x{size}x{CHANNELS}"
@@ -398,7 +401,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="tiny sizes and short timings, to check that the script runs")
+                        help=f"the {QUICK_PRESET!r} preset at tiny sizes, short timings: checks "
+                        "that the script runs")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="intra-op threads (default: torch's, i.e. OMP_NUM_THREADS)")
     parser.add_argument("--sizes", type=int, nargs="+",
@@ -417,6 +421,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--case-timeout", type=float, default=1200.0,
                         help="seconds before a case counts as not fitting in time")
     args = parser.parse_args()
+    args.preset = QUICK_PRESET if args.quick else PRESET
     args.sizes = args.sizes or ([4, 8] if args.quick else [16, 32, 64])
     args.min_run_time = args.min_run_time if args.min_run_time is not None else (
         0.0 if args.quick else 15.0)
