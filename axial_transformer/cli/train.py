@@ -8,7 +8,7 @@
     python train.py --config configs/imagenet32.yaml run_dir=runs/in32 resume=auto
 
 Overrides are `section.key=value` (model, data, train, eval, log, checkpoint) or `run_dir=...`,
-`resume=...`; see axial_transformer/train_config.py for every key. The run writes config.yaml,
+`resume=...`; see axial_transformer/training/config.py for every key. The run writes config.yaml,
 metrics.jsonl, checkpoints/, export/ (EMA weights for sample.py) and samples/ into run_dir, and
 says where at the end; run again on a finished run, it prints its results instead.
 
@@ -38,7 +38,7 @@ DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 def config_keys() -> str:
     """Every config key with its default, section by section, as the overrides spell them."""
     lines = ["config keys, as section.key=value with the value a key has unless the --config",
-             "preset or an override sets it (axial_transformer/train_config.py says what each",
+             "preset or an override sets it (axial_transformer/training/config.py says what each",
              "does):"]
     for section, values in RunConfig().to_dict().items():
         if not isinstance(values, dict):
