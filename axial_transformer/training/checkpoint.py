@@ -28,9 +28,9 @@ import torch
 import yaml
 from torch import nn
 
+from ..files import check_shapes, read_tensors
 from ..hub import is_hub_id
 from ..model.transformer import AxialTransformer
-from ..tensor_files import check_shapes, read_tensors
 from .config import RunConfig, config_from_dict
 from .ema import EMA
 

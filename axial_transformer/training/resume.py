@@ -24,8 +24,14 @@ from typing import TypeVar
 
 from torch import Tensor, nn
 
-from ..files import atomic_write_text, fsync_directory, write_safetensors
-from ..tensor_files import check_shapes, read_tensors, safetensors_shapes
+from ..files import (
+    atomic_write_text,
+    check_shapes,
+    fsync_directory,
+    read_tensors,
+    safetensors_shapes,
+    write_safetensors,
+)
 from .checkpoint import (
     MARKER,
     CheckpointError,
