@@ -13,25 +13,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 from ..data.sources import SPLITS
 from ..evaluation import channel_names, codec_baselines, evaluate, save_heatmap
-from ..outputs import check_output
 from ..training.checkpoint import load_trained_model
 from ..training.distributed import cpu_only
+from .common import CLIError, check_output, check_positive, command_parser, run_command
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--debug", action="store_true",
-                        default=os.environ.get("AXIAL_DEBUG") == "1",
-                        help="show the traceback of an error (also AXIAL_DEBUG=1)")
-    parser.add_argument("--checkpoint", required=True,
-                        help="run directory, checkpoint directory, export directory or Hub "
-                        "repository id (owner/name)")
+    parser = command_parser(__doc__)
     parser.add_argument("--data", help="data spec: builtin, a .npy file or a directory with "
                         "test.npy (default: the run's data.spec)")
     parser.add_argument("--split", default="test", help=f"one of {', '.join(SPLITS)}")
@@ -42,39 +35,34 @@ def main(argv: list[str] | None = None) -> int:
                         help="bf16 autocast instead of fp32 (warns on a CPU that emulates bf16)")
     parser.add_argument("--heatmap", metavar="PNG", help="write the bits-per-pixel heatmap here")
     parser.add_argument("--baselines", action="store_true",
-                        help="also print the bits/dim of PNG and WebP lossless")
+                        help="also print the bits/dim of JPEG XL, WebP and PNG lossless")
     parser.add_argument("--no-class", action="store_true",
                         help="class-conditional models: score the images told 'no class' (the "
                         "unconditional model of a run trained with train.label_dropout)")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    args = parser.parse_args(argv)
+    return run_command(run, parser.parse_args(argv))
 
+
+def run(args: argparse.Namespace) -> int:
     from accelerate import Accelerator
 
     from ..data.splits import open_split
 
-    try:
-        if args.split not in SPLITS:
-            raise ValueError(f"--split must be one of {', '.join(SPLITS)}, got {args.split!r}")
-        model, cfg = load_trained_model(args.checkpoint)
-        spec = args.data or (cfg.data.spec if cfg else None)
-        if spec is None:
-            raise ValueError(f"{args.checkpoint} has no run config to take the data from; "
-                             "pass --data")
-        if args.batch_size < 1 or args.max_images < 0:
-            raise ValueError("--batch-size must be >= 1 and --max-images >= 0")
-        c = model.config
-        if args.no_class and not c.num_classes:
-            raise ValueError("--no-class needs a class-conditional model")
-        dataset = open_split(spec, args.split, c.image_size, c.channels, c.num_classes,
-                             trained=True)
-        if args.heatmap is not None:  # before the compute, not after it
-            check_output(Path(args.heatmap), "--heatmap", replace=True)
-    except (ValueError, FileNotFoundError) as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.split not in SPLITS:
+        raise CLIError(f"--split must be one of {', '.join(SPLITS)}, got {args.split!r}")
+    check_positive(args, "--batch-size")
+    if args.max_images < 0:
+        raise CLIError(f"--max-images must be 0 or more, got {args.max_images}")
+    model, cfg = load_trained_model(args.checkpoint)
+    spec = args.data or (cfg.data.spec if cfg else None)
+    if spec is None:
+        raise CLIError(f"{args.checkpoint} has no run config to take the data from; pass --data")
+    c = model.config
+    if args.no_class and not c.num_classes:
+        raise CLIError("--no-class needs a class-conditional model")
+    dataset = open_split(spec, args.split, c.image_size, c.channels, c.num_classes, trained=True)
+    if args.heatmap is not None:  # before the compute, not after it
+        check_output(Path(args.heatmap), "--heatmap")
 
     accelerator = Accelerator(cpu=cpu_only())
     model.to(accelerator.device)
@@ -92,11 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         try:  # after the figures: a disk that fails here does not take them with it
             save_heatmap(heatmap, args.heatmap)
         except OSError as e:
-            if args.debug:
-                raise
-            print(f"error: could not write the heatmap {args.heatmap}: {e.strerror or e}",
-                  file=sys.stderr)
-            return 2
+            raise CLIError(f"could not write the heatmap {args.heatmap}: {e.strerror or e}"
+                           ) from None
         if not args.json:
             print(f"heatmap: {args.heatmap}")
     return 0

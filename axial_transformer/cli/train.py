@@ -20,16 +20,15 @@ continues. Bad input stops the run at start-up with one line on stderr and exit 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import textwrap
 from pathlib import Path
 
 from ..training.config import RunConfig, load_config
-from ..training.errors import SetupError, TrainingError, one_line
 from ..training.loop import train
 from ..training.run_log import print_outputs
 from ..training.signals import Preempted, Preemption
+from .common import command_parser, run_command
 
 # The presets live in the repository's configs/, beside the package.
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
@@ -60,16 +59,15 @@ def spelled(value) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     epilog=config_keys(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser(__doc__, checkpoint=False, epilog=config_keys(),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEMO_CONFIG),
                         help="YAML preset (default: the CPU demo, configs/demo.yaml)")
-    parser.add_argument("--debug", action="store_true",
-                        default=os.environ.get("AXIAL_DEBUG") == "1",
-                        help="show the traceback of an error (also AXIAL_DEBUG=1)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
-    args = parser.parse_args(argv)
+    return run_command(run, parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
     # SIGTERM and SIGINT until the process exits: train() handles them while it runs; before,
     # they stop the command at once; after, everything is saved or complete and they are only
     # noted, so that a signal while the results print or the interpreter shuts down still
@@ -81,17 +79,10 @@ def main(argv: list[str] | None = None) -> int:
                              "not the installed package: pass --config FILE")
         cfg = load_config(args.config, args.overrides)
         final = train(cfg)
-        outside.defer()
     except Preempted as stop:  # before train() began, or just as it returned
+        final = {"preempted": stop.signal_name, "checkpoint": None}
+    finally:
         outside.defer()
-        final = {"preempted": stop.signal_name, "step": None, "checkpoint": None}
-    # OSError: a disk that fills up or fails after start-up (a checkpoint write says so itself).
-    except (ValueError, SetupError, TrainingError, OSError) as e:
-        outside.defer()
-        if args.debug:
-            raise
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
     if "preempted" in final:
         if final["checkpoint"] is None:
             print(f"stopped by {final['preempted']} during start-up; nothing to save",
