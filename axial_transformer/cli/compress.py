@@ -60,15 +60,15 @@ def read_images(specs: list[str], channels: int,
 
 def png_names(paths: list[Path]) -> list[str]:
     """Each file's stem plus .png, with -2, -3, ... after a name already taken."""
-    names: list[str] = []
+    names: dict[str, None] = {}  # a dict: ordered, and fast to look up
     for path in paths:
         stem = path.stem if safe_name(f"{path.stem}.png") else "image"
         name, k = f"{stem}.png", 1
         while name in names:
             k += 1
             name = f"{stem}-{k}.png"
-        names.append(name)
-    return names
+        names[name] = None
+    return list(names)
 
 
 def read_array_range(spec: str, channels: int, size: tuple[int, int]) -> np.ndarray:

@@ -1,12 +1,10 @@
-"""Exact test bits/dim of a trained model over a whole test split.
+"""Exact test bits/dim of a trained model over a whole test split (the run's own data unless
+--data; fp32 unless --bf16).
 
     python evaluate.py --checkpoint runs/demo                      # the run's EMA export
     python evaluate.py --checkpoint runs/in32/checkpoints/step_0100000 --heatmap bits.png
     python evaluate.py --checkpoint runs/in32/export --data data/imagenet32 --baselines
     torchrun --standalone --nproc_per_node 8 evaluate.py --checkpoint runs/in64
-
---checkpoint takes a run directory, one of its checkpoints or an export directory; the data
-defaults to the run's own (data.spec in its config.yaml). Evaluation runs in fp32 unless --bf16.
 """
 
 from __future__ import annotations
@@ -74,8 +72,22 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.baselines:
         metrics.update(codec_baselines(dataset, args.max_images, progress=True))
-    metrics["conditioned_on"] = conditioned_on(c.num_classes, args.no_class)
-    report(args, metrics, spec, c.channels)
+    k = c.num_classes
+    metrics["conditioned_on"] = ("nothing (an unconditional model)" if not k else
+                                 f"no class (a model of {k} classes told none)" if args.no_class
+                                 else f"each image's class ({k} classes)")
+    if args.json:
+        print(json.dumps(metrics), flush=True)
+    else:
+        per_channel = ", ".join(f"{n} {b:.4f}" for n, b in zip(
+            channel_names(c.channels), metrics["bpd_channel"], strict=True))
+        print(f"{args.split} bits/dim {metrics['bpd']:.4f} over {metrics['images']} images of "
+              f"{spec} ({per_channel}){' [bf16]' if args.bf16 else ''}, conditioned on "
+              f"{metrics['conditioned_on']}")
+        for codec in ("jxl", "webp", "png"):
+            if f"baseline/{codec}_bpd" in metrics:
+                print(f"  {codec} lossless: {metrics[f'baseline/{codec}_bpd']:.4f} bits/dim")
+        sys.stdout.flush()
     if heatmap is not None:
         try:  # after the figures: a disk that fails here does not take them with it
             save_heatmap(heatmap, args.heatmap)
@@ -85,27 +97,3 @@ def run(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"heatmap: {args.heatmap}")
     return 0
-
-
-def report(args: argparse.Namespace, metrics: dict, spec: str, channels: int) -> None:
-    if args.json:
-        print(json.dumps(metrics), flush=True)
-        return
-    names = channel_names(channels)
-    per_channel = ", ".join(f"{n} {b:.4f}" for n, b in zip(names, metrics["bpd_channel"],
-                                                           strict=True))
-    print(f"{args.split} bits/dim {metrics['bpd']:.4f} over {metrics['images']} images of {spec} "
-          f"({per_channel}){' [bf16]' if args.bf16 else ''}, conditioned on "
-          f"{metrics['conditioned_on']}")
-    for codec in ("jxl", "webp", "png"):
-        if f"baseline/{codec}_bpd" in metrics:
-            print(f"  {codec} lossless: {metrics[f'baseline/{codec}_bpd']:.4f} bits/dim")
-    sys.stdout.flush()
-
-
-def conditioned_on(num_classes: int, no_class: bool) -> str:
-    if not num_classes:
-        return "nothing (an unconditional model)"
-    if no_class:
-        return f"no class (a model of {num_classes} classes told none)"
-    return f"each image's class ({num_classes} classes)"

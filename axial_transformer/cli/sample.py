@@ -51,48 +51,38 @@ COMPILE_FLOOR_S = 20.0
 
 def build_parser() -> argparse.ArgumentParser:
     parser = command_parser(__doc__)
-    parser.add_argument("--num-samples", type=int, default=None,
-                        help="images to draw (default 64, or 8 completions with --complete)")
-    parser.add_argument("--out",
-                        help="PNG to write (default: RUN/samples/ with a name carrying the "
-                        "settings, e.g. sample_n64_seed0.png; for an export outside a run, "
-                        "samples/ beside it); the pixels go to the same name with .npy")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace outputs of the same name (otherwise refused)")
-    parser.add_argument("--per-image", action="store_true",
-                        help="also write each image as a PNG of the model's size, in a folder "
-                        "named as the grid without .png (00000.png, ...)")
-    parser.add_argument("--temperature", type=float, default=1.0,
-                        help="divides the logits: < 1 sharper, > 1 more diverse (must be > 0)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="the same seed and settings draw the same images (default 0)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images drawn at once")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="where the model runs: cpu, cuda or cuda:N (default: cuda when "
-                        "available)")
-    parser.add_argument("--compile", action="store_true",
-                        help="run each decoding step as a torch.compile'd graph when that pays: "
-                        "it first times the eager sampler, compiles only when the request takes "
-                        f"longer than compiling can ({COMPILE_FLOOR_S:.0f} s), and samples "
-                        "eagerly if the compiled steps turn out no faster, saying which")
-    parser.add_argument("--class", dest="class_", metavar="C",
-                        help="class-conditional models: the class to draw, a number or a class "
-                        "name (any case); 'all' draws --num-samples images (default 8) of each "
-                        "class, one labelled row per class")
-    parser.add_argument("--guidance", type=float, default=1.0,
-                        help="classifier-free guidance scale with --class (1: the conditional "
-                        "model as it is; above 1 more typical of the class; needs a model "
-                        "trained with train.label_dropout)")
-    parser.add_argument("--complete", metavar="IMAGE",
-                        help="a PNG/JPEG of the model's size (or any size with --resize), or "
-                        "PATH.npy:INDEX of a prepared split: keep its top --rows-given rows and "
-                        "sample the rest. " + COMPLETION_CAVEAT)
-    parser.add_argument("--rows-given", type=int, metavar="K",
-                        help="rows of --complete kept as given (top K, less than the image "
-                        "height)")
-    parser.add_argument("--resize", action="store_true",
-                        help="with --complete: box-resize the image to the model's size first "
-                        "(the aspect ratio is not kept)")
+    add = parser.add_argument
+    add("--num-samples", type=int,
+        help="images to draw (default 64; 8 completions; 8 per class with --class all)")
+    add("--out", help="PNG to write (default: RUN/samples/NAME, NAME carrying the settings); "
+        "the pixels go to the same name with .npy")
+    add("--overwrite", action="store_true", help="replace outputs of the same name")
+    add("--per-image", action="store_true",
+        help="also write each image as a PNG of its own, in a folder named as the grid")
+    add("--temperature", type=float, default=1.0,
+        help="divides the logits: < 1 sharper, > 1 more diverse (must be > 0)")
+    add("--seed", type=int, default=0, help="the same seed and settings draw the same images")
+    add("--batch-size", type=int, default=64, help="images drawn at once")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu, cuda or cuda:N (default: cuda when available)")
+    add("--compile", action="store_true",
+        help="run each decoding step as a torch.compile'd graph when that pays: only when eager "
+        f"sampling takes longer than compiling can ({COMPILE_FLOOR_S:.0f} s) and the compiled "
+        "steps are faster, saying which")
+    add("--class", dest="class_", metavar="C",
+        help="a class-conditional model's class: a number, a class name (any case) or 'all' "
+        "(one labelled row per class)")
+    add("--guidance", type=float, default=1.0,
+        help="classifier-free guidance scale with --class (1: the conditional model as it is; "
+        "needs a model trained with train.label_dropout)")
+    add("--complete", metavar="IMAGE",
+        help="a PNG/JPEG of the model's size, or PATH.npy:INDEX of a prepared split: keep its "
+        "top --rows-given rows and sample the rest. " + COMPLETION_CAVEAT)
+    add("--rows-given", type=int, metavar="K",
+        help="rows of --complete kept (top K, less than the image height)")
+    add("--resize", action="store_true",
+        help="box-resize the image of --complete to the model's size (the aspect ratio is not "
+        "kept)")
     return parser
 
 

@@ -7,14 +7,10 @@
     torchrun --standalone --nproc_per_node 2 train.py --config configs/demo.yaml
     python train.py --config configs/imagenet32.yaml run_dir=runs/in32 resume=auto
 
-Overrides are `section.key=value` (model, data, train, eval, log, checkpoint) or `run_dir=...`,
-`resume=...`; see axial_transformer/training/config.py for every key. The run writes config.yaml,
-metrics.jsonl, checkpoints/, export/ (EMA weights for sample.py) and samples/ into run_dir, and
-says where at the end; run again on a finished run, it prints its results instead.
-
-SIGTERM or SIGINT (Ctrl-C) saves what is not yet saved and exits with code 0; `resume=auto`
-continues. Bad input stops the run at start-up with one line on stderr and exit code 2; --debug
-(or AXIAL_DEBUG=1) shows the traceback instead. docs/training.md has the details.
+Overrides are `section.key=value` (`--help` lists every key) or `run_dir=...`, `resume=...`. The
+run writes config.yaml, metrics.jsonl, checkpoints/, export/ (EMA weights) and samples/ into
+run_dir; run again when finished, it prints its results. SIGTERM or SIGINT saves what is not yet
+saved and exits with code 0; `resume=auto` continues. docs/training.md has the details.
 """
 
 from __future__ import annotations
@@ -36,6 +32,12 @@ DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
 def config_keys() -> str:
     """Every config key with its default, section by section, as the overrides spell them."""
+
+    def spelled(value) -> str:  # true, [32,32], builtin, ''
+        if isinstance(value, bool):
+            return str(value).lower()
+        return "''" if value == "" else str(value).replace(" ", "").replace("'", "")
+
     lines = ["config keys, as section.key=value with the value a key has unless the --config",
              "preset or an override sets it (axial_transformer/training/config.py says what each",
              "does):"]
@@ -47,15 +49,6 @@ def config_keys() -> str:
         lines.extend(textwrap.wrap(keys, 96, initial_indent=f"  {section + ':':<11} ",
                                    subsequent_indent=" " * 14))
     return "\n".join(lines)
-
-
-def spelled(value) -> str:
-    """A value as an override writes it: true, [32,32], builtin, ''."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    if value == "":
-        return "''"
-    return str(value).replace(" ", "").replace("'", "")
 
 
 def main(argv: list[str] | None = None) -> int:
