@@ -87,27 +87,19 @@ def check_output(path: Path, option: str, needed_bytes: int = 0, replace: bool =
                        f"about {needed_bytes:,}")
 
 
-def npy_writer(pixels: np.ndarray) -> Callable[[Path], None]:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:  # np.save would append .npy to a temporary name
-            np.save(f, pixels, allow_pickle=False)
-
-    return write
+def save_npy(path: Path, pixels: np.ndarray) -> None:
+    with open(path, "wb") as f:  # np.save would append .npy to a temporary name
+        np.save(f, pixels, allow_pickle=False)
 
 
-def pngs_writer(pixels: np.ndarray, names: list[str] | None = None) -> Callable[[Path], None]:
-    """One PNG per image of uint8 [N, H, W, C] into a folder: `names`, or 00000.png, ..."""
+def save_pngs(folder: Path, pixels: np.ndarray, names: list[str] | None = None) -> None:
+    """One PNG per image of uint8 [N, H, W, C]: `names`, or 00000.png, 00001.png, ..."""
     from PIL import Image
 
     digits = max(5, len(str(len(pixels) - 1)))
-    names = names or [f"{k:0{digits}d}.png" for k in range(len(pixels))]
-
-    def write(folder: Path) -> None:
-        for image, name in zip(pixels, names, strict=True):
-            Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(folder / name,
-                                                                                   "PNG")
-
-    return write
+    for k, image in enumerate(pixels):
+        name = names[k] if names else f"{k:0{digits}d}.png"
+        Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(folder / name, "PNG")
 
 
 def write_outputs(outputs: dict[Path, Callable[[Path], None]],

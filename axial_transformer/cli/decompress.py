@@ -21,9 +21,9 @@ from .common import (
     check_output,
     command_parser,
     load_codec_model,
-    npy_writer,
-    pngs_writer,
     run_command,
+    save_npy,
+    save_pngs,
     write_outputs,
 )
 
@@ -71,12 +71,12 @@ def decompress_file(args: argparse.Namespace) -> int:
     print(f"{source}: {n} images of {c}x{h}x{w}, {8 * len(data) / images.numel():.3f} bits/dim "
           f"({n / seconds:.1f} images/s)", flush=True)
     pixels = images.permute(0, 2, 3, 1).numpy()
-    write_pngs = pngs_writer(pixels, header.settings.get(NAMES))
 
     def write_folder(folder: Path) -> None:
-        write_pngs(folder)
+        save_pngs(folder, pixels, header.settings.get(NAMES))
         (folder / MARKER).write_text("PNGs written by decompress.py\n")
 
-    write_outputs({out: write_folder if pngs else npy_writer(pixels)}, folders=(out,) * pngs)
+    write_outputs({out: write_folder if pngs else lambda tmp: save_npy(tmp, pixels)},
+                  folders=(out,) * pngs)
     print(f"wrote {out}")
     return 0

@@ -32,10 +32,10 @@ from .common import (
     check_output,
     check_positive,
     command_parser,
-    npy_writer,
     parse_device,
-    pngs_writer,
     run_command,
+    save_npy,
+    save_pngs,
     write_outputs,
 )
 
@@ -329,7 +329,8 @@ def run(args: argparse.Namespace) -> int:
         grid = image_grid(torch.cat([image[None], given[None], samples]), num_samples + 2,
                           config.levels)
     pixels = samples.permute(0, 2, 3, 1).numpy()
-    writes = [lambda tmp: grid.save(tmp, format="PNG"), npy_writer(pixels), pngs_writer(pixels)]
+    writes = [lambda tmp: grid.save(tmp, format="PNG"), lambda tmp: save_npy(tmp, pixels),
+              lambda folder: save_pngs(folder, pixels)]
     write_outputs(dict(zip(outputs, writes, strict=False)), folders=tuple(outputs[2:]))
     print(f"-> {', '.join(map(str, outputs))}")
     return 0
