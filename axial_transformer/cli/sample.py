@@ -291,9 +291,8 @@ def run(args: argparse.Namespace) -> int:
         known_mask[:, :, : args.rows_given] = True
     per_class = args.num_samples or (8 if image is not None or args.class_ == "all" else 64)
     num_samples = per_class * len(classes or [None])
-    label = None
-    if classes is not None:
-        label = "all" if args.class_ == "all" else class_name(classes[0], config)
+    names = None if classes is None else [class_name(k, config) for k in classes]
+    label = None if names is None else "all" if args.class_ == "all" else names[0]
     out = Path(args.out) if args.out is not None else default_out(
         Path(args.checkpoint), output_name(args, label, per_class, num_samples))
     outputs = [out, out.with_suffix(".npy")] + [out.with_suffix("")] * args.per_image
@@ -319,9 +318,8 @@ def run(args: argparse.Namespace) -> int:
           f"({seconds / num_samples:.3f} s per image{', compiled' if compiled else ''})",
           flush=True)
 
-    if classes is not None:  # one labelled row per class
-        grid = image_grid(samples, per_class, config.levels,
-                          [class_name(k, config) for k in classes])
+    if names is not None:  # one labelled row per class
+        grid = image_grid(samples, per_class, config.levels, names)
     elif image is None:
         grid = image_grid(samples, math.ceil(math.sqrt(num_samples)), config.levels)
     else:
