@@ -123,8 +123,10 @@ def write_outputs(outputs: dict[Path, Callable[[Path], None]],
         done.append(path)
 
 
-def add_compute_arguments(parser: argparse.ArgumentParser) -> None:
-    """compress and decompress: where and how the model runs (the file depends on none of it)."""
+def codec_parser(doc: str) -> argparse.ArgumentParser:
+    """compress's and decompress's parser: also where and how the model runs, on which the file
+    depends not at all."""
+    parser = command_parser(doc)
     parser.add_argument("--device", default="cpu",
                         help="where the model runs, cpu or cuda (default cpu); a file written "
                         "on either decodes on either")
@@ -133,10 +135,11 @@ def add_compute_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int,
                         help="CPU threads (default: 1 below a batch of 8, where more are "
                         "slower, otherwise torch's)")
+    return parser
 
 
-def load_codec_model(args: argparse.Namespace):
-    """The model of --checkpoint on --device, after the compute options are checked."""
+def load_model(args: argparse.Namespace):
+    """compress's and decompress's model, of --checkpoint on --device (cpu or cuda)."""
     from ..training.checkpoint import load_trained_model
 
     check_positive(args, "--batch-size", "--threads")

@@ -22,15 +22,7 @@ import torch
 
 from ..codec.format import safe_name
 from ..data.splits import read_image_file
-from .common import (
-    CLIError,
-    add_compute_arguments,
-    check_output,
-    command_parser,
-    load_codec_model,
-    run_command,
-    write_outputs,
-)
+from .common import CLIError, check_output, codec_parser, load_model, run_command, write_outputs
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 ARRAY_RANGE = re.compile(r"(?P<path>.+\.npy)(:(?P<start>\d*):(?P<stop>\d*))?")
@@ -104,14 +96,13 @@ def parse_labels(text: str | None, count: int) -> torch.Tensor | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = command_parser(__doc__)
+    parser = codec_parser(__doc__)
     parser.add_argument("images", nargs="+", metavar="IMAGES",
                         help="PNG/JPEG files, folders of them, or PATH.npy[:START:STOP]")
     parser.add_argument("-o", "--out", required=True, help="the .axc file to write")
     parser.add_argument("--labels",
                         help="a class-conditional model's classes of the images: one per "
                         "image, comma-separated, or one for all (-1: no class)")
-    add_compute_arguments(parser)
     return run_command(compress_files, parser.parse_args(argv))
 
 
@@ -123,7 +114,7 @@ def compress_files(args: argparse.Namespace) -> int:
     if out.suffix != ".axc":
         raise CLIError(f"-o {out}: expected a .axc file")
     check_output(out, "-o")
-    model = load_codec_model(args)
+    model = load_model(args)
     c, (h, w) = model.config.channels, model.config.image_size
     array, names = read_images(args.images, c, (h, w))
     images = torch.from_numpy(array).permute(0, 3, 1, 2)

@@ -17,10 +17,9 @@ from pathlib import Path
 
 from .common import (
     CLIError,
-    add_compute_arguments,
     check_output,
-    command_parser,
-    load_codec_model,
+    codec_parser,
+    load_model,
     run_command,
     save_npy,
     save_pngs,
@@ -32,11 +31,10 @@ MARKER = ".decompressed"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = command_parser(__doc__)
+    parser = codec_parser(__doc__)
     parser.add_argument("file", help="the .axc file to decompress")
     parser.add_argument("--out", required=True,
                         help="a folder for one PNG per image, or FILE.npy for uint8 [N, H, W, C]")
-    add_compute_arguments(parser)
     return run_command(decompress_file, parser.parse_args(argv))
 
 
@@ -61,7 +59,7 @@ def decompress_file(args: argparse.Namespace) -> int:
     if pngs and c not in (1, 2, 3, 4):
         raise CLIError(f"--out {out}: PNGs hold 1 to 4 channels, these images have {c}; "
                        "write a .npy instead")
-    model = load_codec_model(args)
+    model = load_model(args)
     start = time.perf_counter()
     try:
         images = decompress(model, data, args.batch_size, args.threads, progress=True)
