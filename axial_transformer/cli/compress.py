@@ -21,10 +21,9 @@ import numpy as np
 import torch
 
 from ..codec.format import safe_name
-from ..data.splits import read_image_file
+from ..data.image_files import IMAGE_SUFFIXES, read_image_file
 from .common import CLIError, check_output, codec_parser, load_model, run_command, write_outputs
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 ARRAY_RANGE = re.compile(r"(?P<path>.+\.npy)(:(?P<start>\d*):(?P<stop>\d*))?")
 
 

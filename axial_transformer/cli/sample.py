@@ -113,9 +113,8 @@ def check_args(args: argparse.Namespace) -> None:
 def load_image(spec: str, channels: int, size: tuple[int, int], resize: bool) -> np.ndarray:
     """A PNG/JPEG file, or PATH.npy:INDEX of a prepared uint8 [N, H, W, C] array -> [H, W, C];
     box-resized to `size` with `resize`."""
-    from ..data.prepare import resize_box
+    from ..data.image_files import read_image_file, resize_box
     from ..data.sources import load_array
-    from ..data.splits import read_image_file
 
     path, _, index = spec.rpartition(":")
     if not (path.endswith(".npy") and index.lstrip("-").isdigit()):

@@ -22,21 +22,8 @@ import torch
 from torch.utils.data import Dataset
 
 from .builtin import builtin_dataset
-from .sources import FORMATS, PREPARE_HINT, SPLITS, check_image_array, load_array
-from .image_files import CorruptImageError, check_image_bytes, decode_image
-from .labels import check_labels, labels_path, load_class_names, load_labels
-from .prepare import prepare, prepare_holdout, resize_box
-
-__all__ = [
-    "CorruptImageError",
-    "ImageArrayDataset",
-    "builtin_dataset",
-    "class_names",
-    "load_array",
-    "open_split",
-    "prepare",
-    "prepare_holdout",
-]
+from .labels import check_labels, load_class_names, load_labels
+from .sources import PREPARE_HINT, check_image_array, load_array
 
 
 class ImageArrayDataset(Dataset):
@@ -161,26 +148,3 @@ def split_batch(batch: torch.Tensor | list) -> tuple[torch.Tensor, torch.Tensor 
     if isinstance(batch, (list, tuple)):
         return batch[0], batch[1]
     return batch, None
-
-
-def read_image_file(path: str | Path, channels: int, size: tuple[int, int],
-                    resize: bool = False) -> np.ndarray:
-    """One PNG or JPEG file as a model of `size` (H, W) and `channels` takes it -> uint8
-    [H, W, C], box-resized to `size` with `resize`; a ValueError naming the file when it cannot
-    be read or does not fit. A file too large, or declaring too many pixels (a decompression
-    bomb), is refused before it is decoded (image_files.py)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path} not found")
-    check_image_bytes(path.stat().st_size, str(path))
-    image = decode_image(path, str(path), None)
-    if image.dtype != np.uint8:
-        raise ValueError(f"{path}: expected 8-bit pixels, got {image.dtype}")
-    image = image[:, :, None] if image.ndim == 2 else image
-    if resize and image.shape[2] == channels and image.shape[:2] != size:
-        image = resize_box(image, size)
-    if image.shape != (*size, channels):
-        raise ValueError(f"{path}: the model takes {size[0]}x{size[1]} images with {channels} "
-                         f"channel(s), got {image.shape[0]}x{image.shape[1]} with "
-                         f"{image.shape[2]}")
-    return image.copy()  # writable (Pillow's array is not), and only the size the model takes
