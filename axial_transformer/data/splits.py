@@ -1,15 +1,6 @@
-"""Image data as uint8 arrays [N, H, W, C] memory-mapped from prepared .npy files.
-
-Training reads one `.npy` per split, written once by `prepare` from any supported source
-(ImageNet-32/64 tars, npz batches, CIFAR-10, MNIST, folders of images, arrays), with the class
-labels beside it where the source has them:
-
-    python -m axial_transformer.data prepare train_32x32.tar data/imagenet32/train.npy
-    python -m axial_transformer.data prepare valid_32x32.tar data/imagenet32/test.npy
-    python -m axial_transformer.data prepare my_photos/ data/mine --holdout 0.1
-
-Pixels stay uint8 0..255 end to end: the model is discrete, so there is no dequantisation.
-"""
+"""Prepared splits (uint8 .npy [N, H, W, C], docs/data.md) as datasets for training and
+evaluation. Pixels stay uint8 0..255 end to end: the model is discrete, so there is no
+dequantisation."""
 
 from __future__ import annotations
 
@@ -22,13 +13,13 @@ import torch
 from torch.utils.data import Dataset
 
 from .builtin import builtin_dataset
-from .labels import check_labels, load_class_names, load_labels
+from .labels import load_class_names, load_labels
 from .sources import PREPARE_HINT, check_image_array, load_array
 
 
 class ImageArrayDataset(Dataset):
-    """Images of a uint8 array [N, H, W, C] as uint8 tensors [C, H, W]; with `labels` (int [N])
-    each item is (image, label as an int64 0-d tensor).
+    """Images of a uint8 array [N, H, W, C] as uint8 tensors [C, H, W]; with `labels` (checked
+    int64 [N]) each item is (image, label as an int64 0-d tensor).
 
     With `file` (the .npy that `array` memory-maps) the images are read from the file with
     pread instead of through the map: a read past the end of a file cut short after it was
@@ -36,11 +27,7 @@ class ImageArrayDataset(Dataset):
 
     def __init__(self, array: np.ndarray, labels: np.ndarray | None = None,
                  file: Path | None = None):
-        self.array = check_image_array(array, "ImageArrayDataset")
-        self.labels = None if labels is None else check_labels(
-            labels, "ImageArrayDataset labels", len(self.array), None
-        )
-        self.file = file
+        self.array, self.labels, self.file = check_image_array(array, "array"), labels, file
         if file is not None:
             self.offset = int(array.offset)  # where np.load's memmap starts: after the header
             self.image_bytes = math.prod(self.array.shape[1:])
@@ -77,28 +64,20 @@ def split_path(spec: str | Path, split: str) -> Path:
     file = path / f"{split}.npy"
     if not file.is_file():
         found = sorted(p.name for p in path.glob("*.npy")) or "no .npy files"
-        raise FileNotFoundError(
-            f"{file}: no {split!r} split in {path} (found {found}); {PREPARE_HINT}"
-        )
+        raise FileNotFoundError(f"{file}: no {split!r} split in {path} (found {found}); "
+                                f"{PREPARE_HINT}")
     return file
 
 
-def open_split(
-    spec: str | Path,
-    split: str,
-    image_size: tuple[int, int],
-    channels: int,
-    num_classes: int = 0,
-    trained: bool = False,
-) -> ImageArrayDataset:
-    """Open one split: "builtin", a prepared .npy file, or a directory holding `{split}.npy`.
+def open_split(spec: str | Path, split: str, image_size: tuple[int, int], channels: int,
+               num_classes: int = 0, trained: bool = False) -> ImageArrayDataset:
+    """One split: "builtin", a prepared .npy file, or a directory holding `{split}.npy`.
 
     The images must be exactly `image_size` (H, W) with `channels` channels: resizing is a
     decision for `prepare`, not something to do silently at training time. With `num_classes`
-    > 0 the split's labels (`{split}_labels.npy` beside it) are read too, each checked to lie in
-    0..num_classes-1, and items are (image, label). A split that does not fit is refused with
-    what to change: the model's config, or for a `trained` model the images.
-    """
+    > 0 items are (image, label), the labels read from `{split}_labels.npy` beside it. A split
+    that does not fit is refused with what to change: the model's config, or for a `trained`
+    model the images."""
     h, w = image_size
     if num_classes < 0:
         raise ValueError(f"num_classes must be 0 (no labels) or more, got {num_classes}")
@@ -138,13 +117,9 @@ def size_mismatch(path: Path, found: tuple[int, ...], expected: tuple[int, int, 
 def class_names(spec: str | Path, split: str) -> list[str] | None:
     """The class names saved beside a prepared split (`{split}_classes.json`; name k is label
     k), or None when it has none (an unlabelled source, or "builtin")."""
-    if str(spec) == "builtin":
-        return None
-    return load_class_names(split_path(spec, split))
+    return None if str(spec) == "builtin" else load_class_names(split_path(spec, split))
 
 
 def split_batch(batch: torch.Tensor | list) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(images, labels) of a batch of a labelled split; (images, None) of an unlabelled one."""
-    if isinstance(batch, (list, tuple)):
-        return batch[0], batch[1]
-    return batch, None
+    return (batch[0], batch[1]) if isinstance(batch, (list, tuple)) else (batch, None)
