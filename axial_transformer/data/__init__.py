@@ -7,13 +7,5 @@ from .prepare import prepare, prepare_holdout
 from .sources import load_array
 from .splits import ImageArrayDataset, class_names, open_split
 
-__all__ = [
-    "CorruptImageError",
-    "ImageArrayDataset",
-    "builtin_dataset",
-    "class_names",
-    "load_array",
-    "open_split",
-    "prepare",
-    "prepare_holdout",
-]
+__all__ = ["CorruptImageError", "ImageArrayDataset", "builtin_dataset", "class_names",
+           "load_array", "open_split", "prepare", "prepare_holdout"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import json
 import math
+import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -26,18 +27,14 @@ from .sources import Source, open_source
 
 COMPACT_CHUNK = 4096  # rows moved at a time when closing gaps or copying held-out images
 HOLDOUT_SEED = 0
+# van den Oord et al. 2016 downsampled ImageNet, the data of the paper's ImageNet-32/64 numbers.
+VAN_DEN_OORD_NAME = re.compile(r"^(train|valid)_(32x32|64x64)(\.tar)?$")
+VAN_DEN_OORD_COUNTS = {"train": 1_281_149, "valid": 49_999}
 
 
 def prepare(source: str | Path, out_path: str | Path, **options) -> int:
-    """Convert one split of `source` into a uint8 .npy [N, H, W, C] at `out_path`; returns N.
-
-    Options: `format` ("auto" or one of sources.FORMATS), `split` ("train" or "test"),
-    `image_size` (H, W) that every image must have (None: the first image's), `resize` to
-    box-resize them to it instead, `channels` (image files are converted to RGB for 3 and
-    grayscale for 1; arrays must have them), `on_error` for an image file that cannot be decoded
-    or is too large ("skip" with a warning, or "raise"), `skip_damaged` to prepare the images
-    before the break of a damaged archive instead of stopping, `progress`. Labels are written
-    beside the images where the source has them; the outputs appear atomically."""
+    """Convert one split of `source` into a uint8 .npy [N, H, W, C] at `out_path`, with its
+    labels beside it where the source has them; returns N. The options are `convert`'s."""
     out_path = Path(out_path)
     if out_path.suffix != ".npy":
         raise ValueError(f"{out_path}: the output must be a .npy file")
@@ -68,7 +65,11 @@ def convert(
     progress: bool = True,
 ) -> list[int]:
     """Decode `source` once into outputs[0], or with `holdout` into outputs = [train, test];
-    returns the number of images of each."""
+    returns the number of images of each (docs/data.md). Every image must be `image_size` (None:
+    the first one's size), or with `resize` is box-resized to it; image files are converted to
+    RGB (`channels` 3) or grayscale (1); an image file that cannot be decoded or is too large is
+    skipped with a warning (`on_error` "skip") or stops the run ("raise"); a damaged archive
+    stops it unless `skip_damaged`, which prepares the images before the break."""
     if on_error not in ("skip", "raise"):
         raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
     if image_size is not None:
@@ -89,11 +90,16 @@ def convert(
         warnings.warn(f"{src.damage}; skipped {src.damaged} damaged image member(s) there, and "
                       f"whatever followed them", stacklevel=3)
 
-    labelled = src.labels is not None
-    files = [file for out in outputs for file in split_files(out, labelled)]
-    for out in outputs:
-        for file in split_files(out, labelled=True):
-            remove_stale_temps(file)
+    every = [file for out in outputs for file in (out, labels_path(out), classes_path(out))]
+    files = every if src.labels is not None else outputs
+    # The temporary files (atomic_write's `.NAME.XXXXXXXX.tmp`) of runs that were killed; a run
+    # still writing the same output would lose its file too: two must not prepare one at once.
+    for file in every:
+        for tmp in file.parent.glob(f".{glob.escape(file.name)}.{'?' * 8}.tmp"):
+            size = tmp.stat().st_size
+            tmp.unlink(missing_ok=True)
+            warnings.warn(f"removed {tmp} ({size:,} bytes), left by an earlier run that was "
+                          f"killed", stacklevel=3)
     counts, skipped = [], []
 
     def write(tmps: list[Path]) -> None:
@@ -101,15 +107,21 @@ def convert(
         kept = write_images(src, tmp[outputs[0]], str(outputs[0]), skipped, channels,
                             image_size, resize, on_error, progress)
         rows = {outputs[0]: kept}
-        if holdout:
-            held = holdout_mask(len(kept), holdout)
-            rows = {outputs[0]: kept[~held], outputs[1]: kept[held]}
+        if holdout:  # round(holdout * N) images, drawn with a fixed seed
+            held = math.floor(holdout * len(kept) + 0.5)
+            if not 0 < held < len(kept):
+                raise ValueError(f"--holdout {holdout} of {len(kept)} images would leave {held} "
+                                 f"for test and {len(kept) - held} for training; both need at "
+                                 f"least one")
+            test = np.zeros(len(kept), dtype=bool)
+            test[np.random.default_rng(HOLDOUT_SEED).permutation(len(kept))[:held]] = True
+            rows = {outputs[0]: kept[~test], outputs[1]: kept[test]}
             copy_rows(tmp[outputs[0]], rows[outputs[1]], tmp[outputs[1]], str(outputs[1]))
         if len(rows[outputs[0]]) < src.count:  # after the copy: this moves rows in place
             copy_rows(tmp[outputs[0]], rows[outputs[0]], tmp[outputs[0]], str(outputs[0]))
         for out, split_rows in rows.items():
             counts.append(len(split_rows))
-            if labelled:
+            if src.labels is not None:
                 with open(tmp[labels_path(out)], "wb") as f:
                     np.save(f, src.labels[split_rows], allow_pickle=False)
                 tmp[classes_path(out)].write_text(json.dumps(src.classes) + "\n",
@@ -122,10 +134,11 @@ def convert(
     if skipped:
         shown = "; ".join(skipped[:5]) + ("; ..." if len(skipped) > 5 else "")
         warnings.warn(f"skipped {len(skipped)} unreadable image(s): {shown}", stacklevel=3)
-    if src.expected_count is not None and sum(counts) != src.expected_count:
-        warnings.warn(f"{src.path.name} should hold {src.expected_count:,} images (van den Oord "
-                      f"et al.), but {sum(counts):,} were written: the copy may be incomplete or "
-                      f"damaged", stacklevel=3)
+    paper = VAN_DEN_OORD_NAME.match(src.path.name)  # a tar or folder of the paper's data
+    if paper and sum(counts) != VAN_DEN_OORD_COUNTS[paper[1]]:
+        warnings.warn(f"{src.path.name} should hold {VAN_DEN_OORD_COUNTS[paper[1]]:,} images (van "
+                      f"den Oord et al.), but {sum(counts):,} were written: the copy may be "
+                      f"incomplete or damaged", stacklevel=3)
     return counts
 
 
@@ -202,21 +215,6 @@ def copy_rows(source: Path, rows: np.ndarray, path: Path, name: str) -> None:
         out.close()
 
 
-def holdout_mask(count: int, fraction: float) -> np.ndarray:
-    """Which of `count` images are held out: round(fraction * count), drawn with a fixed seed."""
-    held = math.floor(fraction * count + 0.5)
-    if not 0 < held < count:
-        raise ValueError(f"--holdout {fraction} of {count} images would leave {held} for test "
-                         f"and {count - held} for training; both need at least one")
-    mask = np.zeros(count, dtype=bool)
-    mask[np.random.default_rng(HOLDOUT_SEED).permutation(count)[:held]] = True
-    return mask
-
-
-def split_files(images: Path, labelled: bool) -> list[Path]:
-    return [images, labels_path(images), classes_path(images)] if labelled else [images]
-
-
 def atomic_write_all(paths: list[Path], write: Callable[[list[Path]], None]) -> None:
     """`atomic_write` for several files: `write` fills one temporary file per path, and only
     once it has returned are they renamed into place."""
@@ -224,14 +222,3 @@ def atomic_write_all(paths: list[Path], write: Callable[[list[Path]], None]) -> 
         return write([])
     atomic_write(paths[0],
                  lambda tmp: atomic_write_all(paths[1:], lambda tmps: write([tmp, *tmps])))
-
-
-def remove_stale_temps(path: Path) -> None:
-    """Delete the temporary files that killed runs left beside `path`. `atomic_write` names them
-    `.NAME.XXXXXXXX.tmp` (mkstemp's eight random characters); a run still writing the same output
-    would lose its file too, so two runs must not prepare one output at once."""
-    for tmp in path.parent.glob(f".{glob.escape(path.name)}.{'?' * 8}.tmp"):
-        size = tmp.stat().st_size
-        tmp.unlink(missing_ok=True)
-        warnings.warn(f"removed {tmp} ({size:,} bytes), left by an earlier run that was killed",
-                      stacklevel=4)

@@ -1,12 +1,9 @@
 """Readers of the image sources that `prepare` converts to a uint8 .npy.
 
-Each reader opens one split of one source as a `Source`: how many images it holds and records
-`(index, name, payload)`, the payload an image file (its bytes or path, decoded and checked by
-`prepare`), an already-decoded uint8 array [H, W, C], or the refusal of a file too large to read.
-`index` is the image's place in the output, so the order never depends on how a source is read.
-Nothing here unpickles: `.npy`/`.npz` load with allow_pickle=False, and CIFAR-10's python
-batches are parsed by cifar.py.
-"""
+Each reader opens one split of one source as a `Source` of records `(index, name, payload)`: the
+payload is an image file (its bytes or path), a decoded uint8 array [H, W, C], or the refusal of
+a file too large to read; `index` is the image's place in the output, so the order never depends
+on how a source is read. Nothing here unpickles (cifar.py parses CIFAR-10's pickles)."""
 
 from __future__ import annotations
 
@@ -32,10 +29,6 @@ Record = tuple[int, str, bytes | Path | np.ndarray | CorruptImageError]
 SPLITS = ("train", "test")
 PREPARE_HINT = "create it with `python -m axial_transformer.data prepare SOURCE OUT.npy`"
 
-# van den Oord et al. 2016 downsampled ImageNet, the data of the paper's ImageNet-32/64 numbers.
-VAN_DEN_OORD_NAME = re.compile(r"^(train|valid)_(32x32|64x64)(\.tar)?$")
-VAN_DEN_OORD_COUNTS = {"train": 1_281_149, "valid": 49_999}
-
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                    "ship", "truck"]
 # torchvision's FashionMNIST.classes; the idx files are named exactly like MNIST's, so Fashion-MNIST
@@ -53,7 +46,6 @@ class Source:
     labels: np.ndarray | None = None  # int64 [count]: the class of record `index`, if known
     classes: list[str] | None = None  # the name of each class, by label
     note: str | None = None  # a caveat to show whoever prepares this source
-    expected_count: int | None = None  # the published image count, where there is one
     damage: str | None = None  # where a damaged archive broke; `count` is what came before it
     damaged: int = 0  # image members lost at the break
 
@@ -80,9 +72,8 @@ def detect_format(path: Path) -> str:
     if path.is_file():
         if name.endswith((".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")):
             return "tar"
-        for suffix, format in ((".npz", "npz"), (".npy", "npy"), (".bin", "cifar10")):
-            if name.endswith(suffix):
-                return format
+        if path.suffix.lower() in (".npz", ".npy", ".bin"):
+            return {".npz": "npz", ".npy": "npy", ".bin": "cifar10"}[path.suffix.lower()]
         if "idx3-ubyte" in name:
             return "mnist"
         if tarfile.is_tarfile(path):
@@ -101,11 +92,6 @@ def detect_format(path: Path) -> str:
 
 def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_SUFFIXES)
-
-
-def van_den_oord_count(path: Path) -> int | None:
-    match = VAN_DEN_OORD_NAME.match(path.name)
-    return VAN_DEN_OORD_COUNTS[match[1]] if match else None
 
 
 def array_source(format: str, path: Path, arrays: Iterable[tuple[Path, np.ndarray]], count: int,
@@ -164,7 +150,7 @@ def open_tar(path: Path) -> tarfile.TarFile:
     try:
         return tarfile.open(path, mode, tarinfo=EndCheckedTarInfo)
     except ARCHIVE_ERRORS as e:
-        raise ValueError(f"{path}: not a readable tar archive ({one_line(e)})") from None
+        raise ValueError(f"{path}: not a readable tar archive ({e})") from None
 
 
 def tar_members(tar: tarfile.TarFile) -> Iterator[tuple[tarfile.TarInfo, bool]]:
@@ -172,10 +158,6 @@ def tar_members(tar: tarfile.TarFile) -> Iterator[tuple[tarfile.TarInfo, bool]]:
     while (member := tar.next()) is not None:
         tar.members.clear()  # TarFile keeps every header it has read: a gigabyte for 1.28M
         yield member, member.isfile() and is_image_name(member.name)
-
-
-def one_line(error: Exception) -> str:
-    return " ".join(str(error).split())
 
 
 def scan_tar(path: Path) -> tuple[list[tuple[str, int]], str | None, int]:
@@ -200,12 +182,12 @@ def scan_tar(path: Path) -> tuple[list[tuple[str, int]], str | None, int]:
                 pass
         except ARCHIVE_ERRORS as e:
             if ended:
-                return members, (f"{path}: fails its checksum ({one_line(e)}): its image "
+                return members, (f"{path}: fails its checksum ({e}): its image "
                                  f"members were read, but one of them may be damaged"), 0
             if image:  # its data may be what broke
                 members.pop()
-            where = f"at member {last} or just after it" if last else "at its first member"
-            return members, (f"{path}: damaged {where} ({one_line(e)}); the {len(members):,} "
+            where = f"at member {last!r} or just after it" if last else "at its first member"
+            return members, (f"{path}: damaged {where} ({e}); the {len(members):,} "
                              f"image members before it are intact"), int(image)
     return members, None, 0
 
@@ -215,9 +197,8 @@ def read_tar(path: Path, split: str) -> Source:
     the names (and to find damage), once for the bytes, each member placed at its name's rank,
     so a 4 GB tar is never held in memory and the order does not depend on how it was packed."""
     members, damage, damaged = scan_tar(path)
-    rank = np.empty(len(members), dtype=np.int64)
-    rank[np.argsort(np.array([name for name, _ in members], dtype=object), kind="stable")] = (
-        np.arange(len(members)))
+    names = np.array([name for name, _ in members], dtype=object)
+    rank = np.argsort(np.argsort(names, kind="stable"))  # a name's place in sorted order
 
     def records() -> Iterator[Record]:
         with open_tar(path) as tar:
@@ -236,8 +217,7 @@ def read_tar(path: Path, split: str) -> Source:
                     raise ValueError(f"{path}: cannot read member {name} ({e})") from None
                 yield int(rank[k]), name, data
 
-    return Source("tar", path, len(members), records(), expected_count=van_den_oord_count(path),
-                  damage=damage, damaged=damaged)
+    return Source("tar", path, len(members), records(), damage=damage, damaged=damaged)
 
 
 def read_folder(path: Path, split: str) -> Source:
@@ -249,8 +229,7 @@ def read_folder(path: Path, split: str) -> Source:
     if not relative:
         raise ValueError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)} files) in this folder")
     source = Source("folder", path, len(relative),
-                    ((i, str(path / name), path / name) for i, name in enumerate(relative)),
-                    expected_count=van_den_oord_count(path))
+                    ((i, str(path / name), path / name) for i, name in enumerate(relative)))
     others = [name for name in files if not is_image_name(name)]
     if others:  # a .gif, a .webp or a README: said, not silently left out
         shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
