@@ -43,18 +43,12 @@ def photograph_path(name: str) -> Path:
         raise ModuleNotFoundError(
             f"the built-in dataset reads photographs shipped with {package}; install it (pip "
             f"install {'scikit-learn' if package == 'sklearn' else 'scikit-image'})")
-    path = Path(spec.submodule_search_locations[0]) / relative
-    if not path.is_file():
-        raise FileNotFoundError(f"photograph {name!r} is missing from the installed {package}: "
-                                f"{path}")
-    return path
+    return Path(spec.submodule_search_locations[0]) / relative
 
 
 def crop_boxes(photo_size: tuple[int, int], image_size: tuple[int, int]) -> list[tuple[float, ...]]:
-    """Boxes (left, top, right, bottom) on a grid with half-crop stride, at each of CROP_SCALES.
-
-    Crops smaller than the target are skipped, so every crop is downsampled, never upsampled.
-    """
+    """Boxes (left, top, right, bottom) on a grid with half-crop stride, at each of CROP_SCALES;
+    crops smaller than the target are skipped, so every crop is downsampled, never upsampled."""
     (pw, ph), (h, w) = photo_size, image_size
     largest = min(ph / h, pw / w)  # the biggest crop of aspect h:w is (largest*h, largest*w)
     boxes = []
@@ -62,11 +56,9 @@ def crop_boxes(photo_size: tuple[int, int], image_size: tuple[int, int]) -> list
         ch, cw = largest * scale * h, largest * scale * w
         if ch < h or cw < w:
             continue
-        rows = int((ph - ch) // (ch / 2)) + 1
-        cols = int((pw - cw) // (cw / 2)) + 1
-        for top in np.linspace(0, ph - ch, rows):
-            for left in np.linspace(0, pw - cw, cols):
-                boxes.append((left, top, left + cw, top + ch))
+        boxes += [(left, top, left + cw, top + ch)
+                  for top in np.linspace(0, ph - ch, int((ph - ch) // (ch / 2)) + 1)
+                  for left in np.linspace(0, pw - cw, int((pw - cw) // (cw / 2)) + 1)]
     return boxes
 
 

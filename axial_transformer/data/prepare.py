@@ -78,17 +78,12 @@ def convert(
             raise ValueError(f"--image-size must be two positive numbers H W, got {image_size}")
     if resize and image_size is None:
         raise ValueError("--resize needs --image-size H W to resize to")
-    if channels < 1:
-        raise ValueError(f"--channels must be positive, got {channels}")
     src = open_source(source, format, split)
+    if src.damage and not skip_damaged:
+        raise ValueError(f"{src.damage}; pass skip_damaged=True (--skip-damaged) to prepare "
+                         f"those alone")
     if src.note:
         warnings.warn(src.note, stacklevel=3)
-    if src.damage is not None:
-        if not skip_damaged:
-            raise ValueError(f"{src.damage}; pass skip_damaged=True (--skip-damaged) to prepare "
-                             f"those alone")
-        warnings.warn(f"{src.damage}; skipped {src.damaged} damaged image member(s) there, and "
-                      f"whatever followed them", stacklevel=3)
 
     every = [file for out in outputs for file in (out, labels_path(out), classes_path(out))]
     files = every if src.labels is not None else outputs

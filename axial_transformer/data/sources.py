@@ -47,7 +47,6 @@ class Source:
     classes: list[str] | None = None  # the name of each class, by label
     note: str | None = None  # a caveat to show whoever prepares this source
     damage: str | None = None  # where a damaged archive broke; `count` is what came before it
-    damaged: int = 0  # image members lost at the break
 
 
 def open_source(path: str | Path, format: str = "auto", split: str = "train") -> Source:
@@ -69,25 +68,22 @@ def open_source(path: str | Path, format: str = "auto", split: str = "train") ->
 
 def detect_format(path: Path) -> str:
     name = path.name.lower()
-    if path.is_file():
-        if name.endswith((".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")):
-            return "tar"
-        if path.suffix.lower() in (".npz", ".npy", ".bin"):
-            return {".npz": "npz", ".npy": "npy", ".bin": "cifar10"}[path.suffix.lower()]
-        if "idx3-ubyte" in name:
-            return "mnist"
-        if tarfile.is_tarfile(path):
-            return "tar"
-        raise ValueError(f"{path}: cannot tell its format; pass format= (one of {FORMATS})")
-    if (path / "cifar-10-batches-bin").is_dir() or any(path.glob("*_batch*.bin")):
-        return "cifar10"
-    if (path / "cifar-10-batches-py").is_dir() or any(
-        (path / name).is_file() for name in ("batches.meta", "data_batch_1", "test_batch")
-    ):
-        return "cifar10-python"
-    if mnist_dirs(path):
+    if path.is_dir():
+        if (path / "cifar-10-batches-bin").is_dir() or any(path.glob("*_batch*.bin")):
+            return "cifar10"
+        if (path / "cifar-10-batches-py").is_dir() or any(
+                (path / name).is_file() for name in ("batches.meta", "data_batch_1", "test_batch")):
+            return "cifar10-python"
+        return "mnist" if mnist_dirs(path) else "npz" if any(path.glob("*.npz")) else "folder"
+    if name.endswith((".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")):
+        return "tar"
+    if path.suffix.lower() in (".npz", ".npy", ".bin"):
+        return {".npz": "npz", ".npy": "npy", ".bin": "cifar10"}[path.suffix.lower()]
+    if "idx3-ubyte" in name:
         return "mnist"
-    return "npz" if any(path.glob("*.npz")) else "folder"
+    if tarfile.is_tarfile(path):
+        return "tar"
+    raise ValueError(f"{path}: cannot tell its format; pass format= (one of {FORMATS})")
 
 
 def is_image_name(name: str) -> bool:
@@ -96,8 +92,7 @@ def is_image_name(name: str) -> bool:
 
 def array_source(format: str, path: Path, arrays: Iterable[tuple[Path, np.ndarray]], count: int,
                  **fields) -> Source:
-    """A Source of decoded arrays [N, H, W, C] (read as the records reach them), image i of
-    `file` named `file[i]`."""
+    """A Source of arrays [N, H, W, C], read as the records reach them; image i is `file[i]`."""
     named = ((f"{file}[{i}]", image) for file, array in arrays for i, image in enumerate(array))
     records = ((index, name, image) for index, (name, image) in enumerate(named))
     return Source(format, path, count, records, **fields)
@@ -217,7 +212,9 @@ def read_tar(path: Path, split: str) -> Source:
                     raise ValueError(f"{path}: cannot read member {name} ({e})") from None
                 yield int(rank[k]), name, data
 
-    return Source("tar", path, len(members), records(), damage=damage, damaged=damaged)
+    note = damage and (f"{damage}; skipped {damaged} damaged image member(s) there, and whatever "
+                       f"followed them")
+    return Source("tar", path, len(members), records(), note=note, damage=damage)
 
 
 def read_folder(path: Path, split: str) -> Source:
@@ -329,18 +326,16 @@ CIFAR_RECORD = 1 + 3 * 32 * 32  # one label byte, then the red, green and blue 3
 def cifar_source(format: str, path: Path, split: str) -> Source:
     """CIFAR-10's binary (`cifar-10-batches-bin`: records of 1 label + 3072 pixel bytes) or
     python version (`cifar-10-batches-py`, parsed without unpickling)."""
-    files = [path]
+    files, binary = [path], format == "cifar10"
     if path.is_dir():
-        folder = path / f"cifar-10-batches-{'bin' if format == 'cifar10' else 'py'}"
+        folder = path / f"cifar-10-batches-{'bin' if binary else 'py'}"
         folder = folder if folder.is_dir() else path
-        suffix = ".bin" if format == "cifar10" else ""
         names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
-        files = [folder / (name + suffix) for name in names]
+        files = [folder / (name + ".bin" * binary) for name in names]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise ValueError(f"{folder}: CIFAR-10 {split!r} split needs {missing}")
-    batches = [read_binary_batch(file) if format == "cifar10" else read_python_batch(file)
-               for file in files]
+    batches = [(read_binary_batch if binary else read_python_batch)(file) for file in files]
     return array_source(format, path,
                         [(file, planes_to_hwc(pixels, 32)) for file, (pixels, _) in
                          zip(files, batches, strict=True)],
@@ -368,8 +363,8 @@ def mnist_dirs(path: Path) -> list[Path]:
 
 
 def read_idx(file: Path, dims: int) -> np.ndarray:
-    """An idx file of bytes (optionally gzipped): magic 0x0000080D with D = `dims` (3 for
-    images, 1 for labels), then D big-endian int32 sizes, then the values."""
+    """An idx file of bytes, maybe gzipped: magic 0x0000080D with D = `dims` (3 for images, 1
+    for labels), D big-endian int32 sizes, the values."""
     try:
         with (gzip.open if file.name.endswith(".gz") else open)(file, "rb") as f:
             raw = f.read()
@@ -416,8 +411,7 @@ def read_mnist(path: Path, split: str) -> Source:
 
 
 def check_image_array(array: np.ndarray, name: str) -> np.ndarray:
-    """A uint8 [N, H, W, C] or [N, H, W] array as [N, H, W, C] (no copy); a ValueError naming
-    `name` for anything else."""
+    """A uint8 [N, H, W, C] or [N, H, W] array as [N, H, W, C] (no copy)."""
     if not isinstance(array, np.ndarray):
         raise ValueError(f"{name}: expected a numpy array saved as .npy, got "
                          f"{type(array).__name__}")
