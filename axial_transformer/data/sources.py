@@ -50,8 +50,7 @@ class Source:
 
 
 def open_source(path: str | Path, format: str = "auto", split: str = "train") -> Source:
-    """One split of a source: `split` picks the files of CIFAR-10, MNIST or a folder of npz
-    batches; a tar, an image folder or a .npy is one split."""
+    """One split of a source (a tar, an image folder or a .npy is one split already)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
@@ -118,10 +117,9 @@ MIN_ARCHIVE_BYTES_PER_MEMBER = 32
 
 
 class EndCheckedTarInfo(tarfile.TarInfo):
-    """A tar header that tells a damaged archive from one that ended: tarfile takes a header cut
-    short, missing or failing its checksum after the first member for the end of the archive,
-    so a tar cut in half would read as a smaller one. Only the end-of-archive marker ends this
-    one."""
+    """A tar header that only the end-of-archive marker ends: tarfile takes a header cut short,
+    missing or failing its checksum after the first member for the end, so a tar cut in half
+    would read as a smaller one."""
 
     @classmethod
     def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
@@ -137,8 +135,8 @@ class EndCheckedTarInfo(tarfile.TarInfo):
 
 
 def open_tar(path: Path) -> tarfile.TarFile:
-    """The tar at `path`, opened with the decompressor its first bytes name (so that an error is
-    that of its own decompressor, not of every one tried in turn)."""
+    """Opened with the decompressor its first bytes name, so that an error is that of its own
+    decompressor, not of every one tried in turn."""
     with open(path, "rb") as f:
         head = f.read(6)
     mode = next((m for magic, m in COMPRESSION_MAGIC.items() if head.startswith(magic)), "r:")
@@ -149,16 +147,15 @@ def open_tar(path: Path) -> tarfile.TarFile:
 
 
 def tar_members(tar: tarfile.TarFile) -> Iterator[tuple[tarfile.TarInfo, bool]]:
-    """(member, whether it is an image file) of each member, in archive order."""
+    """(member, whether it is an image file), in archive order."""
     while (member := tar.next()) is not None:
         tar.members.clear()  # TarFile keeps every header it has read: a gigabyte for 1.28M
         yield member, member.isfile() and is_image_name(member.name)
 
 
 def scan_tar(path: Path) -> tuple[list[tuple[str, int]], str | None, int]:
-    """Read a tar once to its end (every header, and every byte of a compressed one, so that a
-    damaged stream or a failed checksum is found here) -> (its image members in archive order as
-    (name, size), where it broke or None, how many image members were lost there)."""
+    """Read a tar to its end (and a compressed one through its checksum) -> (its image members
+    in archive order as (name, size), where it broke or None, image members lost there)."""
     members, last, image, ended = [], None, False, False
     most = 1000 + path.stat().st_size // MIN_ARCHIVE_BYTES_PER_MEMBER
     with open_tar(path) as tar:
@@ -188,9 +185,9 @@ def scan_tar(path: Path) -> tuple[list[tuple[str, int]], str | None, int]:
 
 
 def read_tar(path: Path, split: str) -> Source:
-    """Image members in sorted name order. The archive is read twice, front to back: once for
-    the names (and to find damage), once for the bytes, each member placed at its name's rank,
-    so a 4 GB tar is never held in memory and the order does not depend on how it was packed."""
+    """Image members in sorted name order. Read twice, front to back: for the names (and damage),
+    then for the bytes, each placed at its name's rank, so a 4 GB tar is never held in memory and
+    the order does not depend on how it was packed."""
     members, damage, damaged = scan_tar(path)
     names = np.array([name for name, _ in members], dtype=object)
     rank = np.argsort(np.argsort(names, kind="stable"))  # a name's place in sorted order
@@ -218,9 +215,9 @@ def read_tar(path: Path, split: str) -> Source:
 
 
 def read_folder(path: Path, split: str) -> Source:
-    """PNG and JPEG files anywhere under `path`, sorted by their relative path. When every image
-    lies inside a sub-folder and there are at least two, the sub-folders are the classes
-    (torchvision's ImageFolder layout): sorted folder names are labels 0..K-1."""
+    """Image files anywhere under `path`, sorted by relative path. When every one lies inside a
+    sub-folder and there are at least two, the sorted sub-folders are the classes (torchvision's
+    ImageFolder layout)."""
     files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
     relative = [name for name in files if is_image_name(name)]
     if not relative:
@@ -253,9 +250,8 @@ NPZ_ERRORS = (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.
 
 
 def read_npz(path: Path, split: str) -> Source:
-    """`train_data_batch_1.npz` .. `_10.npz` (train) or `val_data.npz` (test), or one .npz file.
-    Key `data` is uint8 [N, 3*S*S] as R, G, B planes; key `labels` holds 1..1000, kept as
-    0..999."""
+    """`train_data_batch_1.npz` .. `_10.npz` (train), `val_data.npz` (test), or one .npz: key
+    `data` uint8 [N, 3*S*S] as R, G, B planes, key `labels` 1..1000 (kept as 0..999)."""
     files = [path]
     if path.is_dir():
         pattern = "train_data_batch_*.npz" if split == "train" else "val_data.npz"
@@ -436,8 +432,8 @@ def load_array(path: str | Path) -> np.ndarray:
 
 
 def read_npy(path: Path, split: str) -> Source:
-    """A uint8 .npy of images; labelled when `X_labels.npy` (and optionally `X_classes.json`,
-    otherwise the classes are numbered) lies beside `X.npy`."""
+    """A uint8 .npy of images, labelled by `X_labels.npy` beside `X.npy` (classes named by
+    `X_classes.json`, or numbered)."""
     images = load_array(path)
     source = array_source("npy", path, [(path, images)], len(images))
     if labels_path(path).is_file():

@@ -19,11 +19,9 @@ from .sources import PREPARE_HINT, check_image_array, load_array
 
 class ImageArrayDataset(Dataset):
     """Images of a uint8 array [N, H, W, C] as uint8 tensors [C, H, W]; with `labels` (checked
-    int64 [N]) each item is (image, label as an int64 0-d tensor).
-
-    With `file` (the .npy that `array` memory-maps) the images are read from the file with
-    pread instead of through the map: a read past the end of a file cut short after it was
-    opened would kill the process with SIGBUS, and is a ValueError naming the file here."""
+    int64 [N]) each item is (image, label as an int64 0-d tensor). With `file` (the .npy that
+    `array` maps) images are read from the file with pread, not through the map: a read past the
+    end of a file cut short after it was opened would kill the process with SIGBUS."""
 
     def __init__(self, array: np.ndarray, labels: np.ndarray | None = None,
                  file: Path | None = None):
@@ -40,9 +38,7 @@ class ImageArrayDataset(Dataset):
         image = self.array[index] if self.file is None else self.read(index)
         # Copied into CHW order, so the tensor owns its memory (never the read-only memmap's).
         image = torch.from_numpy(np.array(image.transpose(2, 0, 1), order="C"))
-        if self.labels is None:
-            return image
-        return image, torch.tensor(self.labels[index], dtype=torch.int64)
+        return image if self.labels is None else (image, torch.tensor(self.labels[index]))
 
     def read(self, index: int) -> np.ndarray:
         start = self.offset + index * self.image_bytes
@@ -71,16 +67,12 @@ def split_path(spec: str | Path, split: str) -> Path:
 
 def open_split(spec: str | Path, split: str, image_size: tuple[int, int], channels: int,
                num_classes: int = 0, trained: bool = False) -> ImageArrayDataset:
-    """One split: "builtin", a prepared .npy file, or a directory holding `{split}.npy`.
-
-    The images must be exactly `image_size` (H, W) with `channels` channels: resizing is a
-    decision for `prepare`, not something to do silently at training time. With `num_classes`
-    > 0 items are (image, label), the labels read from `{split}_labels.npy` beside it. A split
-    that does not fit is refused with what to change: the model's config, or for a `trained`
-    model the images."""
+    """One split: "builtin", a prepared .npy file, or a directory holding `{split}.npy`. The
+    images must be exactly `image_size` (H, W) with `channels` channels: resizing is for
+    `prepare` to do, not training. With `num_classes` > 0 items are (image, label), the labels
+    read from beside it. A misfit is refused with what to change: the model's config, or for a
+    `trained` model the images."""
     h, w = image_size
-    if num_classes < 0:
-        raise ValueError(f"num_classes must be 0 (no labels) or more, got {num_classes}")
     if str(spec) == "builtin":
         if num_classes:
             raise ValueError("the built-in dataset has no class labels; it needs num_classes=0")
@@ -98,25 +90,21 @@ def open_split(spec: str | Path, split: str, image_size: tuple[int, int], channe
 
 def size_mismatch(path: Path, found: tuple[int, ...], expected: tuple[int, int, int],
                   trained: bool = False) -> str:
-    """The refusal of a split whose images do not fit the model, with what fixes it: the
-    overrides of a model to train, or for a `trained` model, the images prepared again."""
     (fh, fw, fc), (h, w, c) = found, expected
-    resized = (fh, fw) != (h, w)
-    again = f"--image-size {h} {w} --resize" if resized else ""
-    again += f" --channels {c}" if fc != c else ""
-    if trained:
+    resize = f"--image-size {h} {w} --resize" if (fh, fw) != (h, w) else ""
+    if trained:  # the images must change
+        again = " ".join(filter(None, [resize, f"--channels {c}" * (fc != c)]))
         return (f"{path}: this model takes images of H x W x C = {h} x {w} x {c}, found "
-                f"{fh} x {fw} x {fc}; prepare them again with {again.strip()}")
-    fixes = [f"model.image_size=[{fh},{fw}]"] * resized + [f"model.channels={fc}"] * (fc != c)
-    again = f"; or prepare them again with --image-size {h} {w} --resize" if resized else ""
+                f"{fh} x {fw} x {fc}; prepare them again with {again}")
+    fixes = [f"model.image_size=[{fh},{fw}]"] * bool(resize) + [f"model.channels={fc}"] * (fc != c)
     return (f"{path}: expected images of H x W x C = {h} x {w} x {c} (image_size={[h, w]}, "
             f"channels={c}), found {fh} x {fw} x {fc}; a model of these images needs "
-            f"{' '.join(fixes)}{again}")
+            f"{' '.join(fixes)}" + f"; or prepare them again with {resize}" * bool(resize))
 
 
 def class_names(spec: str | Path, split: str) -> list[str] | None:
-    """The class names saved beside a prepared split (`{split}_classes.json`; name k is label
-    k), or None when it has none (an unlabelled source, or "builtin")."""
+    """The class names beside a prepared split (name k for label k), or None (none saved, or
+    "builtin")."""
     return None if str(spec) == "builtin" else load_class_names(split_path(spec, split))
 
 
