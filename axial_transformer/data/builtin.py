@@ -11,9 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-# (package, path inside the package) of every photograph used. These are the files that
-# skimage.data.<name>() and sklearn.datasets.load_sample_image() read; reading them directly keeps
-# skimage's pooch fetcher (which downloads the images it does not ship) out of the picture.
+# (package, file in it): what skimage.data.<name>() and sklearn.datasets.load_sample_image() read;
+# read directly, so that skimage's pooch fetcher (which downloads what it lacks) stays out.
 PHOTOGRAPHS = {
     "astronaut": ("skimage", "data/astronaut.png"), "coffee": ("skimage", "data/coffee.png"),
     "rocket": ("skimage", "data/rocket.jpg"), "chelsea": ("skimage", "data/chelsea.png"),

@@ -1,11 +1,8 @@
-"""PNG and JPEG files read within bounds: the bytes a file may hold, checked before it is read, and
-the pixels it may decode to, checked from its header before it is decoded.
-
-A PNG of a few kilobytes can declare 100,000 x 100,000 pixels (a decompression bomb), and a tar
-of a few kilobytes can hold a sparse member of 20 GB; neither may make us allocate more than the
-limits below allow. Pillow's own bomb check (`Image.MAX_IMAGE_PIXELS`) is a process-wide setting
-that only warns below twice its limit, so the limit here is checked where each file is opened.
-"""
+"""PNG and JPEG files read within bounds: their bytes, checked before they are read, and their
+pixels, checked from the header before they are decoded. A PNG of a few kilobytes can declare
+100,000 x 100,000 pixels (a decompression bomb), a tar of a few kilobytes can hold a sparse member
+of 20 GB. Pillow's own bomb check (`Image.MAX_IMAGE_PIXELS`) is a process-wide setting that only
+warns below twice its limit, so the limit here is checked where each file is opened."""
 
 from __future__ import annotations
 

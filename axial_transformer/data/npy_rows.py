@@ -1,11 +1,8 @@
-"""A uint8 .npy [N, ...] written row by row with pwrite, not through a memory map.
-
-A store into a memory map that the disk has no room for kills the process with SIGBUS: nothing
-is reported and the temporary file stays, keeping the disk full. Written with pwrite, a full disk
-is an OSError (ENOSPC) that names the file, and the caller removes it. The whole file is also
-reserved when it is created (posix_fallocate), so that a disk too small for it is found at the
-first image, not hours later.
-"""
+"""A uint8 .npy [N, ...] written row by row with pwrite, not through a memory map: a store into
+a map that the disk has no room for kills the process with SIGBUS, leaving the temporary file to
+fill the disk, while a pwrite fails with an OSError that names the file, and the caller removes
+it. The file is reserved whole when created (posix_fallocate), so that a disk too small for it is
+found at the first image, not hours later."""
 
 from __future__ import annotations
 
@@ -28,8 +25,7 @@ def npy_header(count: int, row_shape: tuple[int, ...]) -> bytes:
 
 class RowWriter:
     """Rows of a uint8 .npy at `path`, created for `count` rows or (`create=False`) opened in
-    place, written by index. `name` is what an error calls the file (the output that a
-    temporary file will become)."""
+    place, written by index; `name` is what an error calls it (the output it will become)."""
 
     def __init__(self, path: Path, count: int, row_shape: tuple[int, ...], name: str,
                  create: bool = True) -> None:

@@ -151,12 +151,27 @@ def write_images(
                                              disable=not progress,
                                              desc=f"{src.format} {src.path.name}"):
             try:
-                image = to_image(image, image_name, channels, image_size, resize)
+                if isinstance(image, CorruptImageError):  # refused by its size, not read
+                    raise image
+                if not isinstance(image, np.ndarray):  # a file: converted as ImageFolder does
+                    if channels not in (1, 3):
+                        raise ValueError(f"image files decode to 1 (grayscale) or 3 (RGB) "
+                                         f"channels, not {channels}")
+                    image = decode_image(image, image_name, "RGB" if channels == 3 else "L")
             except CorruptImageError as e:
                 if on_error == "raise":
                     raise
                 skipped.append(str(e))
                 continue
+            if image.shape[2] != channels:
+                raise ValueError(f"{image_name}: has {image.shape[2]} channels, expected "
+                                 f"{channels} (pass --channels {image.shape[2]})")
+            if image_size is not None and image.shape[:2] != image_size:
+                if not resize:
+                    raise ValueError(f"{image_name}: is {image.shape[0]}x{image.shape[1]}, "
+                                     f"expected {image_size[0]}x{image_size[1]}; pass --resize "
+                                     f"to resize")
+                image = resize_box(image, image_size)
             if out is None:
                 first, out = image_name, RowWriter(path, src.count, image.shape, name)
             elif image.shape != out.row_shape:
@@ -171,26 +186,6 @@ def write_images(
     if out is None:
         raise ValueError(f"{src.path}: no image could be read ({len(skipped)} skipped)")
     return np.flatnonzero(written)
-
-
-def to_image(image: bytes | Path | np.ndarray | CorruptImageError, name: str, channels: int,
-             image_size: tuple[int, int] | None, resize: bool) -> np.ndarray:
-    if isinstance(image, CorruptImageError):  # refused by its size before it was read
-        raise image
-    if not isinstance(image, np.ndarray):  # an image file, converted as torchvision's
-        if channels not in (1, 3):  # ImageFolder does
-            raise ValueError(f"image files decode to 1 (grayscale) or 3 (RGB) channels, not "
-                             f"{channels}")
-        image = decode_image(image, name, "RGB" if channels == 3 else "L")
-    if image.shape[2] != channels:
-        c = image.shape[2]
-        raise ValueError(f"{name}: has {c} channels, expected {channels} (pass --channels {c})")
-    if image_size is not None and image.shape[:2] != image_size:
-        if not resize:
-            raise ValueError(f"{name}: is {image.shape[0]}x{image.shape[1]}, expected "
-                             f"{image_size[0]}x{image_size[1]}; pass --resize to resize")
-        image = resize_box(image, image_size)
-    return image
 
 
 def copy_rows(source: Path, rows: np.ndarray, path: Path, name: str) -> None:

@@ -153,10 +153,12 @@ def tar_members(tar: tarfile.TarFile) -> Iterator[tuple[tarfile.TarInfo, bool]]:
         yield member, member.isfile() and is_image_name(member.name)
 
 
-def scan_tar(path: Path) -> tuple[list[tuple[str, int]], str | None, int]:
-    """Read a tar to its end (and a compressed one through its checksum) -> (its image members
-    in archive order as (name, size), where it broke or None, image members lost there)."""
-    members, last, image, ended = [], None, False, False
+def read_tar(path: Path, split: str) -> Source:
+    """Image members in sorted name order. Read twice, front to back: to its end for the names
+    (and a compressed one through its checksum, to find damage), then for the bytes, each placed
+    at its name's rank, so a 4 GB tar is never held in memory and the order does not depend on how
+    it was packed."""
+    members, last, image, damage, note = [], None, False, None, None  # members: (name, size)
     most = 1000 + path.stat().st_size // MIN_ARCHIVE_BYTES_PER_MEMBER
     with open_tar(path) as tar:
         try:
@@ -169,26 +171,21 @@ def scan_tar(path: Path) -> tuple[list[tuple[str, int]], str | None, int]:
                                          f"{path.stat().st_size:,} bytes; an archive of images "
                                          f"holds at most one per {MIN_ARCHIVE_BYTES_PER_MEMBER} "
                                          f"bytes (a bomb of empty entries?)")
-            ended = True
+            image = None  # every header was read
             while tar.fileobj.read(2**20):  # the rest of a compressed stream: its checksum
                 pass
         except ARCHIVE_ERRORS as e:
-            if ended:
-                return members, (f"{path}: fails its checksum ({e}): its image "
-                                 f"members were read, but one of them may be damaged"), 0
-            if image:  # its data may be what broke
-                members.pop()
-            where = f"at member {last!r} or just after it" if last else "at its first member"
-            return members, (f"{path}: damaged {where} ({e}); the {len(members):,} "
-                             f"image members before it are intact"), int(image)
-    return members, None, 0
-
-
-def read_tar(path: Path, split: str) -> Source:
-    """Image members in sorted name order. Read twice, front to back: for the names (and damage),
-    then for the bytes, each placed at its name's rank, so a 4 GB tar is never held in memory and
-    the order does not depend on how it was packed."""
-    members, damage, damaged = scan_tar(path)
+            if image is None:
+                damage = (f"{path}: fails its checksum ({e}): its image members were read, but "
+                          f"one of them may be damaged")
+            else:
+                if image:  # its data may be what broke
+                    members.pop()
+                where = f"at member {last!r} or just after it" if last else "at its first member"
+                damage = (f"{path}: damaged {where} ({e}); the {len(members):,} image members "
+                          f"before it are intact")
+            note = (f"{damage}; skipped {int(bool(image))} damaged image member(s) there, and "
+                    f"whatever followed them")
     names = np.array([name for name, _ in members], dtype=object)
     rank = np.argsort(np.argsort(names, kind="stable"))  # a name's place in sorted order
 
@@ -209,8 +206,6 @@ def read_tar(path: Path, split: str) -> Source:
                     raise ValueError(f"{path}: cannot read member {name} ({e})") from None
                 yield int(rank[k]), name, data
 
-    note = damage and (f"{damage}; skipped {damaged} damaged image member(s) there, and whatever "
-                       f"followed them")
     return Source("tar", path, len(members), records(), note=note, damage=damage)
 
 
