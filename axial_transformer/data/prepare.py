@@ -1,10 +1,7 @@
-"""`prepare`: convert a source once into the uint8 .npy [N, H, W, C] that training memory-maps.
-
-A split `X.npy` of a source with class labels also gets `X_labels.npy` and `X_classes.json`
-(labels.py). Every file is first written to a temporary file beside it, and all of them are
-renamed into place only once every one is complete: a failed run leaves the previous outputs as
-they were, and the temporary files of a killed run are removed by the next run.
-"""
+"""`prepare`: convert a source once into the uint8 .npy [N, H, W, C] that training memory-maps,
+with `X_labels.npy` and `X_classes.json` beside `X.npy` where the source has labels. Each output
+is written to a temporary file, and all are renamed into place only once every one is complete:
+a failed run leaves the previous outputs as they were."""
 
 from __future__ import annotations
 

@@ -128,9 +128,7 @@ class EndCheckedTarInfo(tarfile.TarInfo):
         except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError):
             raise tarfile.ReadError("the archive ends without its end-of-archive marker "
                                     "(truncated)") from None
-        except tarfile.InvalidHeaderError as e:
-            if isinstance(e, tarfile.EOFHeaderError):  # the end-of-archive marker
-                raise
+        except tarfile.InvalidHeaderError as e:  # not EOFHeaderError, the end-of-archive marker
             raise tarfile.ReadError(f"a damaged header ({e})") from None
 
 
