@@ -210,8 +210,13 @@ def test_sigkill_then_resume_is_bit_identical(data_dir, straight, killed, tmp_pa
     newest = run / "checkpoints" / "step_0000004"
     (newest / "optimizer.bin").write_bytes(payloads(marker)["runs code"])
     (newest / "random_states_0.pkl").write_bytes(payloads(marker)["forged pointers"])
+    # Its config.yaml as older versions wrote it, with two run-time choices in the model's
+    # settings; the resume turns one of them, checkpointing, on (the same arithmetic).
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    saved["model"].update(gradient_checkpointing=False, attention="auto")
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
 
-    done = launch(data_dir, run, "resume=auto")
+    done = launch(data_dir, run, "resume=auto", "train.gradient_checkpointing=true")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming from" in done.stdout + done.stderr and "step_0000004" in done.stdout
     warning = [line for line in done.stderr.splitlines() if line.startswith("warning:")]

@@ -303,7 +303,10 @@ def test_demo_smoke_prints_codec_comparison_and_samples(tmp_path):
     assert re.match(r"precision: (fp32|bf16) \(auto: .+\); 1 CPU thread", done.stdout)
     assert (run / "heatmap.png").is_file()
     assert [p.name for p in (run / "samples").iterdir()] == ["step_0000002.png"]
-    assert (run / "config.yaml").is_file() and (run / "export" / "config.json").is_file()
+    # The export's config.json holds what defines the model's function, no run-time choice.
+    exported = json.loads((run / "export" / "config.json").read_text())
+    assert (run / "config.yaml").is_file() and exported["dim"] == 64
+    assert not {"gradient_checkpointing", "attention"} & exported.keys()
     # It says where everything went, and shows progress while it evaluates.
     for kind, path in [("metrics", "metrics.jsonl"), ("export", "export"),
                        ("heatmap", "heatmap.png"), ("checkpoint", "checkpoints/step_0000002"),

@@ -76,8 +76,19 @@ def test_paper_configs_match_the_paper(name):
             t.batch_size, t.objective) == (0.9, 0.999, 5000, "constant", 1.0, 0.99995, 64,
                                            "random")
     assert t.lr == {"imagenet32": 1e-4, "imagenet64": 2e-4}[name]
-    assert cfg.model.gradient_checkpointing == (name == "imagenet64")
+    assert cfg.train.gradient_checkpointing == (name == "imagenet64")
 
 
 def test_defaults_are_valid():
     assert RunConfig().train.objective == "random"
+
+
+def test_a_saved_config_of_an_older_version_loads():
+    """Older versions saved two run-time choices with the model (now train.gradient_checkpointing
+    and AxialTransformer.set_attention): a run's config.yaml holding them still loads."""
+    tree = RunConfig().to_dict()
+    tree["model"].update(gradient_checkpointing=True, attention="matmul")
+    assert config_from_dict(tree) == RunConfig()
+    tree["model"]["attention"] = "fast"
+    with pytest.raises(ValueError, match="model: attention must be one of auto, sdpa, matmul"):
+        config_from_dict(tree)

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ..model.config import AxialTransformerConfig
+from ..model.config import AxialTransformerConfig, without_run_time_keys
 
 
 @dataclass
@@ -74,6 +74,9 @@ class OptimConfig:
     threads: int = 1
     # torch.compile the training forward pass (pays off on GPU for long runs).
     compile: bool = False
+    # Recompute each block's activations in the backward pass: needed to fit the paper's
+    # ImageNet-64 model on one GPU, costs about a third more compute. A resume may toggle it.
+    gradient_checkpointing: bool = False
     seed: int = 0
     # Class-conditional models (model.num_classes > 0): the share of training images shown with
     # "no class" instead of their label, so that one model is conditional and unconditional and
@@ -333,7 +336,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
 
 
 def config_from_dict(tree: dict) -> RunConfig:
-    """Rebuild a RunConfig from its `to_dict()` (e.g. a run's saved config.yaml)."""
+    """Rebuild a RunConfig from its `to_dict()` (e.g. a run's saved config.yaml). The model's
+    run-time keys that older versions saved are dropped."""
+    if isinstance(tree, dict) and isinstance(tree.get("model"), dict):
+        tree = {**tree, "model": without_run_time_keys(tree["model"], "model")}
     return _build(RunConfig, tree)
 
 

@@ -164,7 +164,7 @@ def build(cfg: RunConfig, start: Start) -> tuple:
     loader = DataLoader(start.train_set, batch_size=start.micro_batch, shuffle=True,
                         drop_last=True, num_workers=cfg.data.workers)
     set_seed(t.seed)  # the same init on every process
-    model = AxialTransformer(cfg.model)
+    model = AxialTransformer(cfg.model).set_gradient_checkpointing(t.gradient_checkpointing)
     ema = EMA(model, t.ema_decay)
     optimizer = adam(model.parameters(), t)
     objective, optimizer, loader = start.accelerator.prepare(Objective(model, t.objective),
