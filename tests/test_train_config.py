@@ -85,10 +85,15 @@ def test_defaults_are_valid():
 
 def test_a_saved_config_of_an_older_version_loads():
     """Older versions saved two run-time choices with the model (now train.gradient_checkpointing
-    and AxialTransformer.set_attention): a run's config.yaml holding them still loads."""
+    and AxialTransformer.set_attention) and a `debug` section of test hooks (now in the tests):
+    a run's config.yaml holding them still loads, for a resume. Given as a run's --config or
+    override, a debug key is unknown."""
     tree = RunConfig().to_dict()
     tree["model"].update(gradient_checkpointing=True, attention="matmul")
+    tree["debug"] = {"rank": -1, "kill_at_step": 0, "nan_at_steps": [], "free_bytes": -1}
     assert config_from_dict(tree) == RunConfig()
+    with pytest.raises(ValueError, match="unknown config key 'debug.rank'"):
+        load_config(None, ["debug.rank=1"])
     tree["model"]["attention"] = "fast"
     with pytest.raises(ValueError, match="model: attention must be one of auto, sdpa, matmul"):
         config_from_dict(tree)

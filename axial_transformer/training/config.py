@@ -122,22 +122,6 @@ class CheckpointConfig:
 
 
 @dataclass
-class DebugConfig:
-    # Fault injection for the tests of preemption, resume and divergence; all off by default.
-    # Steps count from 1 as in metrics.jsonl; the faults hit process `rank` (-1: every process).
-    rank: int = -1
-    # Kill the process with SIGKILL right after this step (0: never), as a preemption without
-    # warning would.
-    kill_at_step: int = 0
-    # Send SIGTERM to the process right after this step (0: never), as a scheduler would.
-    sigterm_at_step: int = 0
-    # Make the loss NaN at these steps.
-    nan_at_steps: tuple[int, ...] = ()
-    # Pretend the disk holding run_dir has this many bytes free (-1: ask the disk).
-    free_bytes: int = -1
-
-
-@dataclass
 class RunConfig:
     model: AxialTransformerConfig = field(default_factory=AxialTransformerConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -145,7 +129,6 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    debug: DebugConfig = field(default_factory=DebugConfig)
     # Everything the run writes goes here (config.yaml, metrics.jsonl, checkpoints/, export/).
     run_dir: str = "runs/default"
     # "" starts a fresh run, "auto" continues from the latest checkpoint in run_dir if there is
@@ -189,7 +172,6 @@ _MINIMUMS = {
     "eval.every": 0, "eval.batch_size": 1, "eval.max_images": 0,
     "log.every": 1, "log.sample_every": 0, "log.num_samples": 1,
     "checkpoint.every": 0, "checkpoint.keep": 1, "train.max_skipped_steps": 1,
-    "debug.kill_at_step": 0, "debug.sigterm_at_step": 0,
 }
 
 
@@ -336,10 +318,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
 
 
 def config_from_dict(tree: dict) -> RunConfig:
-    """Rebuild a RunConfig from its `to_dict()` (e.g. a run's saved config.yaml). The model's
-    run-time keys that older versions saved are dropped."""
-    if isinstance(tree, dict) and isinstance(tree.get("model"), dict):
-        tree = {**tree, "model": without_run_time_keys(tree["model"], "model")}
+    """Rebuild a RunConfig from its `to_dict()` (e.g. a run's saved config.yaml). What older
+    versions saved besides is dropped: the model's run-time keys and the test hooks of their
+    `debug` section."""
+    if isinstance(tree, dict):
+        tree = {k: v for k, v in tree.items() if k != "debug"}
+        if isinstance(tree.get("model"), dict):
+            tree["model"] = without_run_time_keys(tree["model"], "model")
     return _build(RunConfig, tree)
 
 

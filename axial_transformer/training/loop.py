@@ -9,7 +9,7 @@ bottom; its parts live beside it:
     train_step.py  one optimizer step: learning rate, data, accumulation, skipped steps
     resume.py      checkpoints saved, chosen and restored (checkpoint.py: their format)
     run_log.py     metrics.jsonl, stdout, wandb, sample grids
-    preemption.py  SIGTERM / SIGINT from start-up to exit, injected faults
+    preemption.py  SIGTERM / SIGINT from start-up to exit
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from .errors import TrainingError, naming
 from .optimizer_state import adam
 from .resume import export_problem, restore, save_checkpoint, write_export
 from .run_log import MetricsLog, TrainMeter, eval_metrics, run_outputs, save_samples
-from .signals import Preempted, Preemption, inject_faults
+from .signals import Preempted, Preemption
 from .startup import Start, begin_run, start_run
 from .step import Objective, learning_rate, optimizer_step, training_batches
 
@@ -101,7 +101,7 @@ def run(cfg: RunConfig, start: Start, preemption: Preemption) -> dict:
         while step < t.steps:
             lr = learning_rate(step, t)
             result = optimizer_step(accelerator, objective, optimizer, batches, step, lr, t,
-                                    cfg.debug, lambda: preemption.received is not None)
+                                    lambda: preemption.received is not None)
             if result.skipped:
                 state["skipped_steps"] += 1
                 skipped_in_row += 1
@@ -133,7 +133,6 @@ def run(cfg: RunConfig, start: Start, preemption: Preemption) -> dict:
                 save_samples(accelerator, ema, cfg, step)
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < t.steps:
                 saved_at = checkpoint()
-            inject_faults(cfg.debug, step, accelerator.process_index)
         if saved_at != step:  # the final checkpoint
             saved_at = checkpoint()
         bar.close()

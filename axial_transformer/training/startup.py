@@ -111,8 +111,7 @@ def check_inputs(cfg: RunConfig) -> tuple[Dataset, Dataset, nn.Module]:
     check_writable(cfg.run_dir)
     with torch.device("meta"):  # shapes and the parameter count without allocating weights
         like = AxialTransformer(mc)
-    check_disk_space(cfg.run_dir, like.num_parameters(), cfg.checkpoint.keep,
-                     cfg.debug.free_bytes)
+    check_disk_space(cfg.run_dir, like.num_parameters(), cfg.checkpoint.keep)
     return train_set, test_set, like
 
 
@@ -235,13 +234,11 @@ def held_bytes(run_dir: Path) -> int:
                for f in folder.rglob("*") if f.is_file())
 
 
-def check_disk_space(run_dir: str | Path, num_parameters: int, keep: int,
-                     free_bytes: int = -1) -> None:
-    """Raise a ValueError when the disk of `run_dir` cannot hold the run at its peak.
-    `free_bytes` >= 0 stands in for the disk's own figure (tests)."""
+def check_disk_space(run_dir: str | Path, num_parameters: int, keep: int) -> None:
+    """Raise a ValueError when the disk of `run_dir` cannot hold the run at its peak."""
     run_dir = Path(run_dir)
     need = run_bytes(num_parameters, keep)
-    free = shutil.disk_usage(nearest_existing(run_dir)).free if free_bytes < 0 else free_bytes
+    free = shutil.disk_usage(nearest_existing(run_dir)).free
     room = free + (held_bytes(run_dir) if run_dir.is_dir() else 0)
     if room < need:
         raise ValueError(f"run_dir {run_dir} has {room / 2**30:.2f} GiB free, but {keep + 1} "

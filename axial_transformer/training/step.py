@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from ..data.splits import split_batch
 from ..model.transformer import AxialTransformer
-from .config import DebugConfig, OptimConfig
+from .config import OptimConfig
 from .distributed import agree
 
 # A step whose Adam update would move the weights by more than this fraction of their norm is
@@ -108,7 +108,7 @@ class StepResult:
 
 def optimizer_step(
     accelerator, objective: nn.Module, optimizer, batches: Iterator[Tensor], step: int,
-    lr: float, t: OptimConfig, debug: DebugConfig, stop_requested: Callable[[], bool],
+    lr: float, t: OptimConfig, stop_requested: Callable[[], bool],
 ) -> StepResult:
     """One optimizer step over `t.grad_accumulation` micro-batches, skipped (no update) on every
     process when on any of them the loss or the gradient is not finite or the update would be
@@ -116,7 +116,6 @@ def optimizer_step(
     for group in optimizer.param_groups:
         group["lr"] = lr
     channels = accelerator.unwrap_model(objective).model.config.channels
-    poisoned = step + 1 in debug.nan_at_steps and debug.rank in (-1, accelerator.process_index)
     loss_sum, grad_norm = torch.zeros((), device=accelerator.device), torch.zeros(())
     skipped, stop = None, False
     for k in range(t.grad_accumulation):
@@ -130,8 +129,6 @@ def optimizer_step(
             labels = torch.where(dropped.to(labels.device) < t.label_dropout, -1, labels)
         with accelerator.accumulate(objective):  # syncs gradients on the last micro-batch
             loss = objective(x, channel.to(x.device), labels)
-            if poisoned:
-                loss = loss * math.nan
             accelerator.backward(loss)
             loss_sum = loss_sum + loss.detach() / t.grad_accumulation
             if accelerator.sync_gradients:
