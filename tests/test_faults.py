@@ -1,6 +1,6 @@
 """Long runs that survive faults: SIGKILL and exact resume, SIGTERM at any point from start-up to
 exit, a second run on the same run_dir, a full disk, corrupt or planted checkpoint files (never
-unpickled), non-finite and absurd steps, and bad input caught at start-up with one clear line.
+unpickled), non-finite steps, and bad input caught at start-up with one clear line.
 The runs are tiny models in subprocesses (Accelerate keeps process-wide state)."""
 
 import json
@@ -528,7 +528,7 @@ def test_two_processes_stop_together_and_skip_the_same_steps(data_dir, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------
-# Non-finite and absurd steps.
+# Non-finite steps.
 
 
 def test_nan_steps_are_skipped_and_counted_and_too_many_stop_the_run(data_dir, tmp_path):
@@ -555,18 +555,6 @@ def test_nan_steps_are_skipped_and_counted_and_too_many_stop_the_run(data_dir, t
     assert [p.name for p in (stopped / "checkpoints").iterdir()] == ["step_0000002"]
     model = load_file(stopped / "checkpoints" / "step_0000002" / "model.safetensors")
     assert all(torch.isfinite(v).all() for v in model.values())
-
-
-def test_an_absurd_learning_rate_is_skipped_before_it_spoils_the_weights(data_dir, tmp_path):
-    """lr 1e6: every update would move each weight by ~1e6, finite garbage that a NaN check
-    lets through. Each step is skipped instead, and the run stops with one line."""
-    run = tmp_path / "run"
-    done = launch(data_dir, run, "train.lr=1e6", "train.warmup_steps=0",
-                  "train.max_skipped_steps=3", "checkpoint.every=1")
-    one_line_error(done, "were skipped (update larger than 1x the weights' norm)")
-    for checkpoint in (run / "checkpoints").iterdir():
-        weights = load_file(checkpoint / "model.safetensors")
-        assert max(v.abs().max().item() for v in weights.values()) < 10
 
 
 def test_nonfinite_weights_are_found_by_name():

@@ -22,13 +22,6 @@ from ..model.transformer import AxialTransformer
 from .config import OptimConfig
 from .distributed import agree
 
-# A step whose Adam update would move the weights by more than this fraction of their norm is
-# skipped like a non-finite one. Adam moves every weight by about lr per step whatever the
-# gradient, so a sane step moves the whole weight vector by a small fraction of its norm; a
-# step past this bound comes from a learning rate orders of magnitude too high, and would write
-# finite garbage (|w| ~ lr) that no NaN check catches.
-MAX_UPDATE_RATIO = 1.0
-
 
 def learning_rate(step: int, cfg: OptimConfig) -> float:
     """The learning rate of optimizer step `step` (0-based): linear warm-up from 0, then constant
@@ -75,29 +68,6 @@ def training_batches(loader: DataLoader, accelerator, position: int) -> Iterator
         epoch, skip = epoch + 1, 0
 
 
-@torch.no_grad()
-def adam_update_ratio(optimizer: torch.optim.Optimizer, lr: float) -> float:
-    """|update| / |weights| of the step `optimizer.step()` would now take, for torch's Adam
-    (L2 weight decay, no amsgrad): the same moments, bias corrections and eps, without
-    touching the weights or the optimizer's state."""
-    update_sq = weights_sq = 0.0
-    for group in optimizer.param_groups:
-        beta1, beta2 = group["betas"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = optimizer.state.get(p, {})
-            step = float(state["step"]) + 1 if "step" in state else 1.0
-            grad = p.grad + group["weight_decay"] * p if group["weight_decay"] else p.grad
-            exp_avg = state["exp_avg"].lerp(grad, 1 - beta1) if state else (1 - beta1) * grad
-            exp_avg_sq = (state["exp_avg_sq"] * beta2 if state else 0) + (1 - beta2) * grad**2
-            denom = (exp_avg_sq / (1 - beta2**step)).sqrt() + group["eps"]
-            update = exp_avg / denom * (lr / (1 - beta1**step))
-            update_sq += float(update.double().square().sum())
-            weights_sq += float(p.double().square().sum())
-    return math.sqrt(update_sq / weights_sq) if weights_sq > 0 else 0.0
-
-
 @dataclass
 class StepResult:
     loss: Tensor  # mean loss of the step's micro-batches on this process
@@ -111,8 +81,7 @@ def optimizer_step(
     lr: float, t: OptimConfig, stop_requested: Callable[[], bool],
 ) -> StepResult:
     """One optimizer step over `t.grad_accumulation` micro-batches, skipped (no update) on every
-    process when on any of them the loss or the gradient is not finite or the update would be
-    absurdly large (MAX_UPDATE_RATIO)."""
+    process when on any of them the loss or the gradient is not finite."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     channels = accelerator.unwrap_model(objective).model.config.channels
@@ -136,13 +105,9 @@ def optimizer_step(
                 max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
                 grad_norm = accelerator.clip_grad_norm_(objective.parameters(), max_norm)
                 finite = bool(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
-                absurd = finite and adam_update_ratio(optimizer, lr) > MAX_UPDATE_RATIO
-                nonfinite, absurd, stop = agree(accelerator, not finite, absurd,
-                                                stop_requested())
+                nonfinite, stop = agree(accelerator, not finite, stop_requested())
                 if nonfinite:
                     skipped = "non-finite loss or gradient"
-                elif absurd:
-                    skipped = f"update larger than {MAX_UPDATE_RATIO:g}x the weights' norm"
                 else:
                     optimizer.step()
             optimizer.zero_grad(set_to_none=True)
