@@ -156,7 +156,6 @@ PRESETS: dict[str, dict] = {
     "imagenet64": dict(
         image_size=(64, 64), channels=3, dim=2048, heads=16,
         encoder_layers=8, outer_layers=8, inner_layers=8, dropout=0.0,
-        gradient_checkpointing=True,
     ),
     # The benchmark size: width 256, 4/4/4 layers, 4.9M parameters at 32x32.
     "small": dict(dim=256, heads=8, encoder_layers=4, outer_layers=4, inner_layers=4),
