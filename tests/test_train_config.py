@@ -25,9 +25,10 @@ def test_overrides_set_typed_values():
 
 @pytest.mark.parametrize("override, message", [
     ("train.lrr=1", "unknown config key 'train.lrr'"),
-    ("nosuch.key=1", "unknown config key 'nosuch.key'"),
-    ("train.lr.x=1", "train.lr is a float, not a section"),
-    ("model=3", "model is a section"),
+    ("nosuch.key=1", "unknown config key 'nosuch'"),
+    ("train.lr.x=1", "train.lr: expected float, got {'x': '1'}"),
+    ("model=3", "model: expected a mapping of keys, got '3'"),
+    ("model.gradient_checkpointing=true", "(now train.gradient_checkpointing)"),
     ("train.lr=fast", "train.lr: expected float"),
     ("train.steps=1.5", "train.steps: expected int"),
     ("train.compile=1", "train.compile: expected bool"),
@@ -47,7 +48,7 @@ def test_bad_overrides_name_the_key(override, message):
 def test_bad_yaml_keys_are_rejected(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("train:\n  steps: 10\n  learning_rate: 0.1\n")
-    with pytest.raises(ValueError, match="unknown config key train.learning_rate"):
+    with pytest.raises(ValueError, match="unknown config key 'train.learning_rate'"):
         load_config(path)
     path.write_text("train:\n  steps: ten\n")
     with pytest.raises(ValueError, match="train.steps: expected int, got 'ten'"):
@@ -92,7 +93,7 @@ def test_a_saved_config_of_an_older_version_loads():
     tree["model"].update(gradient_checkpointing=True, attention="matmul")
     tree["debug"] = {"rank": -1, "kill_at_step": 0, "nan_at_steps": [], "free_bytes": -1}
     assert config_from_dict(tree) == RunConfig()
-    with pytest.raises(ValueError, match="unknown config key 'debug.rank'"):
+    with pytest.raises(ValueError, match="unknown config key 'debug'"):
         load_config(None, ["debug.rank=1"])
     tree["model"]["attention"] = "fast"
     with pytest.raises(ValueError, match="model: attention must be one of auto, sdpa, matmul"):

@@ -1,5 +1,5 @@
 """One optimizer step: its learning rate, its data, its random channels and dropout, gradient
-accumulation, and the checks that skip a step instead of letting it spoil the weights.
+accumulation, and the skip of a step whose loss or gradient is not finite.
 
 Everything a step draws is a pure function of the step (and the seed): the learning rate, the
 data position, the channel scored for each image and the dropout masks. That is what makes a
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -40,27 +40,23 @@ class Objective(nn.Module):
 
     def __init__(self, model: AxialTransformer, objective: str) -> None:
         super().__init__()
-        self.model = model
-        self.objective = objective
+        self.model, self.objective = model, objective
 
     def forward(self, x: Tensor, channel: Tensor, labels: Tensor | None = None) -> Tensor:
         return self.model.loss(x, self.objective, channel=channel, labels=labels)
 
 
 def position_seed(seed: int, micro_batch: int, rank: int) -> int:
-    """The seed of one micro-batch on one process. The channels it draws and its dropout masks
-    come from this seed, so they are a pure function of the position in the run: a resumed run
-    draws the same ones, whatever else consumed random numbers in between (a DataLoader draws a
-    seed from the global generator each time an iterator starts, e.g. after a resume)."""
+    """The seed of one micro-batch on one process, for its channels and dropout masks: a resumed
+    run draws the same ones, whatever else consumed random numbers in between (a DataLoader
+    draws a seed from the global generator each time an iterator starts)."""
     return int(np.random.SeedSequence([seed, micro_batch, rank]).generate_state(1)[0])
 
 
 def training_batches(loader: DataLoader, accelerator, position: int) -> Iterator[Tensor]:
-    """Micro-batches forever, starting `position` micro-batches into the run.
-
-    The prepared loader shuffles with a seedable sampler (seed + epoch), so epoch e has the same
-    order in every run; a resume skips the batches of its epoch that were already used.
-    """
+    """Micro-batches forever, starting `position` micro-batches into the run. The prepared loader
+    shuffles with a seedable sampler (seed + epoch), so epoch e has the same order in every run;
+    a resume skips the batches of its epoch that were already used."""
     epoch, skip = divmod(position, len(loader))
     while True:
         loader.set_epoch(epoch)
@@ -68,11 +64,10 @@ def training_batches(loader: DataLoader, accelerator, position: int) -> Iterator
         epoch, skip = epoch + 1, 0
 
 
-@dataclass
-class StepResult:
+class StepResult(NamedTuple):
     loss: Tensor  # mean loss of the step's micro-batches on this process
     grad_norm: Tensor  # global gradient norm before clipping
-    skipped: str | None  # why no update was made (on every process), or None
+    skipped: bool  # the loss or gradient was not finite on some process: no update anywhere
     stop: bool  # some process was asked to stop (SIGTERM / SIGINT)
 
 
@@ -80,13 +75,12 @@ def optimizer_step(
     accelerator, objective: nn.Module, optimizer, batches: Iterator[Tensor], step: int,
     lr: float, t: OptimConfig, stop_requested: Callable[[], bool],
 ) -> StepResult:
-    """One optimizer step over `t.grad_accumulation` micro-batches, skipped (no update) on every
-    process when on any of them the loss or the gradient is not finite."""
+    """One optimizer step over `t.grad_accumulation` micro-batches."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     channels = accelerator.unwrap_model(objective).model.config.channels
     loss_sum, grad_norm = torch.zeros((), device=accelerator.device), torch.zeros(())
-    skipped, stop = None, False
+    skipped = stop = False
     for k in range(t.grad_accumulation):
         x, labels = split_batch(next(batches))
         seed = position_seed(t.seed, step * t.grad_accumulation + k, accelerator.process_index)
@@ -105,10 +99,8 @@ def optimizer_step(
                 max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
                 grad_norm = accelerator.clip_grad_norm_(objective.parameters(), max_norm)
                 finite = bool(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
-                nonfinite, stop = agree(accelerator, not finite, stop_requested())
-                if nonfinite:
-                    skipped = "non-finite loss or gradient"
-                else:
+                skipped, stop = agree(accelerator, not finite, stop_requested())
+                if not skipped:
                     optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     return StepResult(loss_sum, grad_norm, skipped, stop)
