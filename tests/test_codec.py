@@ -41,10 +41,11 @@ def load_script(name: str):
 compress_cli, decompress_cli = load_script("compress"), load_script("decompress")
 
 
-def tiny_model(channels=3, size=(4, 5), seed=0, **overrides) -> AxialTransformer:
+def tiny_model(channels=3, size=(4, 5), seed=0, attention="auto", **overrides
+               ) -> AxialTransformer:
     cfg = AxialTransformerConfig(image_size=size, channels=channels, dim=16, heads=2,
                                  encoder_layers=2, outer_layers=2, inner_layers=2, **overrides)
-    return randomize_(AxialTransformer(cfg), std=0.5, seed=seed).eval()
+    return randomize_(AxialTransformer(cfg).set_attention(attention), std=0.5, seed=seed).eval()
 
 
 def likely_images(model: AxialTransformer, n: int, noise: bool = True) -> torch.Tensor:
@@ -216,6 +217,9 @@ def test_golden_file_decodes_and_its_images_encode_to_the_same_bytes(device):
     model.to(device)
     assert torch.equal(decompress(model, data, batch_size=5), images)
     assert compress(model, images, batch_size=3) == data
+    # Its config.json still holds two run-time choices that older versions saved with the model.
+    saved = json.loads((GOLDEN / "model" / "config.json").read_text())
+    assert saved["gradient_checkpointing"] is False and saved["attention"] == "auto"
 
 
 def test_a_file_written_under_other_cpu_kernels_decodes_here(tmp_path):
