@@ -82,7 +82,7 @@ class EvalConfig:
     max_images: int = 0  # score only the first this many test images (0: all; quick checks)
     bf16: bool = False  # under bf16 autocast instead of fp32 (exact numbers)
     heatmap: bool = False  # at the end, RUN/heatmap.png: bits per pixel over the test split
-    baselines: bool = False  # at the end, the bits/dim of PNG and WebP lossless on its images
+    baselines: bool = False  # at the end, the bits/dim of PNG, WebP and JPEG XL lossless
 
 
 @dataclass
