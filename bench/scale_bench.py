@@ -42,6 +42,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from axial_transformer import AxialTransformer, AxialTransformerConfig
+from axial_transformer.training.config import load_config
 from axial_transformer.training.run_log import read_records
 from axial_transformer.training.startup import run_bytes
 
@@ -77,9 +78,21 @@ GPUS = (GPU("A100", 312e12, 19.5e12, 240e9, 20e9),
         GPU("H100 SXM", 989e12, 67e12, 360e9, 40e9))
 
 
-def preset(name: str, dim: int | None = None, **overrides) -> AxialTransformerConfig:
+def preset(name: str, dim: int | None = None) -> AxialTransformerConfig:
     """A paper preset, optionally at another width."""
-    return AxialTransformerConfig.from_preset(name, **({"dim": dim} if dim else {}), **overrides)
+    return AxialTransformerConfig.from_preset(name, **({"dim": dim} if dim else {}))
+
+
+def build(config: AxialTransformerConfig, gc: bool = False) -> AxialTransformer:
+    """The model on the fused-kernel attention path every GPU run takes, with or without
+    gradient checkpointing (GC)."""
+    torch.manual_seed(0)
+    return AxialTransformer(config).set_attention("sdpa").set_gradient_checkpointing(gc)
+
+
+def trains_with_gc(name: str) -> bool:
+    """train.gradient_checkpointing of configs/NAME.yaml."""
+    return load_config(ROOT / "configs" / f"{name}.yaml").train.gradient_checkpointing
 
 
 def gib(n: float) -> str:
@@ -90,11 +103,10 @@ def gib(n: float) -> str:
 # Measured: FLOPs.
 
 
-def counted_flops(config: AxialTransformerConfig, kind: str) -> int:
+def counted_flops(config: AxialTransformerConfig, kind: str, gc: bool) -> int:
     """FLOPs of one image: "train" is a step's forward and backward of the random-channel loss
     (one channel slice), "eval" the forward of bits/dim over every channel."""
-    torch.manual_seed(0)
-    model = AxialTransformer(config)
+    model = build(config, gc)
     x = torch.randint(0, 256, (1, config.channels, *config.image_size), dtype=torch.uint8)
     counter = FlopCounterMode(display=False, custom_mapping=CPU_FLASH_FLOPS)
     with counter:
@@ -119,7 +131,7 @@ def flops_at_width(name: str, dim: int, widths: tuple[int, int, int]) -> dict:
     for key, kind, gc in (("train", "train", False), ("train_gc", "train", True),
                           ("eval", "eval", False)):
         (d1, f1), (d2, f2), (d3, f3) = (
-            (w, counted_flops(preset(name, w, gradient_checkpointing=gc), kind)) for w in widths)
+            (w, counted_flops(preset(name, w), kind, gc)) for w in widths)
         a = (Fraction(f2, d2) - Fraction(f1, d1)) / (d2 - d1)
         b = Fraction(f1, d1) - a * d1
         result[key] = float(a * dim**2 + b * dim)
@@ -200,13 +212,12 @@ def clean_batch(config: AxialTransformerConfig) -> int:
     return max(2, math.ceil(max(3 * config.dim, round(config.dim * config.mlp_ratio)) / tokens))
 
 
-def step_trace(config: AxialTransformerConfig, batch: int) -> LiveTensorBytes:
+def step_trace(config: AxialTransformerConfig, gc: bool, batch: int) -> LiveTensorBytes:
     """One bf16 training step (forward and backward of the random-channel loss, as training
     takes it) of a model in training mode (dropout masks are saved as on a GPU): what it adds to
     the fp32 model and the batch: gradients, autocast's bf16 weight copies, the activations saved
     for the backward and the kernels' outputs."""
-    torch.manual_seed(0)
-    model = AxialTransformer(config)
+    model = build(config, gc)
     x = torch.randint(0, 256, (batch, config.channels, *config.image_size), dtype=torch.uint8)
     channel = torch.arange(batch) % config.channels
     tensors = LiveTensorBytes([*model.parameters(), *model.buffers(), x, channel])
@@ -233,11 +244,11 @@ def memory_section(names: list[str], args: argparse.Namespace) -> dict:
     found, rows = {}, []
     for name in names:
         for gc in (False, True):
-            config = preset(name, args.dim, gradient_checkpointing=gc)
+            config = preset(name, args.dim)
             b0 = clean_batch(config)
             try:
                 start = time.perf_counter()
-                a, b = step_trace(config, b0), step_trace(config, b0 + 1)
+                a, b = step_trace(config, gc, b0), step_trace(config, gc, b0 + 1)
             except (RuntimeError, MemoryError) as e:
                 if isinstance(e, RuntimeError) and "alloc" not in str(e):
                     raise
@@ -378,12 +389,12 @@ def time_table(params: dict[str, int], flops: dict, mfu: float) -> None:
           "2 (N-1)/N x 4 P bytes / bus bandwidth. Peaks: A100 312, H100 SXM 989 TFLOP/s bf16 "
           "dense; 19.5 and 67 TFLOP/s fp32. Bus (assumed): 240 / 360 GB/s within a node, 20 / 40 "
           f"GB/s per GPU across nodes. {mfu:.0%}: a planning figure (well-tuned large runs report "
-          "40-55%, PaLM 46%). Each config with its own gradient_checkpointing setting. One "
+          "40-55%, PaLM 46%). Each config with its own train.gradient_checkpointing. One "
           "evaluation = the 49,999 test images at the same share of the fp32 peak (eval.bf16="
           "false, the default) or of the bf16 peak (eval.bf16=true).")
     rows = []
     for name, p in params.items():
-        gc = preset(name).gradient_checkpointing
+        gc = trains_with_gc(name)
         per_image = flops[name]["train_gc" if gc else "train"]
         for gpu in GPUS:
             for gpus in GPU_COUNTS:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import AttentionPath, AxialSelfAttention, Axis, Position
+from .attention import AxialSelfAttention, Axis, Position
 
 GELU_SCALE = 1.702
 
@@ -51,12 +51,11 @@ class AxialBlock(nn.Module):
         causal: bool,
         mlp_ratio: float,
         dropout: float,
-        attention: AttentionPath = "auto",
     ) -> None:
         super().__init__()
         hidden = max(1, round(dim * mlp_ratio))
         self.attn_norm = nn.LayerNorm(dim)
-        self.attn = AxialSelfAttention(dim, heads, axis, causal, attention)
+        self.attn = AxialSelfAttention(dim, heads, axis, causal)
         self.mlp_norm = nn.LayerNorm(dim)
         self.mlp = MLP(dim, hidden)
         self.dropout = dropout
@@ -91,15 +90,12 @@ class AxialStack(nn.Module):
         axes: list[tuple[Axis, bool]],
         mlp_ratio: float,
         dropout: float,
-        gradient_checkpointing: bool = False,
-        attention: AttentionPath = "auto",
     ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
-            AxialBlock(dim, heads, axis, causal, mlp_ratio, dropout, attention)
-            for axis, causal in axes
+            AxialBlock(dim, heads, axis, causal, mlp_ratio, dropout) for axis, causal in axes
         )
-        self.gradient_checkpointing = gradient_checkpointing
+        self.gradient_checkpointing = False  # AxialTransformer.set_gradient_checkpointing
 
     def forward(self, x: Tensor) -> Tensor:
         for block in self.blocks:
