@@ -32,8 +32,8 @@ def naive_axis_attention(m: AxisAttention, x: torch.Tensor) -> torch.Tensor:
     [B, *S, D] tensor, each head a plain softmax(q k^T / sqrt(e)) v."""
     heads, dim = m.heads, x.shape[-1]
     e = dim // heads
-    w_qkv = m.to_qkv.weight.view(heads, 3, e, dim)  # fused features are laid out (n i e)
-    b_qkv = m.to_qkv.bias.view(heads, 3, e)
+    w_qkv = m.to_qkv.weight.view(3, heads, e, dim)  # fused features are laid out (i n e)
+    b_qkv = m.to_qkv.bias.view(3, heads, e)
     line_axis = 1 + m.axis
     t = x.shape[line_axis]
     future = torch.ones(t, t, dtype=torch.bool).triu(1)
@@ -44,7 +44,7 @@ def naive_axis_attention(m: AxisAttention, x: torch.Tensor) -> torch.Tensor:
         line = x[index]  # (t, D)
         per_head = []
         for n in range(heads):
-            q, k, v = (line @ w_qkv[n, i].T + b_qkv[n, i] for i in range(3))
+            q, k, v = (line @ w_qkv[i, n].T + b_qkv[i, n] for i in range(3))
             scores = q @ k.T / math.sqrt(e)
             if m.causal:
                 scores = scores.masked_fill(future, -math.inf)
