@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ..model.config import AxialTransformerConfig
+from ..model.config import AxialTransformerConfig, with_preset
 
 
 @dataclass
@@ -329,6 +329,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         if not eq or not key:
             raise ValueError(f"override {item!r} is not of the form section.key=value")
         _set_dotted(tree, RunConfig, key.strip(), raw.strip())
+    if isinstance(tree.get("model"), dict):  # `preset: NAME` and the settings that differ
+        tree["model"] = with_preset(tree["model"])
     return _build(RunConfig, tree)
 
 
