@@ -4,7 +4,7 @@ Axial attention (Ho et al. 2019, section 3) attends along one spatial axis at a 
 [H, W] map that is H*W*(H+W) scores instead of (H*W)^2. These layers take tensors as a CNN holds
 them, channels first ([B, C, H, W], video [B, C, T, H, W]) or channels last (`dim_index=-1`),
 and return the same layout. Their attention along one axis is the model's
-(`model.attention.AxialSelfAttention`).
+(`model.attention.AxialSelfAttention`), and their block is the model's (`model.blocks.AxialBlock`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .model.attention import AxialSelfAttention
+from .model.blocks import AxialBlock, layer_norm
 
 __all__ = [
     "AxialAttention",
@@ -26,12 +27,12 @@ __all__ = [
 ]
 
 
-class FeatureMapLayer(nn.Module):
-    """A layer of [B, ...] tensors with `num_dimensions` spatial axes and `dim` features on axis
-    `dim_index`, which may be any axis but the batch."""
+class FeatureMapLayer:
+    """What the layers of [B, ...] tensors share: `num_dimensions` spatial axes and `dim`
+    features on axis `dim_index`, which may be any axis but the batch. A mixin, so that the
+    block can be the model's `AxialBlock` as well."""
 
-    def __init__(self, dim: int, num_dimensions: int, dim_index: int) -> None:
-        super().__init__()
+    def set_layout(self, dim: int, num_dimensions: int, dim_index: int) -> None:
         total = num_dimensions + 2
         if num_dimensions < 1:
             raise ValueError(f"num_dimensions must be at least 1, got {num_dimensions}")
@@ -47,18 +48,6 @@ class FeatureMapLayer(nn.Module):
         if x.shape[self.dim_index] != self.dim:
             raise ValueError(f"expected {self.dim} features on axis {self.dim_index}, got shape "
                              f"{tuple(x.shape)}")
-
-
-def causal_per_axis(causal: bool | Sequence[bool], num_dimensions: int) -> tuple[bool, ...]:
-    """`causal` as one flag per spatial axis: a bool applies to every axis."""
-    if isinstance(causal, bool):
-        return (causal,) * num_dimensions
-    causal = tuple(causal)
-    if len(causal) != num_dimensions or not all(isinstance(c, bool) for c in causal):
-        raise ValueError(
-            f"causal must be a bool or {num_dimensions} bools (one per spatial axis), got {causal}"
-        )
-    return causal
 
 
 class AxisAttention(AxialSelfAttention):
@@ -85,7 +74,7 @@ class AxisAttention(AxialSelfAttention):
         return self.to_out(out).movedim(-1, 1)
 
 
-class AxialAttention(FeatureMapLayer):
+class AxialAttention(FeatureMapLayer, nn.Module):
     """Self-attention along each spatial axis of an N-d tensor, one set of weights per axis.
 
     `sum_axes=True` runs the axes in parallel on the same input and sums them (the outputs of
@@ -97,11 +86,17 @@ class AxialAttention(FeatureMapLayer):
 
     def __init__(self, dim: int, heads: int, num_dimensions: int = 2, dim_index: int = 1,
                  causal: bool | Sequence[bool] = False, sum_axes: bool = True) -> None:
-        super().__init__(dim, num_dimensions, dim_index)
-        self.sum_axes = sum_axes
-        self.causal = causal_per_axis(causal, num_dimensions)
+        super().__init__()
+        self.set_layout(dim, num_dimensions, dim_index)
+        if isinstance(causal, bool):
+            causal = (causal,) * num_dimensions
+        causal = tuple(causal)
+        if len(causal) != num_dimensions or not all(isinstance(c, bool) for c in causal):
+            raise ValueError(f"causal must be a bool or {num_dimensions} bools (one per spatial "
+                             f"axis), got {causal}")
+        self.sum_axes, self.causal = sum_axes, causal
         self.axes = nn.ModuleList(
-            AxisAttention(dim, heads, axis, num_dimensions, c) for axis, c in enumerate(self.causal)
+            AxisAttention(dim, heads, axis, num_dimensions, c) for axis, c in enumerate(causal)
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -122,7 +117,7 @@ class AxialAttention(FeatureMapLayer):
         return out.contiguous() if as_is else out.movedim(-1, self.dim_index).contiguous()
 
 
-class AxialPositionalEmbedding(FeatureMapLayer):
+class AxialPositionalEmbedding(FeatureMapLayer, nn.Module):
     """Learned positions, additively factorised: one [S_a, D] table per spatial axis, their
     broadcast sum added to the input (Ho et al. 2019 use pos_h + pos_w).
 
@@ -134,7 +129,8 @@ class AxialPositionalEmbedding(FeatureMapLayer):
         shape = tuple(shape)
         if not shape or any(s < 1 for s in shape):
             raise ValueError(f"shape must be the positive spatial sizes, got {shape}")
-        super().__init__(dim, len(shape), dim_index)
+        super().__init__()
+        self.set_layout(dim, len(shape), dim_index)
         self.shape = shape
         spatial_axes = [a for a in range(1, len(shape) + 2) if a != self.dim_index]
         self.tables = nn.ParameterList()
@@ -153,7 +149,7 @@ class AxialPositionalEmbedding(FeatureMapLayer):
         return x
 
 
-class ChannelAttention(FeatureMapLayer):
+class ChannelAttention(FeatureMapLayer, nn.Module):
     """The channel attention module of DANet (Fu et al. 2019, section 3.3), for any N-d tensor.
 
     Each channel's whole feature map A_c (flattened) is compared with every other's:
@@ -167,7 +163,8 @@ class ChannelAttention(FeatureMapLayer):
     """
 
     def __init__(self, dim: int, num_dimensions: int = 2, dim_index: int = 1) -> None:
-        super().__init__(dim, num_dimensions, dim_index)
+        super().__init__()
+        self.set_layout(dim, num_dimensions, dim_index)
         self.beta = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -179,8 +176,9 @@ class ChannelAttention(FeatureMapLayer):
         return x + self.beta * mixed.movedim(-1, self.dim_index)
 
 
-class AxialAttentionBlock(FeatureMapLayer):
-    """A pre-norm transformer block with axial attention, for use between conv stages.
+class AxialAttentionBlock(FeatureMapLayer, AxialBlock):
+    """The model's pre-norm block (`AxialBlock`: its norms, MLP with the official GELU
+    approximation, and residual dropout) with axial attention, for use between conv stages.
 
     Takes and returns the CNN's own layout ([B, C, H, W] by default):
         x = x + attn(norm(x))          sum_axes=True: every axis in parallel, one residual
@@ -188,42 +186,39 @@ class AxialAttentionBlock(FeatureMapLayer):
         x = channel_attention(x)       channel_attention=True (its own learned residual)
         x = x + mlp(norm(x))
     LayerNorm is over channels at each position (not BatchNorm), so a causal block stays causal
-    along its masked axes. Not the model's `AxialBlock`, which attends along one axis and runs
-    the official GELU approximation: this block has several axes under one MLP, channel
-    attention, and torch's exact GELU.
+    along its masked axes.
     """
 
     def __init__(self, dim: int, heads: int, num_dimensions: int = 2, dim_index: int = 1,
                  causal: bool | Sequence[bool] = False, sum_axes: bool = True,
                  mlp_ratio: float = 4.0, dropout: float = 0.0,
                  channel_attention: bool = False) -> None:
-        super().__init__(dim, num_dimensions, dim_index)
-        causal = causal_per_axis(causal, num_dimensions)
-        if channel_attention and any(causal):
-            raise ValueError("channel attention pools over every position: it cannot be causal")
         # Inside the block the features are last; the block moves them once on the way in and out.
-        self.attn = AxialAttention(dim, heads, num_dimensions, -1, causal, sum_axes)
-        self.attn_norms = nn.ModuleList(
-            nn.LayerNorm(dim) for _ in range(1 if sum_axes else num_dimensions)
+        attn = AxialAttention(dim, heads, num_dimensions, -1, causal, sum_axes)
+        if channel_attention and any(attn.causal):
+            raise ValueError("channel attention pools over every position: it cannot be causal")
+        super().__init__(dim, attn, mlp_ratio, dropout)
+        self.set_layout(dim, num_dimensions, dim_index)
+        # In sequence, attn_norm is the first axis's norm; each later axis has its own.
+        self.later_norms = nn.ModuleList(
+            nn.LayerNorm(dim) for _ in attn.axes[1:] if not sum_axes
         )
         self.channel_attention = (
             ChannelAttention(dim, num_dimensions, -1) if channel_attention else None
         )
-        hidden = max(1, round(dim * mlp_ratio))
-        self.mlp_norm = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
-        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [B, ...] with `dim` features on axis `dim_index` -> the same shape and layout."""
         self.check(x)
-        x = x.movedim(self.dim_index, -1).contiguous()  # (B, *S, D)
-        if self.attn.sum_axes:
-            x = x + self.dropout(self.attn(self.attn_norms[0](x)))
-        else:
-            for norm, axis_attention in zip(self.attn_norms, self.attn.axes, strict=True):
-                x = x + self.dropout(axis_attention(norm(x)))
-        if self.channel_attention is not None:
-            x = self.channel_attention(x)
-        x = x + self.dropout(self.mlp(self.mlp_norm(x)))
+        x = super().forward(x.movedim(self.dim_index, -1).contiguous())  # (B, *S, D)
         return x.movedim(-1, self.dim_index).contiguous()
+
+    def attention(self, x: Tensor, cache: None = None, position: None = None) -> Tensor:
+        """x plus the attention branches (and the channel attention), features last."""
+        if self.attn.sum_axes:
+            x = super().attention(x)
+        else:
+            norms = [self.attn_norm, *self.later_norms]
+            for norm, axis_attention in zip(norms, self.attn.axes, strict=True):
+                x = x + self.residual(axis_attention(layer_norm(x, norm)))
+        return x if self.channel_attention is None else self.channel_attention(x)
