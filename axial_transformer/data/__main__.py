@@ -1,0 +1,71 @@
+"""`python -m axial_transformer.data prepare SOURCE OUT`: convert image data once into the uint8
+.npy arrays that training memory-maps (docs/data.md)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+from .labels import labels_path, load_class_names
+from .prepare import prepare, prepare_holdout
+from .sources import FORMATS, SPLITS, load_array
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m axial_transformer.data",
+        description="Convert image data into the uint8 .npy arrays that training memory-maps.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    cmd = commands.add_parser(
+        "prepare",
+        help="convert SOURCE into OUT.npy [N, H, W, C]",
+        description="Convert SOURCE (a tar or folder of PNG/JPEG images, npz batches, CIFAR-10, "
+        "MNIST, or a .npy) into a uint8 OUT.npy [N, H, W, C], with OUT_labels.npy and "
+        "OUT_classes.json where the source has class labels.",
+    )
+    cmd.add_argument("source", help="file or directory to read")
+    cmd.add_argument("out", help="the .npy file to write (a directory with --holdout)")
+    cmd.add_argument("--format", default="auto", choices=("auto", *FORMATS))
+    cmd.add_argument("--split", default="train", choices=SPLITS,
+                     help="which split of a multi-split source (CIFAR-10, MNIST, npz folder)")
+    cmd.add_argument("--image-size", nargs=2, type=int, metavar=("H", "W"),
+                     help="required size (default: the size of the first image)")
+    cmd.add_argument("--resize", action="store_true",
+                     help="box-resize images to --image-size instead of refusing other sizes")
+    cmd.add_argument("--channels", type=int, default=3, help="3 (RGB) or 1 (grayscale)")
+    cmd.add_argument("--on-error", default="skip", choices=("skip", "raise"),
+                     help="what to do with an image file that cannot be decoded")
+    cmd.add_argument("--skip-damaged", action="store_true",
+                     help="of a damaged archive (truncated or corrupted tar, .tar.gz, ...), "
+                     "prepare the images before the break instead of stopping")
+    cmd.add_argument("--holdout", type=float, metavar="FRACTION",
+                     help="hold out this fraction of the images, the same ones on every run, "
+                     "as a test split: OUT is then a directory that gets train.npy and test.npy")
+    args = parser.parse_args(argv)
+
+    warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
+    options = dict(format=args.format, split=args.split, image_size=args.image_size,
+                   channels=args.channels, on_error=args.on_error, resize=args.resize,
+                   skip_damaged=args.skip_damaged)
+    try:
+        if args.holdout is None:
+            outputs = [Path(args.out)]
+            counts = [prepare(args.source, args.out, **options)]
+        else:
+            outputs = [Path(args.out) / "train.npy", Path(args.out) / "test.npy"]
+            counts = prepare_holdout(args.source, args.out, args.holdout, **options)
+    except (ValueError, OSError) as e:  # FileNotFoundError is an OSError
+        parser.exit(2, f"error: {e}\n")
+    for out, count in zip(outputs, counts, strict=True):
+        shape = list(load_array(out).shape[1:])
+        names = load_class_names(out)
+        labels = (f", with their labels ({len(names)} classes) in {labels_path(out).name}"
+                  if names is not None else "")
+        print(f"wrote {count:,} images of [H, W, C] = {shape} to {out}{labels}")
+
+
+if __name__ == "__main__":
+    main()
