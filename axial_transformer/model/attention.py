@@ -54,9 +54,7 @@ def causal_bias(t_q: int, t_k: int, like: Tensor) -> Tensor:
     """[t_q, t_k]: 0 where a query may see a key, -inf above the diagonal. Aligned bottom-right:
     the last query sees every key (is_causal's mask when t_q == t_k)."""
     future = torch.ones(t_q, t_k, dtype=torch.bool, device=like.device).triu(t_k - t_q + 1)
-    return torch.zeros(t_q, t_k, dtype=like.dtype, device=like.device).masked_fill_(
-        future, float("-inf")
-    )
+    return like.new_zeros(t_q, t_k).masked_fill_(future, float("-inf"))
 
 
 def explicit_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool,
