@@ -1,6 +1,6 @@
 """Compress images losslessly with a trained Axial Transformer: `python compress.py --help`.
 
-The command lives in axial_transformer/compress_cli.py; an installed package also has it as
+The command lives in axial_transformer/cli/compress.py; an installed package also has it as
 `axial-compress` and `python -m axial_transformer compress`.
 """
 

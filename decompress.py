@@ -1,6 +1,6 @@
 """Decompress an .axc file written by compress.py: `python decompress.py --help`.
 
-The command lives in axial_transformer/decompress_cli.py; an installed package also has it as
+The command lives in axial_transformer/cli/decompress.py; an installed package also has it as
 `axial-decompress` and `python -m axial_transformer decompress`.
 """
 

@@ -1,6 +1,6 @@
 """Exact test bits/dim of a trained model over a whole test split: `python evaluate.py --help`.
 
-The command lives in axial_transformer/evaluate_cli.py; an installed package also has it as
+The command lives in axial_transformer/cli/evaluate.py; an installed package also has it as
 `axial-evaluate` and `python -m axial_transformer evaluate`.
 """
 

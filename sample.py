@@ -1,7 +1,7 @@
 """Draw images from a trained Axial Transformer, or complete the bottom of a real one:
 `python sample.py --help`.
 
-The command lives in axial_transformer/sample_cli.py; an installed package also has it as
+The command lives in axial_transformer/cli/sample.py; an installed package also has it as
 `axial-sample` and `python -m axial_transformer sample`.
 """
 

@@ -1,6 +1,6 @@
 """Train an Axial Transformer: `python train.py --help`.
 
-The command lives in axial_transformer/train_cli.py; an installed package also has it as
+The command lives in axial_transformer/cli/train.py; an installed package also has it as
 `axial-train` and `python -m axial_transformer train`.
 """
 

@@ -1,5 +1,5 @@
-"""`python -m axial_transformer COMMAND ...`: the toolkit's commands, the same as the scripts of a
-clone (train.py, ...) and the axial-* commands of an installed package."""
+"""`python -m axial_transformer COMMAND ...`: the scripts of a clone (train.py, ...) and the axial-*
+commands of an installed package."""
 
 from __future__ import annotations
 
@@ -7,22 +7,17 @@ import importlib
 import sys
 
 # command -> the module whose main(argv) runs it
-COMMANDS = {
-    "train": "cli.train",
-    "sample": "cli.sample",
-    "evaluate": "cli.evaluate",
-    "compress": "cli.compress",
-    "decompress": "cli.decompress",
-    "prepare": "data.__main__",
-}
-USAGE = (f"usage: python -m axial_transformer {{{','.join(COMMANDS)}}} ...\n"
-         "  (python -m axial_transformer COMMAND --help for its options)")
+COMMANDS = {command: f"cli.{command}"
+            for command in ("train", "sample", "evaluate", "compress", "decompress")}
+COMMANDS["prepare"] = "data.__main__"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE, file=sys.stdout if argv else sys.stderr)
+        print(f"usage: python -m axial_transformer {{{','.join(COMMANDS)}}} ...\n"
+              "  (python -m axial_transformer COMMAND --help for its options)",
+              file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:

@@ -1,14 +1,9 @@
 """The speed paths that earned their place, and every use of torch's private API, in one module.
 
-Each CPU path here gained at least 10% on an AVX2 and on an AVX-512 CPU, through torch's public
-API (docs/benchmarks.md, "CPU speed paths", gives each path's gain per CPU class and the paths
-measured and deleted). The model's arithmetic does not depend on any of them.
-
-The compiled sampler's settings follow: they apply on every device, and three of them need
-torch's private API, which the project keeps to this module:
-  torch._inductor.config   `freezing`, which `torch.compile(options=...)` does not pass through
-  torch._dynamo.reset_code forget the graphs compiled for one function, not every graph
-  Tensor._version          tell weights written in place since a compilation
+Each CPU path gained at least 10% on an AVX2 and on an AVX-512 CPU (docs/benchmarks.md, "CPU
+speed paths", gives each gain and the paths measured and deleted); the model's arithmetic does
+not depend on any of them. The compiled sampler's settings (every device) need torch's private
+API: torch._inductor.config (`freezing`), torch._dynamo.reset_code, Tensor._version.
 """
 
 from __future__ import annotations
@@ -18,33 +13,23 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-# ------------------------------------------------------------------------------------------------
-# CPU: eager decoding.
-
 # Below this batch a CPU decoding step is a chain of matrix-vector products, too small to split
 # between threads: a second thread only waits for the first, and on a loaded machine for a core.
 MATRIX_VECTOR_BELOW_BATCH = 8
 
 
-def matrix_vector_steps(batch: int, device: torch.device) -> bool:
-    """Whether decoding steps of `batch` sequences on `device` are matrix-vector products."""
-    return device.type == "cpu" and batch < MATRIX_VECTOR_BELOW_BATCH
-
-
 @contextlib.contextmanager
 def eager_decoding(model: torch.nn.Module, batch: int, device: torch.device) -> Iterator[None]:
-    """What an eager decoding loop wants while it runs, all restored after: its steps hold a few
-    tokens each, so Python costs it more than arithmetic. Plain attribute lookups; on the CPU
-    below batch 8, one thread."""
+    """Plain attribute lookups and, on the CPU below batch 8, one thread, while an eager decoding
+    loop runs: its steps hold a few tokens each, so Python costs it more than arithmetic."""
     with decoding_threads(batch, device), plain_attributes(model):
         yield
 
 
 @contextlib.contextmanager
 def decoding_threads(batch: int, device: torch.device) -> Iterator[None]:
-    """One CPU thread while a decoding loop runs at a small batch; restored after."""
     threads = torch.get_num_threads()
-    if matrix_vector_steps(batch, device):
+    if device.type == "cpu" and batch < MATRIX_VECTOR_BELOW_BATCH:
         torch.set_num_threads(1)
     try:
         yield
@@ -54,13 +39,10 @@ def decoding_threads(batch: int, device: torch.device) -> Iterator[None]:
 
 @contextlib.contextmanager
 def plain_attributes(model: torch.nn.Module) -> Iterator[None]:
-    """Every module's parameters and submodules found by plain attribute lookup while inside.
-
-    `nn.Module` keeps them in dicts of its own that Python reaches through `Module.__getattr__`,
-    about a microsecond per lookup, and a decoding step at batch 1 looks up some twenty per
-    block. References in each module's `__dict__` are found directly; they are the same objects,
-    `Module.__setattr__` drops a reference when a new parameter or submodule takes its name, and
-    the rest are dropped on the way out."""
+    """Every module's parameters and submodules in its `__dict__` while inside: `nn.Module`
+    finds them through `Module.__getattr__`, about a microsecond per lookup, some twenty per block
+    in a decoding step at batch 1. `Module.__setattr__` drops a reference when a new parameter or
+    submodule takes its name; the rest are dropped on the way out."""
     added = []
     for module in model.modules():
         found = {**dict(module.named_parameters(recurse=False)), **dict(module.named_children())}
@@ -76,28 +58,19 @@ def plain_attributes(model: torch.nn.Module) -> Iterator[None]:
                     del module.__dict__[name]
 
 
-# ------------------------------------------------------------------------------------------------
-# The compiled sampler (every device).
-
-
-def frozen_weights_compilation(
-    device: torch.device, autotune: bool = True
-) -> contextlib.AbstractContextManager:
-    """Inductor settings for graphs whose weights are constants: `freezing` folds them in, and on
-    the CPU max-autotune (unless `autotune` is False) lets its GEMM templates pack the
-    matrix-vector products of a decoding step (it times them against mkl's and keeps the
-    faster; compiling the candidates takes most of a first compilation).
-    `torch.compile(options=...)` does not pass `freezing` through, hence the config patch."""
+def frozen_weights_compilation(device: torch.device,
+                               autotune: bool = True) -> contextlib.AbstractContextManager:
+    """Inductor settings for graphs whose weights are constants: `freezing` folds them in
+    (`torch.compile(options=...)` does not pass it through, hence the patch); on the CPU,
+    max-autotune lets GEMM templates pack a decoding step's matrix-vector products (timed against
+    mkl's; compiling the candidates takes most of a first compilation)."""
     return torch._inductor.config.patch(
         freezing=True, max_autotune=autotune and device.type == "cpu",
-        autotune_num_choices_displayed=0,
-        max_autotune_report_choices_stats=False,
-    )
+        autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)
 
 
 def weights_version(model: torch.nn.Module) -> tuple:
-    """Changes whenever a parameter is replaced or written in place (every in-place write bumps
-    a tensor's version counter)."""
+    """Changes whenever a parameter is replaced or written in place (which bumps its version)."""
     return tuple((p.data_ptr(), p._version) for p in model.parameters())
 
 
@@ -107,10 +80,9 @@ def forget_compiled(function: Callable) -> None:
 
 
 def skip_guard_checks(skip: bool) -> contextlib.AbstractContextManager:
-    """Dynamo checks every input and parameter tensor of a graph on each call, tens of
-    microseconds per decoding step. A caller whose every call passes tensors made the same way
-    may skip the checks once a call has passed them. The stance is global: no user code may run
-    inside it."""
+    """Skip Dynamo's checks of every tensor of a graph (tens of microseconds per decoding step),
+    for a caller whose every call passes tensors made the same way, once a call passed them. The
+    stance is global: no user code may run inside it."""
     if not skip:
         return contextlib.nullcontext()
     return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)

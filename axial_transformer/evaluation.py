@@ -1,9 +1,6 @@
 """Exact bits/dim over a whole test split, its per-pixel heatmap, and lossless-codec baselines.
-
-Each process scores a disjoint share of the test images (every image exactly once, no padding,
-no dropped remainder) and the sums of bits and image counts are all-reduced, so the result is
-the same on one process or many.
-"""
+Each process scores a disjoint share of the images (each once: no padding, no dropped remainder)
+and the sums are all-reduced, so the result is the same on one process or many."""
 
 from __future__ import annotations
 
@@ -20,12 +17,12 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from .data.splits import split_batch
+from .files import atomic_write
 from .precision import choose_precision
 
 
 def shard_indices(num_images: int, rank: int, world: int) -> range:
-    """The test images that process `rank` of `world` scores: every world-th one."""
-    return range(rank, num_images, world)
+    return range(rank, num_images, world)  # every world-th image
 
 
 @dataclass
@@ -42,31 +39,21 @@ class BitSums:
 
 
 @torch.no_grad()
-def bit_sums(
-    model: nn.Module,
-    dataset: Dataset,
-    indices: range | list[int],
-    batch_size: int,
-    device: torch.device | str = "cpu",
-    bf16: bool = False,
-    per_pixel: bool = False,
-    workers: int = 0,
-    progress: bool = False,
-    no_class: bool = False,
-) -> BitSums:
-    """Score the images `dataset[i]` for i in `indices` with `model.subpixel_bits`, given their
-    labels in a labelled split (or "no class" with `no_class`); `progress` shows a bar over the
-    batches."""
+def bit_sums(model: nn.Module, dataset: Dataset, indices: range | list[int], batch_size: int,
+             device: torch.device | str = "cpu", bf16: bool = False, per_pixel: bool = False,
+             workers: int = 0, progress: bool = False, no_class: bool = False) -> BitSums:
+    """Bits of the images `dataset[i]`, i in `indices`, given their labels in a labelled split
+    (or "no class" with `no_class`)."""
     was_training = model.training
     model.eval()
     c, (h, w) = model.config.channels, model.config.image_size
-    channel_bits = torch.zeros(c, dtype=torch.float64, device=device)
-    pixel_bits = torch.zeros(c, h, w, dtype=torch.float64, device=device) if per_pixel else None
+    sums = BitSums(torch.zeros(c, dtype=torch.float64, device=device),
+                   torch.zeros(c, h, w, dtype=torch.float64, device=device) if per_pixel
+                   else None, 0)
     loader = DataLoader(Subset(dataset, list(indices)), batch_size=batch_size, shuffle=False,
                         num_workers=workers)
     # fp32 by default: bits/dim is the number reported, bf16 logits move it in the 3rd decimal.
     precision = choose_precision("bf16" if bf16 else "no", device)
-    images = 0
     for batch in tqdm(loader, desc="evaluating", unit="batch", leave=False,
                       disable=not progress, dynamic_ncols=True):
         x, labels = split_batch(batch)
@@ -75,73 +62,46 @@ def bit_sums(
             labels = torch.full_like(labels, -1)
         with precision.autocast(torch.device(device).type):
             bits = model.subpixel_bits(x, labels).double()  # (B, C, H, W)
-        channel_bits += bits.sum(dim=(0, 2, 3))
-        if per_pixel:
-            pixel_bits += bits.sum(dim=0)
-        images += x.shape[0]
+        sums += BitSums(bits.sum(dim=(0, 2, 3)), bits.sum(dim=0) if per_pixel else None,
+                        x.shape[0])
     model.train(was_training)
-    return BitSums(channel_bits, pixel_bits, images)
+    return sums
 
 
 def summarize(sums: BitSums, image_size: tuple[int, int]) -> dict:
-    """bits/dim overall and per channel from summed bits."""
     if sums.images == 0:
         raise ValueError("no test images were scored")
-    h, w = image_size
-    per_channel = (sums.channel_bits / (sums.images * h * w)).tolist()
+    per_channel = (sums.channel_bits / (sums.images * image_size[0] * image_size[1])).tolist()
     return {"bpd": sum(per_channel) / len(per_channel), "bpd_channel": per_channel,
             "images": sums.images}
 
 
-def evaluate(
-    model: nn.Module,
-    dataset: Dataset,
-    accelerator,
-    batch_size: int,
-    max_images: int = 0,
-    bf16: bool = False,
-    per_pixel: bool = False,
-    workers: int = 0,
-    progress: bool = False,
-    no_class: bool = False,
-) -> tuple[dict, Tensor | None]:
-    """bits/dim of `model` over `dataset` (its first `max_images` if nonzero), on all processes.
-
-    Returns the metrics and, with `per_pixel`, the mean bits of each subpixel (C, H, W).
-    `progress` shows a bar over this process's batches (give it to the main process). A
-    class-conditional model is given each image's label, or "no class" with `no_class`.
-    """
+def evaluate(model: nn.Module, dataset: Dataset, accelerator, batch_size: int,
+             max_images: int = 0, bf16: bool = False, per_pixel: bool = False, workers: int = 0,
+             progress: bool = False, no_class: bool = False) -> tuple[dict, Tensor | None]:
+    """bits/dim of `model` over `dataset` (its first `max_images` if nonzero) on all processes,
+    and with `per_pixel` the mean bits of each subpixel (C, H, W). Give `progress` to the main
+    process; a class-conditional model is given each image's label, or none with `no_class`."""
     n = len(dataset) if max_images == 0 else min(max_images, len(dataset))
     indices = shard_indices(n, accelerator.process_index, accelerator.num_processes)
     sums = bit_sums(model, dataset, indices, batch_size, accelerator.device, bf16, per_pixel,
                     workers, progress, no_class)
     images = torch.tensor([sums.images], dtype=torch.float64, device=accelerator.device)
-    sums = BitSums(
-        accelerator.reduce(sums.channel_bits, "sum"),
-        accelerator.reduce(sums.pixel_bits, "sum") if per_pixel else None,
-        int(accelerator.reduce(images, "sum").item()),
-    )
+    sums = BitSums(accelerator.reduce(sums.channel_bits, "sum"),
+                   accelerator.reduce(sums.pixel_bits, "sum") if per_pixel else None,
+                   int(accelerator.reduce(images, "sum").item()))
     metrics = summarize(sums, model.config.image_size)
     if metrics["images"] != n:
         raise RuntimeError(f"scored {metrics['images']} test images, expected {n}")
-    heatmap = sums.pixel_bits / sums.images if per_pixel else None
-    return metrics, heatmap
+    return metrics, sums.pixel_bits / sums.images if per_pixel else None
 
 
 # ---------------------------------------------------------------------------------------------
-# Pictures: the heatmap of where the bits go.
+# The heatmap of where the bits go.
 
 # A few stops of matplotlib's viridis, interpolated linearly: dark = cheap, yellow = expensive.
 _VIRIDIS = np.array([(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)],
                     dtype=np.float64)
-
-
-def colorize(values: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Map values to viridis RGB uint8 (..., 3), `low` to dark purple and `high` to yellow."""
-    t = np.clip((values - low) / max(high - low, 1e-12), 0.0, 1.0) * (len(_VIRIDIS) - 1)
-    stops = np.arange(len(_VIRIDIS))
-    rgb = [np.interp(t, stops, _VIRIDIS[:, k]) for k in range(3)]
-    return np.stack(rgb, axis=-1).round().astype(np.uint8)
 
 
 def channel_names(channels: int) -> list[str]:
@@ -150,64 +110,55 @@ def channel_names(channels: int) -> list[str]:
 
 def heatmap_image(pixel_bits: Tensor | np.ndarray, min_side: int = 128) -> Image.Image:
     """One panel per channel plus their mean, on a shared colour scale, labelled with bits/dim."""
-    bits = np.asarray(pixel_bits.cpu() if isinstance(pixel_bits, Tensor) else pixel_bits,
-                      dtype=np.float64)  # (C, H, W)
-    panels = [*bits, bits.mean(axis=0)]
-    labels = [*channel_names(bits.shape[0]), "mean"]
+    bits = torch.as_tensor(pixel_bits).double().cpu().numpy()  # (C, H, W)
+    panels = np.stack([*bits, bits.mean(axis=0)])
     # The first pixel of each channel costs ~8 bits (nothing to condition on); a scale that
     # ends at the 99th percentile keeps that one pixel from washing out the others.
     low, high = float(bits.min()), float(np.percentile(bits, 99))
-    h, w = bits.shape[1:]
-    scale = max(1, math.ceil(min_side / max(h, w)))
-    pad, text = 4, 14
-    canvas = Image.new("RGB", (len(panels) * (w * scale + pad) + pad, h * scale + 2 * text + pad),
-                       "white")
+    t = np.clip((panels - low) / max(high - low, 1e-12), 0.0, 1.0) * (len(_VIRIDIS) - 1)
+    rgb = [np.interp(t, np.arange(len(_VIRIDIS)), _VIRIDIS[:, k]) for k in range(3)]
+    scale = max(1, math.ceil(min_side / max(bits.shape[1:])))
+    tiles = np.stack(rgb, axis=-1).round().astype(np.uint8).repeat(scale, 1).repeat(scale, 2)
+    (n, h, w, _), pad, text = tiles.shape, 4, 14
+    canvas = Image.new("RGB", (n * (w + pad) + pad, h + 2 * text + pad), "white")
     draw = ImageDraw.Draw(canvas)
-    for k, (panel, label) in enumerate(zip(panels, labels, strict=True)):
-        x0 = pad + k * (w * scale + pad)
-        tile = Image.fromarray(colorize(panel, low, high)).resize((w * scale, h * scale),
-                                                                  Image.NEAREST)
-        canvas.paste(tile, (x0, text))
-        draw.text((x0, 1), f"{label}: {panel.mean():.3f} bits/dim", fill="black")
-    draw.text((pad, text + h * scale + 1), f"scale: {low:.2f} (dark) to {high:.2f}+ (yellow) "
-              "bits per subpixel", fill="black")
+    labels = [*channel_names(len(bits)), "mean"]
+    for k, (tile, panel, label) in enumerate(zip(tiles, panels, labels, strict=True)):
+        canvas.paste(Image.fromarray(tile), (pad + k * (w + pad), text))
+        draw.text((pad + k * (w + pad), 1), f"{label}: {panel.mean():.3f} bits/dim", fill="black")
+    draw.text((pad, text + h + 1), f"scale: {low:.2f} (dark) to {high:.2f}+ (yellow) bits per "
+              "subpixel", fill="black")
     return canvas
 
 
 def save_heatmap(pixel_bits: Tensor | np.ndarray, path: str | Path) -> None:
-    from .files import atomic_write
-
-    image = heatmap_image(pixel_bits)
-    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    atomic_write(path, lambda tmp: heatmap_image(pixel_bits).save(tmp, format="PNG"))
 
 
 # ---------------------------------------------------------------------------------------------
-# Baselines: what general-purpose lossless codecs spend on the same images.
-
+# Baselines: what general-purpose lossless codecs spend on the same images, one file per image.
 
 BASELINES = ("png", "webp", "jxl")
 
 
 def encode_baseline(image: np.ndarray, codec: str) -> bytes:
-    """One (H, W, C) uint8 image under `codec` at its strongest lossless setting: PNG
-    (optimize, level 9), WebP (method 6) or JPEG XL (effort 9, through imagecodecs)."""
+    """One (H, W, C) uint8 image at the codec's strongest lossless setting."""
     plane = image[..., 0] if image.shape[-1] == 1 else image
     if codec == "jxl":
         import imagecodecs
 
         return bytes(imagecodecs.jpegxl_encode(plane, lossless=True, effort=9))
-    buffer = io.BytesIO()
-    if codec == "png":
-        Image.fromarray(plane).save(buffer, format="PNG", optimize=True, compress_level=9)
-    elif codec == "webp":
-        Image.fromarray(plane).save(buffer, format="WEBP", lossless=True, quality=100, method=6)
-    else:
+    if codec not in BASELINES:
         raise ValueError(f"codec must be one of {BASELINES}, got {codec!r}")
+    options = ({"optimize": True, "compress_level": 9} if codec == "png"
+               else {"lossless": True, "quality": 100, "method": 6})
+    buffer = io.BytesIO()
+    Image.fromarray(plane).save(buffer, format=codec.upper(), **options)
     return buffer.getvalue()
 
 
 def lossless_bits_per_dim(images: np.ndarray, codec: str, progress: bool = False) -> float:
-    """File bytes * 8 / (N * H * W * C) of each image encoded on its own: [N, H, W, C] uint8."""
+    """File bytes * 8 / (N * H * W * C) of uint8 images [N, H, W, C], each encoded on its own."""
     if images.dtype != np.uint8 or images.ndim != 4:
         raise ValueError(f"expected uint8 images [N, H, W, C], got {images.dtype} "
                          f"{list(images.shape)}")
@@ -218,8 +169,6 @@ def lossless_bits_per_dim(images: np.ndarray, codec: str, progress: bool = False
 
 
 def codec_baselines(test_set: Dataset, max_images: int = 0, progress: bool = False) -> dict:
-    """bits/dim that PNG, WebP and JPEG XL lossless spend on the test images, one file per
-    image."""
     n = len(test_set) if max_images == 0 else min(max_images, len(test_set))
     images = np.stack([split_batch(test_set[i])[0].permute(1, 2, 0).numpy()
                        for i in range(n)])  # (N, H, W, C)

@@ -1,12 +1,9 @@
-"""Saving and loading trained models: a directory of config.json + model.safetensors (+ a model
-card), locally or on the Hugging Face Hub, through huggingface_hub's PyTorch mixin.
+"""Saving and loading trained models: config.json + model.safetensors (+ a model card), locally
+or on the Hugging Face Hub, through huggingface_hub's PyTorch mixin.
 
     model.save_pretrained("runs/demo/export")
     model = AxialTransformer.from_pretrained("runs/demo/export")      # or "user/axial-in32"
     model.push_to_hub("user/axial-in32")
-
-Weights are read only from safetensors (never a pickle), every tensor's shape is checked against
-the config before loading, and files are written atomically.
 """
 
 from __future__ import annotations
@@ -18,9 +15,8 @@ from pathlib import Path
 import torch
 from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
 
-from .files import atomic_write_text, write_safetensors
+from .files import atomic_write_text, check_shapes, read_tensors, write_safetensors
 from .model.config import AxialTransformerConfig
-from .tensor_files import check_shapes, read_tensors
 
 WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"
 # owner/name, as the Hub spells repository ids.
@@ -30,8 +26,7 @@ MAX_CONFIG_BYTES = 2**16
 
 
 def is_hub_id(source: str) -> bool:
-    """Whether `source` names a Hub repository rather than a local path: it has the owner/name
-    form, is not on disk, and its owner is neither `runs` nor a folder here, so that a mistyped
+    """owner/name, not on disk, and the owner neither `runs` nor a folder here: a mistyped
     `runs/reff` is reported missing at once instead of tried on the network."""
     if Path(source).exists() or not REPO_ID.match(source):
         return False
@@ -65,24 +60,15 @@ class HubMixin(
     tags=["image-generation", "density-estimation", "axial-attention"],
     model_card_template=MODEL_CARD,
 ):
-    """`save_pretrained`, `from_pretrained` and `push_to_hub` for AxialTransformer."""
-
     config: AxialTransformerConfig
 
     def save_pretrained(  # type: ignore[override]
-        self,
-        save_directory: str | Path,
-        *,
-        config: dict | None = None,
-        repo_id: str | None = None,
-        push_to_hub: bool = False,
-        model_card_kwargs: dict | None = None,
-        **push_to_hub_kwargs,
+        self, save_directory: str | Path, *, config: dict | None = None,
+        repo_id: str | None = None, push_to_hub: bool = False,
+        model_card_kwargs: dict | None = None, **push_to_hub_kwargs,
     ) -> str | None:
-        """Write config.json, model.safetensors and (unless there is one) a README.md model
-        card into `save_directory`, each atomically: a reader sees the old file or the new one.
-        With `push_to_hub=True` also upload them (`push_to_hub`). `config` is accepted for the
-        mixin's sake and ignored: the model's own config is what gets saved."""
+        """config.json, model.safetensors and (unless there is one) a README.md model card, each
+        written atomically. `config` is ignored (the mixin passes it): the model's own is saved."""
         directory = Path(save_directory)
         write_safetensors(directory / WEIGHTS, self.state_dict())
         atomic_write_text(directory / CONFIG, json.dumps(self.config.to_dict(), indent=2))
@@ -95,30 +81,20 @@ class HubMixin(
         return None
 
     def push_to_hub(self, repo_id: str, *, model_card_kwargs: dict | None = None, **kwargs):
-        """Upload config.json, model.safetensors and the model card to the Hub repository
-        `repo_id` (huggingface_hub's `push_to_hub`: `private`, `token`, `commit_message`, ...)."""
         card_kwargs = {"source": repo_id, **(model_card_kwargs or {})}
         return super().push_to_hub(repo_id, model_card_kwargs=card_kwargs, **kwargs)
 
     @classmethod
     def from_pretrained(  # type: ignore[override]
-        cls,
-        pretrained_model_name_or_path: str | Path,
-        *,
-        revision: str | None = None,
-        cache_dir: str | Path | None = None,
-        force_download: bool = False,
-        local_files_only: bool = False,
-        token: str | bool | None = None,
+        cls, pretrained_model_name_or_path: str | Path, *, revision: str | None = None,
+        cache_dir: str | Path | None = None, force_download: bool = False,
+        local_files_only: bool = False, token: str | bool | None = None,
         map_location: str | torch.device = "cpu",
     ):
-        """A model in eval mode from a local directory written by `save_pretrained`, or from a
-        Hub repository id ("owner/name"; downloaded once into the Hugging Face cache).
-        `map_location` (default "cpu") places the weights.
-
-        The weights file bounds what a config.json can make us allocate: the model's tensors
-        are laid out on the meta device (no memory) and checked against the safetensors header,
-        shape by shape and dtype by dtype, before the model itself is built."""
+        """A model in eval mode from a directory written by `save_pretrained` or a Hub repository
+        id ("owner/name"). The weights file bounds what a config.json can make us allocate: the
+        model's tensors are laid out on the meta device and checked against the safetensors
+        header before the model itself is built."""
         source = str(pretrained_model_name_or_path)
         if Path(source).is_dir():
             config_file, weights = Path(source) / CONFIG, Path(source) / WEIGHTS
@@ -139,12 +115,14 @@ class HubMixin(
         config = read_config(config_file, f"{source}/{CONFIG}")
         check_shapes(weights, cls.parameter_shapes(config))
         model = cls(config)
-        load_weights(model, weights)
+        try:
+            model.load_state_dict(read_tensors(weights))
+        except ValueError as e:
+            raise ValueError(f"{weights}: {e}") from None
         return model.to(map_location).eval()
 
     @classmethod
     def parameter_shapes(cls, config: AxialTransformerConfig) -> dict[str, tuple[int, ...]]:
-        """The shape of every tensor of a model of `config`, laid out without allocating it."""
         with torch.device("meta"):
             return {k: tuple(v.shape) for k, v in cls(config).state_dict().items()}
 
@@ -166,12 +144,3 @@ def read_config(file: Path, name: str) -> AxialTransformerConfig:
                          f"{type(values).__name__}")
     return AxialTransformerConfig.from_dict(values, name)
 
-
-def load_weights(model: torch.nn.Module, file: Path) -> None:
-    """Load a safetensors file whose every tensor must match the model's, and hold finite values:
-    otherwise a ValueError that names the first parameter that does not."""
-    check_shapes(file, {k: tuple(v.shape) for k, v in model.state_dict().items()})
-    try:
-        model.load_state_dict(read_tensors(file))
-    except ValueError as e:
-        raise ValueError(f"{file}: {e}") from None

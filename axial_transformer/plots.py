@@ -17,27 +17,15 @@ MIN_SIDE = 512
 PAD = 1
 
 
-def display_pixels(images: torch.Tensor, levels: int) -> np.ndarray:
-    """uint8 [N, C, H, W] of `levels` values -> uint8 [N, H, W, 3] spanning 0..255 (a model of
-    17 levels draws 0..16, which would show as black)."""
-    x = images.to(torch.int64)
-    if levels != 256:
-        x = x * 255 // (levels - 1)
-    x = x.clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x[..., :3]
-
-
-def image_grid(
-    images: torch.Tensor,
-    nrow: int,
-    levels: int = 256,
-    row_labels: Sequence[str] | None = None,
-    min_side: int = MIN_SIDE,
-) -> Image.Image:
+def image_grid(images: torch.Tensor, nrow: int, levels: int = 256,
+               row_labels: Sequence[str] | None = None, min_side: int = MIN_SIDE) -> Image.Image:
     """uint8 [N, C, H, W] -> an RGB grid of `nrow` images per row on white, enlarged by nearest
     neighbour (every pixel an exact square) until its longer side is at least `min_side`, with
     `row_labels` written left of the rows when given."""
-    pixels = display_pixels(images, levels)
+    # Spread over 0..255: a model of 17 levels draws 0..16, which would show as black.
+    x = (images.to(torch.int64) * 255 // (levels - 1)).clamp(0, 255).to(torch.uint8)
+    pixels = x.permute(0, 2, 3, 1).numpy()
+    pixels = np.repeat(pixels, 3, axis=-1) if pixels.shape[-1] == 1 else pixels[..., :3]
     n, h, w, _ = pixels.shape
     rows = math.ceil(n / nrow)
     grid = np.full((rows * (h + PAD) + PAD, nrow * (w + PAD) + PAD, 3), 255, np.uint8)
@@ -108,20 +96,13 @@ def loss_curve(records: list[dict], size: tuple[int, int] = (720, 420)) -> Image
     return picture
 
 
-def save_png(picture: Image.Image, path: str | Path) -> None:
-    """Write `picture` as a PNG atomically (a reader sees the old file or the new one)."""
-    from .files import atomic_write
-
-    atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
-
-
 def write_loss_curve(run_dir: str | Path) -> Path | None:
     """RUN/loss_curve.png, drawn from RUN/metrics.jsonl; None when there is nothing to draw."""
+    from .files import atomic_write
     from .training.run_log import read_records
 
-    run_dir = Path(run_dir)
-    picture = loss_curve(read_records(run_dir / "metrics.jsonl"))
+    picture = loss_curve(read_records(Path(run_dir) / "metrics.jsonl"))
     if picture is None:
         return None
-    save_png(picture, run_dir / "loss_curve.png")
-    return run_dir / "loss_curve.png"
+    atomic_write(Path(run_dir) / "loss_curve.png", lambda tmp: picture.save(tmp, format="PNG"))
+    return Path(run_dir) / "loss_curve.png"

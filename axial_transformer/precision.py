@@ -1,13 +1,9 @@
-"""bf16 or fp32: the one rule every entry point follows to pick its precision.
+"""bf16 or fp32: the one rule every entry point follows to pick its precision (docs/training.md).
 
 bf16 autocast pays only where the hardware multiplies bf16 natively: CUDA GPUs that support it,
-and x86 CPUs with AVX512-BF16 or AMX. Elsewhere torch emulates bf16 matmuls through fp32 (on an
-AVX2 CPU at about 1 GFLOP/s against 75-90 in fp32), so "auto" picks bf16 only where it is fast:
-
-    auto   bf16 on a CUDA device that supports it, or on a CPU that reports AVX512-BF16 or AMX,
-           or whose bf16 matmul beats fp32 in a short check (made once per process); else fp32
-    bf16   bf16 autocast (warns once, with the measured slowdown, on a CPU that emulates it)
-    no     fp32
+x86 CPUs with AVX512-BF16 or AMX. Elsewhere torch emulates it through fp32, about 1 GFLOP/s
+against 75-90 on AVX2. "auto" picks bf16 there, or on a CPU whose bf16 matmul beats fp32 in a
+short check; "bf16" forces it (warning once where emulated); "no" is fp32.
 """
 
 from __future__ import annotations
@@ -39,46 +35,39 @@ class Precision:
     bf16: bool
     reason: str  # why, in words, for the run's first lines
 
-    @property
-    def name(self) -> str:
-        return "bf16" if self.bf16 else "fp32"
-
     def autocast(self, device_type: str) -> AbstractContextManager:
-        """bf16 autocast when bf16, else a context that leaves autocast off."""
         return torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def __str__(self) -> str:
-        return f"{self.name} ({self.reason})"
+        return f"{'bf16' if self.bf16 else 'fp32'} ({self.reason})"
 
 
 def choose_precision(setting: Setting, device: torch.device | str) -> Precision:
-    """The precision `setting` means on `device`; a forced bf16 on a CPU that emulates it warns
-    once per process."""
     device = torch.device(device)
     if setting == "no":
         return Precision(False, "asked for fp32")
     if setting not in ("auto", "bf16"):
         raise ValueError(f"precision must be 'auto', 'bf16' or 'no', got {setting!r}")
     fast, why = bf16_is_fast(device)
-    if setting == "bf16":
-        if not fast and device.type == "cpu":
-            warn_emulated_bf16(why)
-        return Precision(True, "asked for bf16")
-    return Precision(fast, f"auto: {why}")
+    if setting == "auto":
+        return Precision(fast, f"auto: {why}")
+    if not fast and device.type == "cpu":
+        warn_emulated_bf16(why)
+    return Precision(True, "asked for bf16")
 
 
 def bf16_is_fast(device: torch.device) -> tuple[bool, str]:
     """Whether `device` runs bf16 matmuls faster than fp32, and why."""
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return True, f"{torch.cuda.get_device_name(device)} supports bf16"
-        return False, f"{torch.cuda.get_device_name(device)} does not support bf16"
+        supported = torch.cuda.is_bf16_supported()
+        return supported, (f"{torch.cuda.get_device_name(device)} "
+                           f"{'supports' if supported else 'does not support'} bf16")
     if device.type != "cpu":
         return False, f"no bf16 check for {device.type} devices"
-    capability = torch.backends.cpu.get_cpu_capability()
     flags = cpu_bf16_flags()
     if flags:
         return True, f"the CPU reports {', '.join(flags)}"
+    capability = torch.backends.cpu.get_cpu_capability()
     speedup = cpu_bf16_speedup()
     if speedup >= MIN_CPU_SPEEDUP:
         return True, f"bf16 matmuls ran {speedup:.1f}x faster than fp32 on this {capability} CPU"
@@ -104,8 +93,7 @@ def cpu_bf16_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
 
 @functools.cache
 def cpu_bf16_speedup() -> float:
-    """fp32 time / bf16 time of the same CPU matmul (best of CHECK_REPEATS each, taken in turn),
-    measured once per process: above 1 where bf16 is faster."""
+    """fp32 time / bf16 time of the same CPU matmul, best of CHECK_REPEATS each, taken in turn."""
     a, b = torch.randn(2, CHECK_SIZE, CHECK_SIZE).unbind()
     operands = {torch.float32: (a, b), torch.bfloat16: (a.bfloat16(), b.bfloat16())}
     best = dict.fromkeys(operands, float("inf"))

@@ -83,11 +83,10 @@ def model(attention_path: str = "auto", preset: str | None = None, size: int = 1
           dtype: torch.dtype = torch.float32) -> AxialTransformer:
     torch.manual_seed(0)
     if preset:
-        cfg = AxialTransformerConfig.from_preset(preset, image_size=(size, size), channels=3,
-                                                 attention=attention_path)
+        cfg = AxialTransformerConfig.from_preset(preset, image_size=(size, size), channels=3)
     else:
-        cfg = AxialTransformerConfig(**DEMO, attention=attention_path)
-    return AxialTransformer(cfg).to(dtype)
+        cfg = AxialTransformerConfig(**DEMO)
+    return AxialTransformer(cfg).set_attention(attention_path).to(dtype)
 
 
 def training_step(m: AxialTransformer, batch: int, autocast: bool = False) -> Callable[[], None]:

@@ -37,13 +37,14 @@ QUICK_DIM = 32
 
 def preset(name: str, dim: int | None = None, layers: int | None = None,
            **overrides) -> AxialTransformerConfig:
-    """A paper preset, on the fused-kernel attention path every GPU run takes, optionally at
-    another width or with `layers` blocks in each of the encoder, outer and inner decoders."""
+    """A paper preset, optionally at another width or with `layers` blocks in each of the
+    encoder, outer and inner decoders. Its models run set_attention("sdpa"), the fused-kernel
+    path every GPU run takes."""
     if dim is not None:
         overrides["dim"] = dim
     if layers is not None:
         overrides.update(encoder_layers=layers, outer_layers=layers, inner_layers=layers)
-    return AxialTransformerConfig.from_preset(name, attention="sdpa", **overrides)
+    return AxialTransformerConfig.from_preset(name, **overrides)
 
 
 def random_images(config: AxialTransformerConfig, batch: int) -> torch.Tensor:
@@ -81,11 +82,11 @@ CPU_ATTENTION_FLOPS = {
 }
 
 
-def counted_flops(config: AxialTransformerConfig, kind: str) -> int:
+def counted_flops(config: AxialTransformerConfig, kind: str, gc: bool = False) -> int:
     """FLOPs of one image: "train" is a step's forward and backward of the random-channel loss
     (one channel slice), "eval" the forward of bits/dim over every channel."""
     torch.manual_seed(0)
-    model = AxialTransformer(config)
+    model = AxialTransformer(config).set_attention("sdpa").set_gradient_checkpointing(gc)
     x = random_images(config, 1)
     counter = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
     with counter:
@@ -110,7 +111,7 @@ def flops_at_width(name: str, dim: int, widths: tuple[int, int, int], **override
     result = {}
     for key, kind, gc in (("train", "train", False), ("train_gc", "train", True),
                           ("eval", "eval", False)):
-        counts = {w: counted_flops(preset(name, w, gradient_checkpointing=gc, **overrides), kind)
+        counts = {w: counted_flops(preset(name, w, **overrides), kind, gc)
                   for w in widths}
         (d1, f1), (d2, f2), (d3, f3) = counts.items()
         a = (Fraction(f2, d2) - Fraction(f1, d1)) / (d2 - d1)
@@ -187,9 +188,10 @@ def memory_case(args: argparse.Namespace) -> dict:
     gradients, autocast's bf16 copies of the weights, the activations saved for the backward
     and the kernels' outputs, at their peak, counted as live tensors and as resident memory."""
     map_large_blocks_apart()
-    config = preset(args.config, args.dim, args.layers, gradient_checkpointing=args.gc)
+    config = preset(args.config, args.dim, args.layers)
     torch.manual_seed(0)
-    model = AxialTransformer(config)  # training mode: dropout masks are saved as on a GPU
+    model = AxialTransformer(config).set_attention("sdpa").set_gradient_checkpointing(args.gc)
+    # training mode: dropout masks are saved as on a GPU
     x = random_images(config, args.batch)
     channel = torch.arange(args.batch) % config.channels
     tensors = LiveTensorBytes([*model.parameters(), *model.buffers(), x, channel])

@@ -36,7 +36,7 @@ def error_line(err: str) -> str:
 
 @pytest.fixture(params=["matmul", "sdpa", "chunked-sdpa"])
 def attention_path(request, monkeypatch) -> str:
-    """Each way the model computes attention (`AxialTransformerConfig.attention`): plain matmuls,
+    """Each way the model computes attention (`AxialTransformer.set_attention`): plain matmuls,
     SDPA (what "auto" takes), and SDPA with the folded batch split into pieces (as
     CUDA's grid limit makes it at large batches) small enough to split every call here."""
     if request.param == "chunked-sdpa":

@@ -17,9 +17,8 @@ UNCHANGED, CHANGED = 1e-10, 1e-6  # in float64 the two are many orders of magnit
 
 def make_model(channels: int, size: tuple[int, int], attention: str = "auto") -> AxialTransformer:
     cfg = AxialTransformerConfig(image_size=size, channels=channels, dim=32, heads=4,
-                                 encoder_layers=2, outer_layers=2, inner_layers=2,
-                                 attention=attention)
-    return randomize_(AxialTransformer(cfg).double(), std=0.3).eval()
+                                 encoder_layers=2, outer_layers=2, inner_layers=2)
+    return randomize_(AxialTransformer(cfg).set_attention(attention).double(), std=0.3).eval()
 
 
 @torch.no_grad()

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from numpy._core.multiarray import _reconstruct
 
+from axial_transformer.data import prepare
 from axial_transformer.data.cifar import read_python_batch
-from axial_transformer.data.splits import prepare
 
 CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
                "truck"]

@@ -41,10 +41,11 @@ def load_script(name: str):
 compress_cli, decompress_cli = load_script("compress"), load_script("decompress")
 
 
-def tiny_model(channels=3, size=(4, 5), seed=0, **overrides) -> AxialTransformer:
+def tiny_model(channels=3, size=(4, 5), seed=0, attention="auto", **overrides
+               ) -> AxialTransformer:
     cfg = AxialTransformerConfig(image_size=size, channels=channels, dim=16, heads=2,
                                  encoder_layers=2, outer_layers=2, inner_layers=2, **overrides)
-    return randomize_(AxialTransformer(cfg), std=0.5, seed=seed).eval()
+    return randomize_(AxialTransformer(cfg).set_attention(attention), std=0.5, seed=seed).eval()
 
 
 def likely_images(model: AxialTransformer, n: int, noise: bool = True) -> torch.Tensor:
@@ -204,33 +205,43 @@ def golden() -> tuple[AxialTransformer, torch.Tensor, bytes]:
     return model, images.permute(0, 3, 1, 2), (GOLDEN / "images.axc").read_bytes()
 
 
-def test_golden_file_decodes_and_its_images_encode_to_the_same_bytes():
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                         reason="no CUDA GPU"))])
+def test_golden_file_decodes_and_its_images_encode_to_the_same_bytes(device):
     """Any change that would leave files already written unreadable (a number or an operation
     of the arithmetic, the stream's order, the format) fails here: raise ARITHMETIC_VERSION or
-    the format version, and make new golden files."""
+    the format version, and make new golden files. On a GPU: the file written on a CPU decodes
+    on CUDA, and CUDA writes the same bytes (which the CPU decodes)."""
     model, images, data = golden()
+    model.to(device)
     assert torch.equal(decompress(model, data, batch_size=5), images)
     assert compress(model, images, batch_size=3) == data
+    # Its config.json still holds two run-time choices that older versions saved with the model.
+    saved = json.loads((GOLDEN / "model" / "config.json").read_text())
+    assert saved["gradient_checkpointing"] is False and saved["attention"] == "auto"
 
 
 def test_a_file_written_under_other_cpu_kernels_decodes_here(tmp_path):
-    """compress.py under torch's portable kernels (ATEN_CPU_CAPABILITY=default, as a CPU
-    without AVX computes) with 2 threads at batch 64; decompress.py under this machine's own
-    kernels with 1 thread at batch 1: the same file as the golden one, decoded exactly."""
+    """compress.py under torch's portable kernels (ATEN_CPU_CAPABILITY=default, and MKL's
+    matrix products at SSE4.2: as a CPU without AVX computes) with 2 threads at batch 64;
+    decompress.py under this machine's own kernels with 1 thread at batch 1: the same file as the
+    golden one, decoded exactly."""
     _, images, data = golden()
-    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    portable = {"ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"}
+    env = {k: v for k, v in os.environ.items() if k not in portable}
     env["PYTHONPATH"] = str(ROOT)
 
-    def script(name: str, capability: str | None, *args) -> None:
-        run_env = env if capability is None else {**env, "ATEN_CPU_CAPABILITY": capability}
+    def script(name: str, run_env: dict, *args) -> None:
         result = subprocess.run([sys.executable, str(ROOT / name), *map(str, args)],
                                 env=run_env, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr
 
-    script("compress.py", "default", "--checkpoint", GOLDEN / "model", GOLDEN / "images.npy",
-           "-o", tmp_path / "default.axc", "--threads", 2, "--batch-size", 64)
+    script("compress.py", {**env, **portable}, "--checkpoint", GOLDEN / "model",
+           GOLDEN / "images.npy", "-o", tmp_path / "default.axc", "--threads", 2,
+           "--batch-size", 64)
     assert (tmp_path / "default.axc").read_bytes() == data
-    script("decompress.py", None, tmp_path / "default.axc", "--checkpoint", GOLDEN / "model",
+    script("decompress.py", env, tmp_path / "default.axc", "--checkpoint", GOLDEN / "model",
            "--out", tmp_path / "back.npy", "--threads", 1, "--batch-size", 1)
     back = np.load(tmp_path / "back.npy", allow_pickle=False)
     assert np.array_equal(back, images.permute(0, 2, 3, 1).numpy())

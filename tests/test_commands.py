@@ -113,7 +113,7 @@ def test_evaluate_heatmap_checked_before_and_written_after_the_figures(export, t
     with monkeypatch.context() as patch:
         patch.setattr(evaluate_cli, "evaluate", no_scoring)
         code, _, err = run_evaluate(capsys, *data, "--heatmap", tmp_path / "taken")
-        assert code == 2 and "--heatmap" in error_line(err) and "is a folder" in err
+        assert code == 2 and "--heatmap" in error_line(err) and "an existing folder" in err
 
     def full_disk(heatmap, path):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -12,8 +12,8 @@ from axial_transformer.sampling.sampler import sample, sample_naive
 def conditional_model(num_classes=3, channels=3, attention="auto"):
     cfg = AxialTransformerConfig(image_size=(3, 4), channels=channels, dim=16, heads=2,
                                  encoder_layers=2, outer_layers=2, inner_layers=2,
-                                 num_classes=num_classes, attention=attention)
-    return randomize_(AxialTransformer(cfg), std=0.3).double().eval()
+                                 num_classes=num_classes)
+    return randomize_(AxialTransformer(cfg).set_attention(attention), std=0.3).double().eval()
 
 
 def gumbel_noise(shape, seed=0):

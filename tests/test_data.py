@@ -16,16 +16,16 @@ import pytest
 import torch
 from PIL import Image
 
-from axial_transformer.data import builtin as builtin_data
-from axial_transformer.data.__main__ import main
-from axial_transformer.data.builtin import builtin_crops, builtin_dataset
-from axial_transformer.data.splits import (
+from axial_transformer.data import (
     CorruptImageError,
     ImageArrayDataset,
     load_array,
     open_split,
     prepare,
 )
+from axial_transformer.data import builtin as builtin_data
+from axial_transformer.data.__main__ import main
+from axial_transformer.data.builtin import builtin_crops, builtin_dataset
 
 
 def random_images(n, h=5, w=7, c=3, seed=0):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_data import idx_bytes, main, planes, png_bytes, prepare_quiet, random_images
 
-from axial_transformer.data.splits import class_names, open_split, prepare_holdout
+from axial_transformer.data import class_names, open_split, prepare_holdout
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                    "ship", "truck"]

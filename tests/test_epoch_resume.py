@@ -42,10 +42,15 @@ sys.exit(train.main(sys.argv[1:]))
 """
 
 
-def launch(run_dir: Path, data_dir: Path, *extra: str, patch: str | None = None):
-    entry = ["-c", patch] if patch else [str(ROOT / "train.py")]
+def launch(run_dir: Path, data_dir: Path, *extra: str, patch: str | None = None,
+           kill_after: int | None = None):
+    """train.py, the script `patch`, or tests/train_with_faults.py killing it after a step."""
+    entry, env = ["-c", patch] if patch else [str(ROOT / "train.py")], ENV
+    if kill_after:
+        entry = [str(ROOT / "tests" / "train_with_faults.py")]
+        env = {**ENV, "TRAIN_FAULTS": json.dumps({"kill_after": kill_after})}
     return subprocess.run([sys.executable, *entry, *run_args(data_dir, run_dir, *RUN, *extra)],
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
 
 
 def steps(run_dir: Path) -> list[tuple]:
@@ -70,7 +75,7 @@ def runs(data_dir, tmp_path_factory) -> tuple[Path, Path]:
     straight, killed = root / "straight", root / "killed"
     done = launch(straight, data_dir)
     assert done.returncode == 0, done.stderr[-3000:]
-    done = launch(killed, data_dir, "debug.kill_at_step=9")
+    done = launch(killed, data_dir, kill_after=9)
     assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
     assert [s for s, *_ in steps(killed)] == list(range(1, 10))
     assert [p.name for p in (killed / "checkpoints").iterdir()] == ["step_0000008"]

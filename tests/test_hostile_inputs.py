@@ -26,9 +26,9 @@ from safetensors.torch import save_file
 from test_data import leftovers, png_bytes, prepare_quiet, random_images
 
 from axial_transformer import AxialTransformer, AxialTransformerConfig
+from axial_transformer.data import CorruptImageError, open_split
 from axial_transformer.data.__main__ import main
-from axial_transformer.data.image_files import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
-from axial_transformer.data.splits import CorruptImageError, open_split, read_image_file
+from axial_transformer.data.image_files import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, read_image_file
 from axial_transformer.training.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]

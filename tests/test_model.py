@@ -29,7 +29,7 @@ def test_shapes_and_untrained_model_scores_eight_bits():
 def test_distribution_sums_to_one(attention_path):
     # Exact likelihood: with 3 levels, 2 channels and 2x2 pixels there are 3^8 images; their
     # probabilities under the model must sum to 1. A model that sees its own pixel does not.
-    cfg = tiny(image_size=(2, 2), channels=2, levels=3, attention=attention_path)
+    cfg = tiny(image_size=(2, 2), channels=2, levels=3)
     images = torch.tensor(list(itertools.product(range(3), repeat=8))).view(-1, 2, 2, 2)
 
     def total_probability(model):
@@ -37,10 +37,12 @@ def test_distribution_sums_to_one(attention_path):
             bits = model.bits_per_dim(images).double() * 8  # bits of each whole image
         return torch.exp2(-bits).sum().item()
 
-    model = randomize_(AxialTransformer(cfg).double(), std=0.3).eval()
-    assert total_probability(model) == pytest.approx(1.0, abs=1e-9)
+    def make():
+        return randomize_(AxialTransformer(cfg).set_attention(attention_path).double(), std=0.3)
 
-    leaky = randomize_(AxialTransformer(cfg).double(), std=0.3).eval()
+    assert total_probability(make().eval()) == pytest.approx(1.0, abs=1e-9)
+
+    leaky = make().eval()
     for block in leaky.outer_decoder.blocks:
         block.attn.causal = False
     assert abs(total_probability(leaky) - 1.0) > 1e-3
@@ -111,11 +113,14 @@ def test_bf16_autocast_matches_fp32():
 
 def test_gradient_checkpointing_gives_the_same_gradients():
     x = torch.randint(0, 256, (2, 3, 5, 7))
-    grads = []
+    grads, calls = [], []
     for flag in (False, True):
-        model = randomize_(AxialTransformer(tiny(gradient_checkpointing=flag)), std=0.1)
+        model = randomize_(AxialTransformer(tiny()).set_gradient_checkpointing(flag), std=0.1)
+        block = model.inner_decoder.blocks[0]
+        block.register_forward_pre_hook(lambda *_, flag=flag: calls.append(flag))
         model.loss(x, "all").backward()
         grads.append([p.grad for p in model.parameters()])
+    assert calls == [False, True, True]  # checkpointed, a block runs again in the backward pass
     for a, b in zip(*grads, strict=True):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 

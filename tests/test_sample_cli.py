@@ -307,15 +307,15 @@ def test_unwritable_outputs_are_refused_before_the_compute(run_dir, tmp_path, ca
     (tmp_path / "folder.png").mkdir()
     (tmp_path / "file").write_text("")
     cases = [
-        (tmp_path / "folder.png", "is a folder; expected a file name"),
+        (tmp_path / "folder.png", "an existing folder; expected a file name"),
         (tmp_path / "file" / "grid.png", f"{tmp_path / 'file'} is a file, not a folder"),
     ]
     for out, message in cases:
         code, _, err = run_sample(capsys, "--checkpoint", run_dir, "--out", out)
         assert code == 2 and message in error_line(err), out
-    import axial_transformer.outputs as outputs
+    from axial_transformer.cli import common
 
-    monkeypatch.setattr(outputs.shutil, "disk_usage", lambda path: type("U", (), {"free": 10}))
+    monkeypatch.setattr(common.shutil, "disk_usage", lambda path: type("U", (), {"free": 10}))
     code, _, err = run_sample(capsys, "--checkpoint", run_dir, "--out", tmp_path / "g.png")
     assert code == 2 and "has 10 bytes free" in error_line(err)
 

@@ -20,10 +20,12 @@ from axial_transformer.sampling.sampler import sample, sample_naive
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_model(channels=3, size=(4, 5), dtype=torch.float64, std=0.3, **overrides):
+def tiny_model(channels=3, size=(4, 5), dtype=torch.float64, std=0.3, attention="auto",
+               **overrides):
     cfg = AxialTransformerConfig(image_size=size, channels=channels, dim=16, heads=2,
                                  encoder_layers=2, outer_layers=2, inner_layers=2, **overrides)
-    return randomize_(AxialTransformer(cfg), std=std, seed=0).to(dtype).eval()
+    model = AxialTransformer(cfg).set_attention(attention)
+    return randomize_(model, std=std, seed=0).to(dtype).eval()
 
 
 def gumbel_noise(shape, seed=0) -> torch.Tensor:

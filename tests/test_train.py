@@ -179,11 +179,11 @@ def test_accumulating_micro_batches_equals_one_batch(tmp_path):
         objective, optimizer = accelerator.prepare(Objective(model, "all"), optimizer)
         try:
             result = optimizer_step(accelerator, objective, optimizer, iter(micro_batches), 0,
-                                    1e-3, cfg.train, cfg.debug, lambda: False)
+                                    1e-3, cfg.train, lambda: False)
         finally:  # Accelerate's state is process-wide: leave none behind for other tests
             AcceleratorState._reset_state(True)
             GradientState._reset_state()
-        assert result.skipped is None
+        assert not result.skipped
         return float(result.loss), float(result.grad_norm), model.state_dict()
 
     try:
@@ -197,28 +197,6 @@ def test_accumulating_micro_batches_equals_one_batch(tmp_path):
     assert all(torch.allclose(weights[k], weights4[k], rtol=0, atol=1e-7) for k in weights)
     assert norm_wrong != pytest.approx(norm, rel=1e-3)
     assert not all(torch.allclose(weights[k], wrong[k], rtol=0, atol=1e-7) for k in weights)
-
-
-def test_the_update_ratio_is_the_step_adam_takes():
-    """The divergence guard's prediction equals |change| / |weights| of the step Adam then
-    takes (weight decay, bias corrections, eps, later steps), and a huge lr exceeds the bound."""
-    from axial_transformer.training.step import MAX_UPDATE_RATIO, adam_update_ratio
-
-    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=0.1)
-    x = torch.randn(16, 4)
-    for _ in range(3):
-        model(x).square().mean().backward()
-        predicted = adam_update_ratio(optimizer, 1e-2)
-        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
-        optimizer.step()
-        after = torch.cat([p.detach().flatten() for p in model.parameters()])
-        assert predicted == pytest.approx(((after - before).norm() / before.norm()).item(),
-                                          rel=1e-4)
-        optimizer.zero_grad()
-    model(x).square().mean().backward()
-    assert adam_update_ratio(optimizer, 1e-2) < 0.1 < MAX_UPDATE_RATIO
-    assert adam_update_ratio(optimizer, 1e6) > 1000 * MAX_UPDATE_RATIO
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,7 +281,10 @@ def test_demo_smoke_prints_codec_comparison_and_samples(tmp_path):
     assert re.match(r"precision: (fp32|bf16) \(auto: .+\); 1 CPU thread", done.stdout)
     assert (run / "heatmap.png").is_file()
     assert [p.name for p in (run / "samples").iterdir()] == ["step_0000002.png"]
-    assert (run / "config.yaml").is_file() and (run / "export" / "config.json").is_file()
+    # The export's config.json holds what defines the model's function, no run-time choice.
+    exported = json.loads((run / "export" / "config.json").read_text())
+    assert (run / "config.yaml").is_file() and exported["dim"] == 64
+    assert not {"gradient_checkpointing", "attention"} & exported.keys()
     # It says where everything went, and shows progress while it evaluates.
     for kind, path in [("metrics", "metrics.jsonl"), ("export", "export"),
                        ("heatmap", "heatmap.png"), ("checkpoint", "checkpoints/step_0000002"),

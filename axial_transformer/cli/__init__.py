@@ -1,2 +1,1 @@
-"""The commands: train, sample, evaluate, compress and decompress (each module's main), and what
-they share (common.py)."""
+"""The commands: train, sample, evaluate, compress and decompress, and what they share."""

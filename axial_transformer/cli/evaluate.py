@@ -1,37 +1,28 @@
-"""Exact test bits/dim of a trained model over a whole test split.
+"""Exact test bits/dim of a trained model over a whole test split (the run's own data unless
+--data; fp32 unless --bf16).
 
     python evaluate.py --checkpoint runs/demo                      # the run's EMA export
     python evaluate.py --checkpoint runs/in32/checkpoints/step_0100000 --heatmap bits.png
     python evaluate.py --checkpoint runs/in32/export --data data/imagenet32 --baselines
     torchrun --standalone --nproc_per_node 8 evaluate.py --checkpoint runs/in64
-
---checkpoint takes a run directory, one of its checkpoints or an export directory; the data
-defaults to the run's own (data.spec in its config.yaml). Evaluation runs in fp32 unless --bf16.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 from ..data.sources import SPLITS
 from ..evaluation import channel_names, codec_baselines, evaluate, save_heatmap
-from ..outputs import check_output
 from ..training.checkpoint import load_trained_model
 from ..training.distributed import cpu_only
+from .common import CLIError, check_output, check_positive, command_parser, run_command
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--debug", action="store_true",
-                        default=os.environ.get("AXIAL_DEBUG") == "1",
-                        help="show the traceback of an error (also AXIAL_DEBUG=1)")
-    parser.add_argument("--checkpoint", required=True,
-                        help="run directory, checkpoint directory, export directory or Hub "
-                        "repository id (owner/name)")
+    parser = command_parser(__doc__)
     parser.add_argument("--data", help="data spec: builtin, a .npy file or a directory with "
                         "test.npy (default: the run's data.spec)")
     parser.add_argument("--split", default="test", help=f"one of {', '.join(SPLITS)}")
@@ -42,39 +33,34 @@ def main(argv: list[str] | None = None) -> int:
                         help="bf16 autocast instead of fp32 (warns on a CPU that emulates bf16)")
     parser.add_argument("--heatmap", metavar="PNG", help="write the bits-per-pixel heatmap here")
     parser.add_argument("--baselines", action="store_true",
-                        help="also print the bits/dim of PNG and WebP lossless")
+                        help="also print the bits/dim of JPEG XL, WebP and PNG lossless")
     parser.add_argument("--no-class", action="store_true",
                         help="class-conditional models: score the images told 'no class' (the "
                         "unconditional model of a run trained with train.label_dropout)")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    args = parser.parse_args(argv)
+    return run_command(run, parser.parse_args(argv))
 
+
+def run(args: argparse.Namespace) -> int:
     from accelerate import Accelerator
 
     from ..data.splits import open_split
 
-    try:
-        if args.split not in SPLITS:
-            raise ValueError(f"--split must be one of {', '.join(SPLITS)}, got {args.split!r}")
-        model, cfg = load_trained_model(args.checkpoint)
-        spec = args.data or (cfg.data.spec if cfg else None)
-        if spec is None:
-            raise ValueError(f"{args.checkpoint} has no run config to take the data from; "
-                             "pass --data")
-        if args.batch_size < 1 or args.max_images < 0:
-            raise ValueError("--batch-size must be >= 1 and --max-images >= 0")
-        c = model.config
-        if args.no_class and not c.num_classes:
-            raise ValueError("--no-class needs a class-conditional model")
-        dataset = open_split(spec, args.split, c.image_size, c.channels, c.num_classes,
-                             trained=True)
-        if args.heatmap is not None:  # before the compute, not after it
-            check_output(Path(args.heatmap), "--heatmap", replace=True)
-    except (ValueError, FileNotFoundError) as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.split not in SPLITS:
+        raise CLIError(f"--split must be one of {', '.join(SPLITS)}, got {args.split!r}")
+    check_positive(args, "--batch-size")
+    if args.max_images < 0:
+        raise CLIError(f"--max-images must be 0 or more, got {args.max_images}")
+    model, cfg = load_trained_model(args.checkpoint)
+    spec = args.data or (cfg.data.spec if cfg else None)
+    if spec is None:
+        raise CLIError(f"{args.checkpoint} has no run config to take the data from; pass --data")
+    c = model.config
+    if args.no_class and not c.num_classes:
+        raise CLIError("--no-class needs a class-conditional model")
+    dataset = open_split(spec, args.split, c.image_size, c.channels, c.num_classes, trained=True)
+    if args.heatmap is not None:  # before the compute, not after it
+        check_output(Path(args.heatmap), "--heatmap")
 
     accelerator = Accelerator(cpu=cpu_only())
     model.to(accelerator.device)
@@ -86,41 +72,28 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.baselines:
         metrics.update(codec_baselines(dataset, args.max_images, progress=True))
-    metrics["conditioned_on"] = conditioned_on(c.num_classes, args.no_class)
-    report(args, metrics, spec, c.channels)
+    k = c.num_classes
+    metrics["conditioned_on"] = ("nothing (an unconditional model)" if not k else
+                                 f"no class (a model of {k} classes told none)" if args.no_class
+                                 else f"each image's class ({k} classes)")
+    if args.json:
+        print(json.dumps(metrics), flush=True)
+    else:
+        per_channel = ", ".join(f"{n} {b:.4f}" for n, b in zip(
+            channel_names(c.channels), metrics["bpd_channel"], strict=True))
+        print(f"{args.split} bits/dim {metrics['bpd']:.4f} over {metrics['images']} images of "
+              f"{spec} ({per_channel}){' [bf16]' if args.bf16 else ''}, conditioned on "
+              f"{metrics['conditioned_on']}")
+        for codec in ("jxl", "webp", "png"):
+            if f"baseline/{codec}_bpd" in metrics:
+                print(f"  {codec} lossless: {metrics[f'baseline/{codec}_bpd']:.4f} bits/dim")
+        sys.stdout.flush()
     if heatmap is not None:
         try:  # after the figures: a disk that fails here does not take them with it
             save_heatmap(heatmap, args.heatmap)
         except OSError as e:
-            if args.debug:
-                raise
-            print(f"error: could not write the heatmap {args.heatmap}: {e.strerror or e}",
-                  file=sys.stderr)
-            return 2
+            raise CLIError(f"could not write the heatmap {args.heatmap}: {e.strerror or e}"
+                           ) from None
         if not args.json:
             print(f"heatmap: {args.heatmap}")
     return 0
-
-
-def report(args: argparse.Namespace, metrics: dict, spec: str, channels: int) -> None:
-    if args.json:
-        print(json.dumps(metrics), flush=True)
-        return
-    names = channel_names(channels)
-    per_channel = ", ".join(f"{n} {b:.4f}" for n, b in zip(names, metrics["bpd_channel"],
-                                                           strict=True))
-    print(f"{args.split} bits/dim {metrics['bpd']:.4f} over {metrics['images']} images of {spec} "
-          f"({per_channel}){' [bf16]' if args.bf16 else ''}, conditioned on "
-          f"{metrics['conditioned_on']}")
-    for codec in ("jxl", "webp", "png"):
-        if f"baseline/{codec}_bpd" in metrics:
-            print(f"  {codec} lossless: {metrics[f'baseline/{codec}_bpd']:.4f} bits/dim")
-    sys.stdout.flush()
-
-
-def conditioned_on(num_classes: int, no_class: bool) -> str:
-    if not num_classes:
-        return "nothing (an unconditional model)"
-    if no_class:
-        return f"no class (a model of {num_classes} classes told none)"
-    return f"each image's class ({num_classes} classes)"

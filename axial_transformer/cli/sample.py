@@ -1,26 +1,16 @@
 """Draw images from a trained Axial Transformer, or complete the bottom of a real one.
 
     python sample.py --checkpoint runs/demo --num-samples 64
-
---checkpoint takes a run directory (its export/ holds the EMA weights), one of its checkpoints
-(RUN/checkpoints/step_NNNNNNN) or an export directory (config.json + model.safetensors). Writes a
-PNG grid (enlarged to at least 512 pixels) and the raw pixels beside it (.npy: uint8
-[N, H, W, C]) into the run's samples/ folder (RUN/samples/sample_n64_seed0.png; for an export
-outside a run, a samples/ folder beside it, as RUN/samples is beside RUN/export), or to --out,
-and prints the time per image. The file names carry every setting that changes the images, and
-an existing output is never replaced without --overwrite. Completion keeps the top K rows of a
-real image and samples the rest:
-
     python sample.py --checkpoint runs/demo --complete photo.png --rows-given 8 --resize
     python sample.py --checkpoint runs/demo --complete data/cifar10/test.npy:7 --rows-given 16
-
-writing original | given rows | completions side by side (and the completions as .npy). A
-class-conditional model draws the class given by --class (a number or one of its class names;
-`all` draws a row of --num-samples images per class, each row labelled), with classifier-free
-guidance --guidance:
-
     python sample.py --checkpoint runs/digits --class 7 --guidance 3
     python sample.py --checkpoint runs/cifar --class all --num-samples 8
+
+Writes a PNG grid (enlarged to at least 512 pixels) and the pixels beside it (.npy: uint8
+[N, H, W, C]) into the run's samples/ folder, or to --out, and prints the time per image. The
+names carry every setting that changes the images, and an existing output is replaced only with
+--overwrite. A completion keeps the top K rows of a real image and samples the rest; its grid
+shows original | given rows | completions. `--class all` draws one labelled row per class.
 """
 
 from __future__ import annotations
@@ -28,10 +18,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
-import shutil
+import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -40,6 +28,17 @@ import torch
 
 from ..model.transformer import AxialTransformer
 from ..sampling.sampler import Request, draw, sample
+from .common import (
+    CLIError,
+    check_output,
+    check_positive,
+    command_parser,
+    parse_device,
+    run_command,
+    save_npy,
+    save_pngs,
+    write_outputs,
+)
 
 COMPLETION_CAVEAT = (
     "Completion of an RGB image is approximate: the model draws channel after channel, so the "
@@ -51,130 +50,51 @@ COMPLETION_CAVEAT = (
 COMPILE_FLOOR_S = 20.0
 
 
-class CLIError(ValueError):
-    """A problem with the command line or its inputs, reported as one line (exit code 2)."""
-
-
-def load_image(spec: str, channels: int, size: tuple[int, int], resize: bool) -> np.ndarray:
-    """A PNG/JPEG file, or PATH.npy:INDEX of a prepared uint8 [N, H, W, C] array -> [H, W, C];
-    box-resized to `size` with `resize`."""
-    from ..data.prepare import resize_box
-    from ..data.sources import load_array
-    from ..data.splits import read_image_file
-
-    path, _, index = spec.rpartition(":")
-    if not (path.endswith(".npy") and index.lstrip("-").isdigit()):
-        return read_image_file(spec, channels, size, resize=resize)
-    array = load_array(path)  # a missing, damaged or object array is an error naming it
-    if not 0 <= int(index) < len(array):
-        raise CLIError(f"{path} holds {len(array)} images; index {index} is out of range")
-    if array.shape[3] != channels or (tuple(array.shape[1:3]) != size and not resize):
-        raise CLIError(f"{path}: the model takes {size[0]}x{size[1]} images with {channels} "
-                       f"channel(s), got {'x'.join(map(str, array.shape[1:3]))} with "
-                       f"{array.shape[3]}{'' if array.shape[3] != channels else ' (--resize)'}")
-    image = np.array(array[int(index)])
-    return image if image.shape[:2] == size else resize_box(image, size)
-
-
-def default_out(checkpoint: Path, name: str) -> Path:
-    """RUN/samples/NAME for a run directory, one of its checkpoints or its export; for an export
-    outside a run, samples/NAME beside it (as RUN/samples is beside RUN/export); for a Hub
-    repository id, samples/OWNER--NAME/NAME here."""
-    if not checkpoint.exists():  # a Hub repository id
-        return Path("samples") / str(checkpoint).replace("/", "--") / name
-    checkpoint = checkpoint.resolve()
-    if (checkpoint / "trainer_state.json").is_file():  # RUN/checkpoints/step_NNNNNNN
-        return checkpoint.parent.parent / "samples" / name
-    if (checkpoint / "export" / "config.json").is_file():  # RUN
-        return checkpoint / "samples" / name
-    return checkpoint.parent / "samples" / name  # an export: RUN/export or a copy of one
-
-
-def output_name(args: argparse.Namespace, class_name: str | None, per_class: int,
-                num_samples: int) -> str:
-    """A name carrying every setting that changes the images drawn, so that two different
-    requests never share a file: sample_n64_seed0.png, sample_class_ship_n8_seed0_g3.png,
-    completion_photo_k8_n8_seed0.png, with _t0.9 for a temperature, _b4 when batches of 4
-    split the request (the noise is drawn batch by batch) and _cuda off the CPU."""
-    from ..outputs import safe_name
-
-    settings = f"n{per_class}_seed{args.seed}"
-    settings += f"_t{args.temperature:g}" if args.temperature != 1 else ""
-    settings += f"_g{args.guidance:g}" if args.guidance != 1 else ""
-    settings += f"_b{args.batch_size}" if args.batch_size < num_samples else ""
-    device = torch.device(args.device).type
-    settings += f"_{device}" if device != "cpu" else ""
-    if class_name is not None:
-        return f"sample_class_{safe_name(class_name)}_{settings}.png"
-    if args.complete is None:
-        return f"sample_{settings}.png"
-    path, _, index = args.complete.rpartition(":")
-    image = f"{Path(path).stem}_{index}" if path.endswith(".npy") else Path(args.complete).stem
-    return f"completion_{safe_name(image)}_k{args.rows_given}_{settings}.png"
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--debug", action="store_true",
-                        default=os.environ.get("AXIAL_DEBUG") == "1",
-                        help="show the traceback of an error (also AXIAL_DEBUG=1)")
-    parser.add_argument("--checkpoint", required=True,
-                        help="run directory, checkpoint directory, export directory or Hub "
-                        "repository id (owner/name)")
-    parser.add_argument("--num-samples", type=int, default=None,
-                        help="images to draw (default 64, or 8 completions with --complete)")
-    parser.add_argument("--out",
-                        help="PNG to write (default: RUN/samples/ with a name carrying the "
-                        "settings, e.g. sample_n64_seed0.png; for an export outside a run, "
-                        "samples/ beside it); the raw uint8 [N, H, W, C] pixels go to the same "
-                        "name with .npy")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace outputs of the same name (otherwise refused)")
-    parser.add_argument("--per-image", action="store_true",
-                        help="also write each image as a PNG of the model's size, in a folder "
-                        "named as the grid without .png (00000.png, ...)")
-    parser.add_argument("--temperature", type=float, default=1.0,
-                        help="divides the logits: < 1 sharper, > 1 more diverse (must be > 0)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the random draws: the same seed and settings draw the "
-                        "same images (default 0)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images drawn at once")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="where the model runs: cpu, cuda or cuda:N (default: cuda when "
-                        "available)")
-    parser.add_argument("--compile", action="store_true",
-                        help="run each decoding step as a torch.compile'd graph when that pays: "
-                        "it first times the eager sampler, compiles only when the request takes "
-                        f"longer than compiling can ({COMPILE_FLOOR_S:.0f} s), and samples "
-                        "eagerly if the compiled steps turn out no faster, saying which")
-    parser.add_argument("--class", dest="class_", metavar="C",
-                        help="class-conditional models: the class to draw, a number or a class "
-                        "name (any case); 'all' draws --num-samples images (default 8) of each "
-                        "class, one labelled row per class")
-    parser.add_argument("--guidance", type=float, default=1.0,
-                        help="classifier-free guidance scale with --class (1: the conditional "
-                        "model as it is; above 1 more typical of the class; needs a model "
-                        "trained with train.label_dropout)")
-    parser.add_argument("--complete", metavar="IMAGE",
-                        help="a PNG/JPEG of the model's size (or any size with --resize), or "
-                        "PATH.npy:INDEX of a prepared split: keep its top --rows-given rows and "
-                        "sample the rest. " + COMPLETION_CAVEAT)
-    parser.add_argument("--rows-given", type=int, metavar="K",
-                        help="rows of --complete kept as given (top K, less than the image "
-                        "height)")
-    parser.add_argument("--resize", action="store_true",
-                        help="with --complete: box-resize the image to the model's size first "
-                        "(the aspect ratio is not kept)")
+    parser = command_parser(__doc__)
+    add = parser.add_argument
+    add("--num-samples", type=int,
+        help="images to draw (default 64; 8 completions; 8 per class with --class all)")
+    add("--out", help="PNG to write (default: RUN/samples/NAME, NAME carrying the settings); "
+        "the pixels go to the same name with .npy")
+    add("--overwrite", action="store_true", help="replace outputs of the same name")
+    add("--per-image", action="store_true",
+        help="also write each image as a PNG of its own, in a folder named as the grid")
+    add("--temperature", type=float, default=1.0,
+        help="divides the logits: < 1 sharper, > 1 more diverse (must be > 0)")
+    add("--seed", type=int, default=0, help="the same seed and settings draw the same images")
+    add("--batch-size", type=int, default=64, help="images drawn at once")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu, cuda or cuda:N (default: cuda when available)")
+    add("--compile", action="store_true",
+        help="run each decoding step as a torch.compile'd graph when that pays: only when eager "
+        f"sampling takes longer than compiling can ({COMPILE_FLOOR_S:.0f} s) and the compiled "
+        "steps are faster, saying which")
+    add("--class", dest="class_", metavar="C",
+        help="a class-conditional model's class: a number, a class name (any case) or 'all' "
+        "(one labelled row per class)")
+    add("--guidance", type=float, default=1.0,
+        help="classifier-free guidance scale with --class (1: the conditional model as it is; "
+        "needs a model trained with train.label_dropout)")
+    add("--complete", metavar="IMAGE",
+        help="a PNG/JPEG of the model's size, or PATH.npy:INDEX of a prepared split: keep its "
+        "top --rows-given rows and sample the rest. " + COMPLETION_CAVEAT)
+    add("--rows-given", type=int, metavar="K",
+        help="rows of --complete kept (top K, less than the image height)")
+    add("--resize", action="store_true",
+        help="box-resize the image of --complete to the model's size (the aspect ratio is not "
+        "kept)")
     return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(run, build_parser().parse_args(argv))
 
 
 def check_args(args: argparse.Namespace) -> None:
     if not 0 < args.temperature < math.inf:
         raise CLIError(f"--temperature must be a positive number, got {args.temperature}")
-    if args.num_samples is not None and args.num_samples < 1:
-        raise CLIError(f"--num-samples must be at least 1, got {args.num_samples}")
-    if args.batch_size < 1:
-        raise CLIError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_positive(args, "--num-samples", "--batch-size")
     if (args.complete is None) != (args.rows_given is None):
         raise CLIError("--complete IMAGE and --rows-given K go together")
     if args.resize and args.complete is None:
@@ -188,12 +108,27 @@ def check_args(args: argparse.Namespace) -> None:
         raise CLIError("--guidance needs --class (classifier-free guidance toward a class)")
     if args.out is not None and Path(args.out).suffix.lower() != ".png":
         raise CLIError(f"--out {args.out}: expected a .png file (the pixels go beside it as .npy)")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as e:
-        raise CLIError(f"--device {args.device!r}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device {args.device}: CUDA is not available on this machine")
+    parse_device(args.device)
+
+
+def load_image(spec: str, channels: int, size: tuple[int, int], resize: bool) -> np.ndarray:
+    """A PNG/JPEG file, or PATH.npy:INDEX of a prepared uint8 [N, H, W, C] array -> [H, W, C];
+    box-resized to `size` with `resize`."""
+    from ..data.image_files import read_image_file, resize_box
+    from ..data.sources import load_array
+
+    path, _, index = spec.rpartition(":")
+    if not (path.endswith(".npy") and index.lstrip("-").isdigit()):
+        return read_image_file(spec, channels, size, resize=resize)
+    array = load_array(path)  # a missing, damaged or object array is an error naming it
+    if not 0 <= int(index) < len(array):
+        raise CLIError(f"{path} holds {len(array)} images; index {index} is out of range")
+    if array.shape[3] != channels or (tuple(array.shape[1:3]) != size and not resize):
+        raise CLIError(f"{path}: the model takes {size[0]}x{size[1]} images with {channels} "
+                       f"channel(s), got {'x'.join(map(str, array.shape[1:3]))} with "
+                       f"{array.shape[3]}{'' if array.shape[3] != channels else ' (--resize)'}")
+    image = np.array(array[int(index)])
+    return image if image.shape[:2] == size else resize_box(image, size)
 
 
 def class_labels(spec: str | None, config) -> list[int] | None:
@@ -224,10 +159,45 @@ def class_labels(spec: str | None, config) -> list[int] | None:
 
 
 def class_name(label: int, config) -> str:
-    """A class's name where the model has names, else its number ('none' for -1)."""
     if label == -1:
         return "none"
     return config.class_names[label] if config.class_names else str(label)
+
+
+def default_out(checkpoint: Path, name: str) -> Path:
+    """RUN/samples/NAME for a run, one of its checkpoints or its export; samples/NAME beside an
+    export outside a run; samples/OWNER--NAME/NAME here for a Hub repository id."""
+    if not checkpoint.exists():  # a Hub repository id
+        return Path("samples") / str(checkpoint).replace("/", "--") / name
+    checkpoint = checkpoint.resolve()
+    if (checkpoint / "trainer_state.json").is_file():  # RUN/checkpoints/step_NNNNNNN
+        return checkpoint.parent.parent / "samples" / name
+    if (checkpoint / "export" / "config.json").is_file():  # RUN
+        return checkpoint / "samples" / name
+    return checkpoint.parent / "samples" / name  # an export: RUN/export or a copy of one
+
+
+def output_name(args: argparse.Namespace, label: str | None, per_class: int,
+                num_samples: int) -> str:
+    """A name carrying every setting that changes the images, so that two different requests
+    never share a file. _b4: batches of 4 split the request (the noise is drawn batch by batch)."""
+
+    def safe(text: str) -> str:  # a class named 'T-shirt/top' makes no sub-folder
+        return re.sub(r"[^A-Za-z0-9._-]", "_", text).strip(".") or "_"
+
+    settings = f"n{per_class}_seed{args.seed}"
+    settings += f"_t{args.temperature:g}" if args.temperature != 1 else ""
+    settings += f"_g{args.guidance:g}" if args.guidance != 1 else ""
+    settings += f"_b{args.batch_size}" if args.batch_size < num_samples else ""
+    device = torch.device(args.device).type
+    settings += f"_{device}" if device != "cpu" else ""
+    if label is not None:
+        return f"sample_class_{safe(label)}_{settings}.png"
+    if args.complete is None:
+        return f"sample_{settings}.png"
+    path, _, index = args.complete.rpartition(":")
+    image = f"{Path(path).stem}_{index}" if path.endswith(".npy") else Path(args.complete).stem
+    return f"completion_{safe(image)}_k{args.rows_given}_{settings}.png"
 
 
 def two_rows(model: AxialTransformer, request: Request, n: int, compile: bool) -> float:
@@ -254,9 +224,8 @@ def estimate(model: AxialTransformer, request: Request, compile: bool) -> float:
 
 
 def choose_compiled(model: AxialTransformer, request: Request) -> bool:
-    """Whether compiled decoding pays for this request, saying why on stdout: not when eager
-    sampling is done sooner than a compilation can be, nor when the compiled steps, once
-    compiled, are no faster than the eager ones."""
+    """Whether compiled decoding pays, saying why: not when eager sampling is done sooner than a
+    compilation can be, nor when the compiled steps are no faster than the eager ones."""
     eager = estimate(model, request, compile=False)
     if eager < COMPILE_FLOOR_S:
         print(f"--compile: sampling eagerly takes about {eager:.1f} s here, less than a "
@@ -278,23 +247,11 @@ def choose_compiled(model: AxialTransformer, request: Request) -> bool:
     return True
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        check_args(args)
-        return run(args)
-    except (ValueError, FileNotFoundError) as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
 def run(args: argparse.Namespace) -> int:
-    from ..outputs import check_output
     from ..plots import image_grid
     from ..training.checkpoint import load_trained_model
 
+    check_args(args)
     model, _ = load_trained_model(args.checkpoint)
     config = model.config
     c, (h, w) = config.channels, config.image_size
@@ -304,16 +261,15 @@ def run(args: argparse.Namespace) -> int:
         if args.rows_given >= h:  # all rows given: nothing would be sampled
             raise CLIError(f"--rows-given must be less than the image height {h} (K rows "
                            f"are kept, the rest sampled), got {args.rows_given}")
-        pixels = load_image(args.complete, c, (h, w), args.resize)
-        image = torch.from_numpy(pixels).permute(2, 0, 1)
+        image = torch.from_numpy(load_image(args.complete, c, (h, w), args.resize))
+        image = image.permute(2, 0, 1)
         known = image[None]
         known_mask = torch.zeros((1, c, h, w), dtype=torch.bool)
         known_mask[:, :, : args.rows_given] = True
     per_class = args.num_samples or (8 if image is not None or args.class_ == "all" else 64)
     num_samples = per_class * len(classes or [None])
-    label = None
-    if classes is not None:
-        label = "all" if args.class_ == "all" else class_name(classes[0], config)
+    names = None if classes is None else [class_name(k, config) for k in classes]
+    label = None if names is None else "all" if args.class_ == "all" else names[0]
     out = Path(args.out) if args.out is not None else default_out(
         Path(args.checkpoint), output_name(args, label, per_class, num_samples))
     outputs = [out, out.with_suffix(".npy")] + [out.with_suffix("")] * args.per_image
@@ -323,7 +279,6 @@ def run(args: argparse.Namespace) -> int:
 
     device = torch.device(args.device)
     model.to(device).eval()
-    # One label per image, class after class (the rows of the grid).
     labels = None if classes is None else torch.tensor(classes).repeat_interleave(per_class)
     request = Request(num_samples, temperature=args.temperature, known=known,
                       known_mask=known_mask, labels=labels, guidance=args.guidance,
@@ -340,64 +295,17 @@ def run(args: argparse.Namespace) -> int:
           f"({seconds / num_samples:.3f} s per image{', compiled' if compiled else ''})",
           flush=True)
 
-    if classes is not None:  # one labelled row per class
-        grid = image_grid(samples, per_class, config.levels,
-                          [class_name(k, config) for k in classes])
+    if names is not None:  # one labelled row per class
+        grid = image_grid(samples, per_class, config.levels, names)
     elif image is None:
         grid = image_grid(samples, math.ceil(math.sqrt(num_samples)), config.levels)
     else:
         given = image * known_mask[0]  # the rows the model saw, black below
         grid = image_grid(torch.cat([image[None], given[None], samples]), num_samples + 2,
                           config.levels)
-    try:
-        write_outputs(grid, samples, out, args.per_image)
-    except OSError as e:
-        raise CLIError(f"could not write {e.filename or out}: {e.strerror or e}") from None
+    pixels = samples.permute(0, 2, 3, 1).numpy()
+    writes = [lambda tmp: grid.save(tmp, format="PNG"), lambda tmp: save_npy(tmp, pixels),
+              lambda folder: save_pngs(folder, pixels)]
+    write_outputs(dict(zip(outputs, writes, strict=False)), folders=tuple(outputs[2:]))
     print(f"-> {', '.join(map(str, outputs))}")
     return 0
-
-
-def write_outputs(grid, samples: torch.Tensor, out: Path, per_image: bool) -> None:
-    """The grid PNG, the .npy of uint8 [N, H, W, C] beside it and, with `per_image`, a folder of
-    one PNG per image (filled under a temporary name, then renamed into place): all of them or,
-    after an OSError that names the output it hit, none."""
-    from PIL import Image
-
-    from ..files import atomic_write
-    from ..plots import save_png
-
-    pixels = samples.permute(0, 2, 3, 1).numpy()
-
-    def write_array(tmp: Path) -> None:
-        with open(tmp, "wb") as f:  # np.save would append .npy to a path without it
-            np.save(f, pixels, allow_pickle=False)
-
-    def write_folder(folder: Path) -> None:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
-            digits = max(5, len(str(len(pixels) - 1)))
-            for k, image in enumerate(pixels):
-                Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(
-                    tmp / f"{k:0{digits}d}.png", format="PNG")
-            if folder.exists():  # --overwrite
-                shutil.rmtree(folder)
-            tmp.rename(folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    writes = [(out, lambda: save_png(grid, out)),
-              (out.with_suffix(".npy"), lambda: atomic_write(out.with_suffix(".npy"), write_array))]
-    if per_image:
-        writes.append((out.with_suffix(""), lambda: write_folder(out.with_suffix(""))))
-    done = []
-    for path, write in writes:
-        try:
-            write()
-        except OSError as e:
-            for written in done:  # none of a set that is not whole
-                if written.is_dir():
-                    shutil.rmtree(written)
-                else:
-                    written.unlink()
-            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
-        done.append(path)

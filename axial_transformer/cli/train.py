@@ -7,29 +7,24 @@
     torchrun --standalone --nproc_per_node 2 train.py --config configs/demo.yaml
     python train.py --config configs/imagenet32.yaml run_dir=runs/in32 resume=auto
 
-Overrides are `section.key=value` (model, data, train, eval, log, checkpoint) or `run_dir=...`,
-`resume=...`; see axial_transformer/train_config.py for every key. The run writes config.yaml,
-metrics.jsonl, checkpoints/, export/ (EMA weights for sample.py) and samples/ into run_dir, and
-says where at the end; run again on a finished run, it prints its results instead.
-
-SIGTERM or SIGINT (Ctrl-C) saves what is not yet saved and exits with code 0; `resume=auto`
-continues. Bad input stops the run at start-up with one line on stderr and exit code 2; --debug
-(or AXIAL_DEBUG=1) shows the traceback instead. docs/training.md has the details.
+Overrides are `section.key=value` (`--help` lists every key) or `run_dir=...`, `resume=...`. The
+run writes config.yaml, metrics.jsonl, checkpoints/, export/ (EMA weights) and samples/ into
+run_dir; run again when finished, it prints its results. SIGTERM or SIGINT saves what is not yet
+saved and exits with code 0; `resume=auto` continues. docs/training.md has the details.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import textwrap
 from pathlib import Path
 
 from ..training.config import RunConfig, load_config
-from ..training.errors import SetupError, TrainingError, one_line
 from ..training.loop import train
 from ..training.run_log import print_outputs
 from ..training.signals import Preempted, Preemption
+from .common import command_parser, run_command
 
 # The presets live in the repository's configs/, beside the package.
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
@@ -37,8 +32,14 @@ DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
 def config_keys() -> str:
     """Every config key with its default, section by section, as the overrides spell them."""
+
+    def spelled(value) -> str:  # true, [32,32], builtin, ''
+        if isinstance(value, bool):
+            return str(value).lower()
+        return "''" if value == "" else str(value).replace(" ", "").replace("'", "")
+
     lines = ["config keys, as section.key=value with the value a key has unless the --config",
-             "preset or an override sets it (axial_transformer/train_config.py says what each",
+             "preset or an override sets it (axial_transformer/training/config.py says what each",
              "does):"]
     for section, values in RunConfig().to_dict().items():
         if not isinstance(values, dict):
@@ -50,26 +51,16 @@ def config_keys() -> str:
     return "\n".join(lines)
 
 
-def spelled(value) -> str:
-    """A value as an override writes it: true, [32,32], builtin, ''."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    if value == "":
-        return "''"
-    return str(value).replace(" ", "").replace("'", "")
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     epilog=config_keys(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser(__doc__, checkpoint=False, epilog=config_keys(),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEMO_CONFIG),
                         help="YAML preset (default: the CPU demo, configs/demo.yaml)")
-    parser.add_argument("--debug", action="store_true",
-                        default=os.environ.get("AXIAL_DEBUG") == "1",
-                        help="show the traceback of an error (also AXIAL_DEBUG=1)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
-    args = parser.parse_args(argv)
+    return run_command(run, parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
     # SIGTERM and SIGINT until the process exits: train() handles them while it runs; before,
     # they stop the command at once; after, everything is saved or complete and they are only
     # noted, so that a signal while the results print or the interpreter shuts down still
@@ -81,17 +72,10 @@ def main(argv: list[str] | None = None) -> int:
                              "not the installed package: pass --config FILE")
         cfg = load_config(args.config, args.overrides)
         final = train(cfg)
-        outside.defer()
     except Preempted as stop:  # before train() began, or just as it returned
+        final = {"preempted": stop.signal_name, "checkpoint": None}
+    finally:
         outside.defer()
-        final = {"preempted": stop.signal_name, "step": None, "checkpoint": None}
-    # OSError: a disk that fills up or fails after start-up (a checkpoint write says so itself).
-    except (ValueError, SetupError, TrainingError, OSError) as e:
-        outside.defer()
-        if args.debug:
-            raise
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
     if "preempted" in final:
         if final["checkpoint"] is None:
             print(f"stopped by {final['preempted']} during start-up; nothing to save",

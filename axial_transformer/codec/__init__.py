@@ -1,5 +1,5 @@
-"""Lossless image compression with a trained model: the coder (coder.py), the coding distribution
-in exact arithmetic (exact_model.py) and the .axc container (format.py)."""
+"""Lossless image compression with a trained model: the coder, the coding distribution in exact
+arithmetic and the .axc container (docs/codec.md)."""
 
 from .coder import compress, decompress
 

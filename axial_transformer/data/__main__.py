@@ -14,18 +14,13 @@ from .sources import FORMATS, SPLITS, load_array
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m axial_transformer.data",
-        description="Convert image data into the uint8 .npy arrays that training memory-maps.",
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    cmd = commands.add_parser(
-        "prepare",
-        help="convert SOURCE into OUT.npy [N, H, W, C]",
-        description="Convert SOURCE (a tar or folder of PNG/JPEG images, npz batches, CIFAR-10, "
-        "MNIST, or a .npy) into a uint8 OUT.npy [N, H, W, C], with OUT_labels.npy and "
-        "OUT_classes.json where the source has class labels.",
-    )
+    parser = argparse.ArgumentParser(prog="python -m axial_transformer.data", description=(
+        "Convert image data into the uint8 .npy arrays that training memory-maps."))
+    cmd = parser.add_subparsers(dest="command", required=True).add_parser(
+        "prepare", help="convert SOURCE into OUT.npy [N, H, W, C]", description=(
+            "Convert SOURCE (a tar or folder of PNG/JPEG images, npz batches, CIFAR-10, MNIST, or "
+            "a .npy) into a uint8 OUT.npy [N, H, W, C], with OUT_labels.npy and "
+            "OUT_classes.json where the source has class labels."))
     cmd.add_argument("source", help="file or directory to read")
     cmd.add_argument("out", help="the .npy file to write (a directory with --holdout)")
     cmd.add_argument("--format", default="auto", choices=("auto", *FORMATS))
@@ -44,27 +39,24 @@ def main(argv: list[str] | None = None) -> None:
     cmd.add_argument("--holdout", type=float, metavar="FRACTION",
                      help="hold out this fraction of the images, the same ones on every run, "
                      "as a test split: OUT is then a directory that gets train.npy and test.npy")
-    args = parser.parse_args(argv)
+    options = vars(parser.parse_args(argv))
+    source, out, holdout = (options.pop(key) for key in ("source", "out", "holdout"))
+    del options["command"]
 
     warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
-    options = dict(format=args.format, split=args.split, image_size=args.image_size,
-                   channels=args.channels, on_error=args.on_error, resize=args.resize,
-                   skip_damaged=args.skip_damaged)
+    out = Path(out)
+    outputs = [out] if holdout is None else [out / "train.npy", out / "test.npy"]
     try:
-        if args.holdout is None:
-            outputs = [Path(args.out)]
-            counts = [prepare(args.source, args.out, **options)]
-        else:
-            outputs = [Path(args.out) / "train.npy", Path(args.out) / "test.npy"]
-            counts = prepare_holdout(args.source, args.out, args.holdout, **options)
+        counts = ([prepare(source, out, **options)] if holdout is None
+                  else prepare_holdout(source, out, holdout, **options))
     except (ValueError, OSError) as e:  # FileNotFoundError is an OSError
         parser.exit(2, f"error: {e}\n")
     for out, count in zip(outputs, counts, strict=True):
-        shape = list(load_array(out).shape[1:])
         names = load_class_names(out)
         labels = (f", with their labels ({len(names)} classes) in {labels_path(out).name}"
                   if names is not None else "")
-        print(f"wrote {count:,} images of [H, W, C] = {shape} to {out}{labels}")
+        print(f"wrote {count:,} images of [H, W, C] = {list(load_array(out).shape[1:])} to "
+              f"{out}{labels}")
 
 
 if __name__ == "__main__":

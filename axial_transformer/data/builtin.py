@@ -1,12 +1,7 @@
-"""A small real-image dataset that needs no download.
-
-Crops of the colour photographs that scikit-image and scikit-learn ship inside their installed
-packages, taken at a few scales and downsampled with a Lanczos filter, so each crop looks like a
-downsampled-ImageNet image (an object or a scene filling a tiny frame). Whole photographs are held
-out for the test split, so no test pixel was ever seen in training. It is deterministic (a fixed
-grid of crops, horizontal flips of the training crops, a fixed-seed shuffle) and takes about a
-second to build.
-"""
+"""A small real-image dataset that needs no download: crops, at a few scales, of the photographs
+that scikit-image and scikit-learn ship, downsampled with a Lanczos filter so that each looks like
+a downsampled-ImageNet image. Whole photographs are held out for the test split, so no test pixel
+was seen in training. Deterministic, and built in about a second."""
 
 from __future__ import annotations
 
@@ -16,27 +11,21 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-# (package, path inside the package) of every photograph used. These are the files that
-# skimage.data.<name>() and sklearn.datasets.load_sample_image() read; reading them directly keeps
-# skimage's pooch fetcher (which downloads the images it does not ship) out of the picture.
-PHOTOGRAPHS: dict[str, tuple[str, str]] = {
-    "astronaut": ("skimage", "data/astronaut.png"),
-    "coffee": ("skimage", "data/coffee.png"),
-    "rocket": ("skimage", "data/rocket.jpg"),
+# (package, file in it): what skimage.data.<name>() and sklearn.datasets.load_sample_image() read;
+# read directly, so that skimage's pooch fetcher (which downloads what it lacks) stays out.
+PHOTOGRAPHS = {
+    "astronaut": ("skimage", "data/astronaut.png"), "coffee": ("skimage", "data/coffee.png"),
+    "rocket": ("skimage", "data/rocket.jpg"), "chelsea": ("skimage", "data/chelsea.png"),
     "hubble_deep_field": ("skimage", "data/hubble_deep_field.jpg"),
     "motorcycle_left": ("skimage", "data/motorcycle_left.png"),
     "motorcycle_right": ("skimage", "data/motorcycle_right.png"),
     "china": ("sklearn", "datasets/images/china.jpg"),
-    "chelsea": ("skimage", "data/chelsea.png"),
     "flower": ("sklearn", "datasets/images/flower.jpg"),
 }
-
 # Whole photographs per split. motorcycle_left/right are a stereo pair of one scene: both train.
-SPLITS: dict[str, tuple[str, ...]] = {
-    "train": (
-        "astronaut", "coffee", "rocket", "hubble_deep_field",
-        "motorcycle_left", "motorcycle_right", "china",
-    ),
+SPLITS = {
+    "train": ("astronaut", "coffee", "rocket", "hubble_deep_field", "motorcycle_left",
+              "motorcycle_right", "china"),
     "test": ("chelsea", "flower"),
 }
 
@@ -51,27 +40,14 @@ def photograph_path(name: str) -> Path:
     spec = importlib.util.find_spec(package)  # finds the package without importing it (fast)
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
-            f"the built-in dataset reads photographs shipped with {package}; "
-            f"install it (pip install {'scikit-learn' if package == 'sklearn' else 'scikit-image'})"
-        )
-    path = Path(spec.submodule_search_locations[0]) / relative
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"photograph {name!r} is missing from the installed {package}: {path}"
-        )
-    return path
-
-
-def load_photograph(name: str, channels: int) -> Image.Image:
-    with Image.open(photograph_path(name)) as im:
-        return im.convert("RGB" if channels == 3 else "L")
+            f"the built-in dataset reads photographs shipped with {package}; install it (pip "
+            f"install {'scikit-learn' if package == 'sklearn' else 'scikit-image'})")
+    return Path(spec.submodule_search_locations[0]) / relative
 
 
 def crop_boxes(photo_size: tuple[int, int], image_size: tuple[int, int]) -> list[tuple[float, ...]]:
-    """Boxes (left, top, right, bottom) on a grid with half-crop stride, at each of CROP_SCALES.
-
-    Crops smaller than the target are skipped, so every crop is downsampled, never upsampled.
-    """
+    """Boxes (left, top, right, bottom) on a grid with half-crop stride, at each of CROP_SCALES;
+    crops smaller than the target are skipped, so every crop is downsampled, never upsampled."""
     (pw, ph), (h, w) = photo_size, image_size
     largest = min(ph / h, pw / w)  # the biggest crop of aspect h:w is (largest*h, largest*w)
     boxes = []
@@ -79,17 +55,14 @@ def crop_boxes(photo_size: tuple[int, int], image_size: tuple[int, int]) -> list
         ch, cw = largest * scale * h, largest * scale * w
         if ch < h or cw < w:
             continue
-        rows = int((ph - ch) // (ch / 2)) + 1
-        cols = int((pw - cw) // (cw / 2)) + 1
-        for top in np.linspace(0, ph - ch, rows):
-            for left in np.linspace(0, pw - cw, cols):
-                boxes.append((left, top, left + cw, top + ch))
+        boxes += [(left, top, left + cw, top + ch)
+                  for top in np.linspace(0, ph - ch, int((ph - ch) // (ch / 2)) + 1)
+                  for left in np.linspace(0, pw - cw, int((pw - cw) // (cw / 2)) + 1)]
     return boxes
 
 
-def builtin_crops(
-    split: str, image_size: tuple[int, int] = (32, 32), channels: int = 3
-) -> tuple[np.ndarray, np.ndarray]:
+def builtin_crops(split: str, image_size: tuple[int, int] = (32, 32),
+                  channels: int = 3) -> tuple[np.ndarray, np.ndarray]:
     """The built-in split as uint8 images [N, H, W, C] and the photograph name of each crop [N]."""
     if split not in SPLITS:
         raise ValueError(f"built-in dataset split must be one of {sorted(SPLITS)}, got {split!r}")
@@ -101,7 +74,8 @@ def builtin_crops(
 
     crops, sources = [], []
     for name in SPLITS[split]:
-        photo = load_photograph(name, channels)
+        with Image.open(photograph_path(name)) as im:
+            photo = im.convert("RGB" if channels == 3 else "L")
         # Flipped test crops would add near-copies, not new evidence, to an evaluation.
         for flip in (False, True) if split == "train" else (False,):
             view = photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else photo
@@ -118,8 +92,7 @@ def builtin_crops(
     return np.ascontiguousarray(images[order]), np.asarray(sources)[order]
 
 
-def builtin_dataset(
-    split: str, image_size: tuple[int, int] = (32, 32), channels: int = 3
-) -> np.ndarray:
+def builtin_dataset(split: str, image_size: tuple[int, int] = (32, 32),
+                    channels: int = 3) -> np.ndarray:
     """uint8 [N, H, W, C] crops of photographs shipped with scikit-image and scikit-learn."""
     return builtin_crops(split, image_size, channels)[0]

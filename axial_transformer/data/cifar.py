@@ -1,17 +1,12 @@
 """CIFAR-10's python version (`cifar-10-batches-py`) read without unpickling anything.
 
-Each batch (`data_batch_1` .. `data_batch_5`, `test_batch`) is a Python 2 pickle of one dict:
-
-    {b"batch_label": bytes, b"labels": [int] * N, b"data": uint8 array [N, 3072],
-     b"filenames": [bytes] * N}
-
-Unpickling runs whatever a file says, and even an unpickler that admits only numpy's own globals
-can be made to build an array of forged object pointers that crashes the process. So the file is
-never unpickled: `pickletools.genops` only parses the opcodes, and the small stack machine below
-builds plain values from them (containers, numbers, strings, bytes). A global is never looked up:
-the three globals of a numpy array's pickle are kept as names and the calls to them as `Call`
-records, never run. The only array accepted is the uint8 [N, 3072] one whose pixels are stored as
-raw bytes, and those are read with `np.frombuffer`.
+Each batch (`data_batch_1` .. `data_batch_5`, `test_batch`) is a Python 2 pickle of the dict
+{b"batch_label": bytes, b"labels": [int] * N, b"data": uint8 array [N, 3072], b"filenames":
+[bytes] * N}. Unpickling runs whatever a file says, and even an unpickler that admits only
+numpy's own globals can be made to build an array of forged object pointers that crashes the
+process. So `pickletools.genops` only parses the opcodes, and the small stack machine below builds
+plain values from them. A global is never looked up: numpy's are kept as names, the calls to them
+as `Call` records, never run, and the pixels are read from raw bytes with `np.frombuffer`.
 """
 
 from __future__ import annotations
@@ -25,33 +20,23 @@ from pathlib import Path
 import numpy as np
 
 PIXELS = 3 * 32 * 32  # one image: the red, green and blue 32x32 planes
-NUM_CLASSES = 10
 KEYS = {b"batch_label", b"labels", b"data", b"filenames"}
 # A batch holds 10,000 images (about 31 MB); the file is read into memory whole, so that a length
 # field in a hostile file can never ask for more bytes than the file holds.
 MAX_BATCH_BYTES = 1 << 30
 
 # What numpy's pickles of a uint8 array name, as written by numpy 1.x (Python 2) and 2.x.
-RECONSTRUCT, NDARRAY, DTYPE = "_reconstruct", "ndarray", "dtype"
-NUMPY_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"): RECONSTRUCT,
-    ("numpy._core.multiarray", "_reconstruct"): RECONSTRUCT,
-    ("numpy", "ndarray"): NDARRAY,
-    ("numpy", "dtype"): DTYPE,
-}
+NUMPY_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy", "ndarray"),
+                 ("numpy._core.multiarray", "_reconstruct"), ("numpy", "dtype")}
 
 
 @dataclass(frozen=True)
-class Global:
-    """A global the pickle names (one of NUMPY_GLOBALS), never looked up."""
-
+class Global:  # a global the pickle names (one of NUMPY_GLOBALS), never looked up
     name: str
 
 
 @dataclass
-class Call:
-    """`func(*args)` as the pickle asks for it (REDUCE), with BUILD's `state`; never run."""
-
+class Call:  # `func(*args)` as REDUCE asks for it, with BUILD's `state`; never run
     func: Global
     args: tuple
     state: object = None
@@ -62,16 +47,14 @@ class Call:
 PY2_STRINGS = {"STRING", "BINSTRING", "SHORT_BINSTRING"}
 VALUES = {"INT", "BININT", "BININT1", "BININT2", "LONG1", "SHORT_BINBYTES", "BINBYTES",
           "BINBYTES8", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8"}
-CONSTANTS = {"NONE": None, "NEWTRUE": True, "NEWFALSE": False}
-EMPTY = {"EMPTY_DICT": dict, "EMPTY_LIST": list, "EMPTY_TUPLE": tuple}
+NEW = {"NONE": lambda: None, "NEWTRUE": lambda: True, "NEWFALSE": lambda: False,
+       "EMPTY_DICT": dict, "EMPTY_LIST": list, "EMPTY_TUPLE": tuple}
 TUPLE_SIZES = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}
 
 
 def parse(raw: bytes) -> object:
-    """The value a pickle describes, built from plain values and `Call` records only.
-
-    Raises ValueError for anything outside that: another opcode, another global, a malformed or
-    truncated stream."""
+    """The value a pickle describes, built from plain values and `Call` records only; anything
+    else (another opcode or global, a malformed or truncated stream) is a ValueError."""
     stack: list = []
     marks: list[int] = []  # where each open MARK sits on the stack
     memo: dict = {}
@@ -86,10 +69,7 @@ def parse(raw: bytes) -> object:
     def pop_to_mark() -> list:
         if not marks:
             raise ValueError("malformed pickle (no mark)")
-        start = marks.pop()
-        items = stack[start:]
-        del stack[start:]
-        return items
+        return pop(len(stack) - marks.pop())
 
     def top(kind: type) -> object:
         if len(stack) <= (marks[-1] if marks else 0) or not isinstance(stack[-1], kind):
@@ -99,19 +79,16 @@ def parse(raw: bytes) -> object:
     # genops raises ValueError for a malformed or truncated stream.
     for op, arg, pos in pickletools.genops(io.BytesIO(raw)):
         name = op.name
-        if name == "PROTO":
-            if arg > 4:  # protocol 5 pickles numpy arrays through out-of-band buffers
-                raise ValueError(f"pickle protocol {arg}, expected 2 to 4")
-        elif name == "FRAME":
+        if name == "PROTO" and arg > 4:  # protocol 5 pickles arrays in out-of-band buffers
+            raise ValueError(f"pickle protocol {arg}, expected 2 to 4")
+        elif name in ("PROTO", "FRAME"):
             pass
         elif name in PY2_STRINGS:
             stack.append(arg.encode("latin-1"))
         elif name in VALUES:
             stack.append(arg)
-        elif name in CONSTANTS:
-            stack.append(CONSTANTS[name])
-        elif name in EMPTY:
-            stack.append(EMPTY[name]())
+        elif name in NEW:
+            stack.append(NEW[name]())
         elif name == "MARK":
             marks.append(len(stack))
         elif name == "TUPLE":
@@ -139,7 +116,7 @@ def parse(raw: bytes) -> object:
             ) not in NUMPY_GLOBALS:
                 raise ValueError(f"refused global {reprlib.repr(module)}."
                                  f"{reprlib.repr(attribute)}")
-            stack.append(Global(NUMPY_GLOBALS[module, attribute]))
+            stack.append(Global(attribute))
         elif name == "REDUCE":
             func, args = pop(2)
             if not isinstance(func, Global) or not isinstance(args, tuple):
@@ -161,12 +138,12 @@ def parse(raw: bytes) -> object:
 def uint8_rows(value: object) -> np.ndarray:
     """The uint8 array [N, 3072] that `_reconstruct(ndarray, (0,), b"b")` with the state
     `(1, (N, 3072), dtype("u1"), False, raw bytes)` describes, without building anything else."""
-    if not (isinstance(value, Call) and value.func == Global(RECONSTRUCT)
-            and value.args[:1] == (Global(NDARRAY),)
+    if not (isinstance(value, Call) and value.func == Global("_reconstruct")
+            and value.args[:1] == (Global("ndarray"),)
             and isinstance(value.state, tuple) and len(value.state) == 5):
         raise ValueError("b'data' is not a numpy array")
     _, shape, dtype, fortran_order, raw = value.state
-    if not (isinstance(dtype, Call) and dtype.func == Global(DTYPE)
+    if not (isinstance(dtype, Call) and dtype.func == Global("dtype")
             and dtype.args[:1] in (("u1",), (b"u1",))):
         raise ValueError("b'data' is not a uint8 array")
     if not (isinstance(shape, tuple) and len(shape) == 2 and shape[1] == PIXELS
@@ -178,9 +155,8 @@ def uint8_rows(value: object) -> np.ndarray:
 
 
 def read_python_batch(file: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(pixels uint8 [N, 3072] as R, G, B planes; labels int64 [N]) of one python batch.
-
-    Anything but a batch's own structure is a ValueError naming the file."""
+    """(pixels uint8 [N, 3072] as R, G, B planes, labels int64 [N]) of one python batch;
+    anything but a batch's own structure is a ValueError naming the file."""
     try:
         size = file.stat().st_size
         if size > MAX_BATCH_BYTES:
@@ -191,7 +167,7 @@ def read_python_batch(file: Path) -> tuple[np.ndarray, np.ndarray]:
             raise ValueError(f"expected a dict with keys {sorted(KEYS)}, found {found}")
         pixels, labels = uint8_rows(batch[b"data"]), batch[b"labels"]
         if not (isinstance(labels, list) and len(labels) == len(pixels) and all(
-            type(label) is int and 0 <= label < NUM_CLASSES for label in labels
+            type(label) is int and 0 <= label < 10 for label in labels
         )):
             raise ValueError(f"b'labels' must be a list of {len(pixels)} ints 0..9")
     except ValueError as e:

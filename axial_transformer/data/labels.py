@@ -1,13 +1,6 @@
-"""Class labels kept beside prepared images.
-
-Beside `X.npy` (uint8 images [N, H, W, C]) a labelled split has
-
-    X_labels.npy    int64 [N], the class of image i at position i, each in 0..K-1
-    X_classes.json  a JSON list of K strings, the name of class k at position k
-
-so `data/cifar10/train.npy` comes with `train_labels.npy` and `train_classes.json`. The same
-naming marks a labelled `.npy` source for `prepare`.
-"""
+"""Class labels beside prepared images: `X.npy` (uint8 [N, H, W, C]) of a labelled split has
+`X_labels.npy` (int64 [N], the class of image i, in 0..K-1) and `X_classes.json` (a JSON list of
+the K class names). The same naming marks a labelled `.npy` source for `prepare`."""
 
 from __future__ import annotations
 
@@ -25,34 +18,31 @@ def classes_path(images: Path) -> Path:
     return images.with_name(f"{images.stem}_classes.json")
 
 
-def check_labels(
-    labels: object, name: str, count: int, num_classes: int | None, first: int = 0
-) -> np.ndarray:
-    """Labels as int64 [count] in 0..num_classes-1, from `labels` numbered from `first` (any
-    number of classes when num_classes is None); anything else is a ValueError naming `name`."""
+def check_labels(labels: object, name: str, count: int, num_classes: int | None,
+                 first: int = 0) -> np.ndarray:
+    """Labels numbered from `first` as int64 [count] in 0..num_classes-1 (any number of classes
+    for None); anything else is a ValueError naming `name`."""
     if not isinstance(labels, np.ndarray) or labels.dtype.kind not in "iu" or labels.ndim != 1:
-        found = f"{labels.dtype} {list(labels.shape)}" if isinstance(labels, np.ndarray) else (
-            type(labels).__name__
-        )
+        found = (f"{labels.dtype} {list(labels.shape)}" if isinstance(labels, np.ndarray)
+                 else type(labels).__name__)
         raise ValueError(f"{name}: expected integer class labels [N], got {found}")
     if len(labels) != count:
         raise ValueError(f"{name}: holds {len(labels):,} labels, expected one per image "
                          f"({count:,})")
     labels = labels.astype(np.int64) - first
-    high = num_classes if num_classes is not None else np.iinfo(np.int64).max
+    high = np.iinfo(np.int64).max if num_classes is None else num_classes
     bad = (labels < 0) | (labels >= high)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        expected = (f"{first}..{first + high - 1} (num_classes={high})"
-                    if num_classes is not None else f"{first} or more")
+        expected = (f"{first} or more" if num_classes is None
+                    else f"{first}..{first + high - 1} (num_classes={high})")
         raise ValueError(f"{name}: label {labels[i] + first} of image {i} is outside {expected} "
                          f"({int(bad.sum()):,} labels are)")
     return labels
 
 
 def load_labels(images: Path, count: int, num_classes: int | None) -> np.ndarray:
-    """The labels beside `images` (see `check_labels`); a missing or unreadable file is a
-    ValueError that names it."""
+    """The labels beside `images`, checked as by `check_labels`."""
     path = labels_path(images)
     if not path.is_file():
         raise ValueError(f"{path}: no such labels file beside {images.name} (class labels "

@@ -1,15 +1,6 @@
-"""Image data as uint8 arrays [N, H, W, C] memory-mapped from prepared .npy files.
-
-Training reads one `.npy` per split, written once by `prepare` from any supported source
-(ImageNet-32/64 tars, npz batches, CIFAR-10, MNIST, folders of images, arrays), with the class
-labels beside it where the source has them:
-
-    python -m axial_transformer.data prepare train_32x32.tar data/imagenet32/train.npy
-    python -m axial_transformer.data prepare valid_32x32.tar data/imagenet32/test.npy
-    python -m axial_transformer.data prepare my_photos/ data/mine --holdout 0.1
-
-Pixels stay uint8 0..255 end to end: the model is discrete, so there is no dequantisation.
-"""
+"""Prepared splits (uint8 .npy [N, H, W, C], docs/data.md) as datasets for training and
+evaluation. Pixels stay uint8 0..255 end to end: the model is discrete, so there is no
+dequantisation."""
 
 from __future__ import annotations
 
@@ -22,38 +13,19 @@ import torch
 from torch.utils.data import Dataset
 
 from .builtin import builtin_dataset
-from .sources import FORMATS, PREPARE_HINT, SPLITS, check_image_array, load_array
-from .image_files import CorruptImageError, check_image_bytes, decode_image
-from .labels import check_labels, labels_path, load_class_names, load_labels
-from .prepare import prepare, prepare_holdout, resize_box
-
-__all__ = [
-    "CorruptImageError",
-    "ImageArrayDataset",
-    "builtin_dataset",
-    "class_names",
-    "load_array",
-    "open_split",
-    "prepare",
-    "prepare_holdout",
-]
+from .labels import load_class_names, load_labels
+from .sources import PREPARE_HINT, check_image_array, load_array
 
 
 class ImageArrayDataset(Dataset):
-    """Images of a uint8 array [N, H, W, C] as uint8 tensors [C, H, W]; with `labels` (int [N])
-    each item is (image, label as an int64 0-d tensor).
-
-    With `file` (the .npy that `array` memory-maps) the images are read from the file with
-    pread instead of through the map: a read past the end of a file cut short after it was
-    opened would kill the process with SIGBUS, and is a ValueError naming the file here."""
+    """Images of a uint8 array [N, H, W, C] as uint8 tensors [C, H, W]; with `labels` (checked
+    int64 [N]) each item is (image, label as an int64 0-d tensor). With `file` (the .npy that
+    `array` maps) images are read from the file with pread, not through the map: a read past the
+    end of a file cut short after it was opened would kill the process with SIGBUS."""
 
     def __init__(self, array: np.ndarray, labels: np.ndarray | None = None,
                  file: Path | None = None):
-        self.array = check_image_array(array, "ImageArrayDataset")
-        self.labels = None if labels is None else check_labels(
-            labels, "ImageArrayDataset labels", len(self.array), None
-        )
-        self.file = file
+        self.array, self.labels, self.file = check_image_array(array, "array"), labels, file
         if file is not None:
             self.offset = int(array.offset)  # where np.load's memmap starts: after the header
             self.image_bytes = math.prod(self.array.shape[1:])
@@ -66,9 +38,7 @@ class ImageArrayDataset(Dataset):
         image = self.array[index] if self.file is None else self.read(index)
         # Copied into CHW order, so the tensor owns its memory (never the read-only memmap's).
         image = torch.from_numpy(np.array(image.transpose(2, 0, 1), order="C"))
-        if self.labels is None:
-            return image
-        return image, torch.tensor(self.labels[index], dtype=torch.int64)
+        return image if self.labels is None else (image, torch.tensor(self.labels[index]))
 
     def read(self, index: int) -> np.ndarray:
         start = self.offset + index * self.image_bytes
@@ -90,31 +60,19 @@ def split_path(spec: str | Path, split: str) -> Path:
     file = path / f"{split}.npy"
     if not file.is_file():
         found = sorted(p.name for p in path.glob("*.npy")) or "no .npy files"
-        raise FileNotFoundError(
-            f"{file}: no {split!r} split in {path} (found {found}); {PREPARE_HINT}"
-        )
+        raise FileNotFoundError(f"{file}: no {split!r} split in {path} (found {found}); "
+                                f"{PREPARE_HINT}")
     return file
 
 
-def open_split(
-    spec: str | Path,
-    split: str,
-    image_size: tuple[int, int],
-    channels: int,
-    num_classes: int = 0,
-    trained: bool = False,
-) -> ImageArrayDataset:
-    """Open one split: "builtin", a prepared .npy file, or a directory holding `{split}.npy`.
-
-    The images must be exactly `image_size` (H, W) with `channels` channels: resizing is a
-    decision for `prepare`, not something to do silently at training time. With `num_classes`
-    > 0 the split's labels (`{split}_labels.npy` beside it) are read too, each checked to lie in
-    0..num_classes-1, and items are (image, label). A split that does not fit is refused with
-    what to change: the model's config, or for a `trained` model the images.
-    """
+def open_split(spec: str | Path, split: str, image_size: tuple[int, int], channels: int,
+               num_classes: int = 0, trained: bool = False) -> ImageArrayDataset:
+    """One split: "builtin", a prepared .npy file, or a directory holding `{split}.npy`. The
+    images must be exactly `image_size` (H, W) with `channels` channels: resizing is for
+    `prepare` to do, not training. With `num_classes` > 0 items are (image, label), the labels
+    read from beside it. A misfit is refused with what to change: the model's config, or for a
+    `trained` model the images."""
     h, w = image_size
-    if num_classes < 0:
-        raise ValueError(f"num_classes must be 0 (no labels) or more, got {num_classes}")
     if str(spec) == "builtin":
         if num_classes:
             raise ValueError("the built-in dataset has no class labels; it needs num_classes=0")
@@ -132,55 +90,24 @@ def open_split(
 
 def size_mismatch(path: Path, found: tuple[int, ...], expected: tuple[int, int, int],
                   trained: bool = False) -> str:
-    """The refusal of a split whose images do not fit the model, with what fixes it: the
-    overrides of a model to train, or for a `trained` model, the images prepared again."""
     (fh, fw, fc), (h, w, c) = found, expected
-    resized = (fh, fw) != (h, w)
-    again = f"--image-size {h} {w} --resize" if resized else ""
-    again += f" --channels {c}" if fc != c else ""
-    if trained:
+    resize = f"--image-size {h} {w} --resize" if (fh, fw) != (h, w) else ""
+    if trained:  # the images must change
+        again = " ".join(filter(None, [resize, f"--channels {c}" * (fc != c)]))
         return (f"{path}: this model takes images of H x W x C = {h} x {w} x {c}, found "
-                f"{fh} x {fw} x {fc}; prepare them again with {again.strip()}")
-    fixes = [f"model.image_size=[{fh},{fw}]"] * resized + [f"model.channels={fc}"] * (fc != c)
-    again = f"; or prepare them again with --image-size {h} {w} --resize" if resized else ""
+                f"{fh} x {fw} x {fc}; prepare them again with {again}")
+    fixes = [f"model.image_size=[{fh},{fw}]"] * bool(resize) + [f"model.channels={fc}"] * (fc != c)
     return (f"{path}: expected images of H x W x C = {h} x {w} x {c} (image_size={[h, w]}, "
             f"channels={c}), found {fh} x {fw} x {fc}; a model of these images needs "
-            f"{' '.join(fixes)}{again}")
+            f"{' '.join(fixes)}" + f"; or prepare them again with {resize}" * bool(resize))
 
 
 def class_names(spec: str | Path, split: str) -> list[str] | None:
-    """The class names saved beside a prepared split (`{split}_classes.json`; name k is label
-    k), or None when it has none (an unlabelled source, or "builtin")."""
-    if str(spec) == "builtin":
-        return None
-    return load_class_names(split_path(spec, split))
+    """The class names beside a prepared split (name k for label k), or None (none saved, or
+    "builtin")."""
+    return None if str(spec) == "builtin" else load_class_names(split_path(spec, split))
 
 
 def split_batch(batch: torch.Tensor | list) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(images, labels) of a batch of a labelled split; (images, None) of an unlabelled one."""
-    if isinstance(batch, (list, tuple)):
-        return batch[0], batch[1]
-    return batch, None
-
-
-def read_image_file(path: str | Path, channels: int, size: tuple[int, int],
-                    resize: bool = False) -> np.ndarray:
-    """One PNG or JPEG file as a model of `size` (H, W) and `channels` takes it -> uint8
-    [H, W, C], box-resized to `size` with `resize`; a ValueError naming the file when it cannot
-    be read or does not fit. A file too large, or declaring too many pixels (a decompression
-    bomb), is refused before it is decoded (image_files.py)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path} not found")
-    check_image_bytes(path.stat().st_size, str(path))
-    image = decode_image(path, str(path), None)
-    if image.dtype != np.uint8:
-        raise ValueError(f"{path}: expected 8-bit pixels, got {image.dtype}")
-    image = image[:, :, None] if image.ndim == 2 else image
-    if resize and image.shape[2] == channels and image.shape[:2] != size:
-        image = resize_box(image, size)
-    if image.shape != (*size, channels):
-        raise ValueError(f"{path}: the model takes {size[0]}x{size[1]} images with {channels} "
-                         f"channel(s), got {image.shape[0]}x{image.shape[1]} with "
-                         f"{image.shape[2]}")
-    return image.copy()  # writable (Pillow's array is not), and only the size the model takes
+    return (batch[0], batch[1]) if isinstance(batch, (list, tuple)) else (batch, None)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import AttentionPath, AxialSelfAttention, Axis, Position
+from .attention import AxialSelfAttention, Axis, Position
 
 GELU_SCALE = 1.702
 
@@ -91,16 +91,13 @@ class AxialStack(nn.Module):
         axes: list[tuple[Axis, bool]],
         mlp_ratio: float,
         dropout: float,
-        gradient_checkpointing: bool = False,
-        attention: AttentionPath = "auto",
     ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
-            AxialBlock(dim, AxialSelfAttention(dim, heads, axis, causal, attention), mlp_ratio,
-                       dropout)
+            AxialBlock(dim, AxialSelfAttention(dim, heads, axis, causal), mlp_ratio, dropout)
             for axis, causal in axes
         )
-        self.gradient_checkpointing = gradient_checkpointing
+        self.gradient_checkpointing = False  # AxialTransformer.set_gradient_checkpointing
 
     def forward(self, x: Tensor) -> Tensor:
         for block in self.blocks:

@@ -56,9 +56,6 @@ class AxialTransformerConfig:
     mlp_ratio: float = 1.0
     # Dropout on each residual branch (0.04 on ImageNet-32 in the paper, 0 on ImageNet-64).
     dropout: float = 0.0
-    # Recompute each block's activations in the backward pass: needed to fit the paper's
-    # ImageNet-64 model on one GPU, costs about a third more compute.
-    gradient_checkpointing: bool = False
     # Values a subpixel takes: 256 for 8-bit images.
     levels: int = field(default=256)
     # Classes of a class-conditional model (0: unconditional). Labels 0..num_classes-1 enter
@@ -66,9 +63,6 @@ class AxialTransformerConfig:
     num_classes: int = 0
     # Their names, in label order (empty: numbers only); training takes them from the data.
     class_names: tuple[str, ...] = ()
-    # How attention is computed: "sdpa" (torch's fused kernels), "matmul" (plain matmuls) or
-    # "auto" (SDPA but in a compiled CPU decoding step). The same model and weights whichever.
-    attention: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.image_size, int) and not isinstance(self.image_size, bool):
@@ -98,9 +92,6 @@ class AxialTransformerConfig:
         if not (is_real(self.mlp_ratio) and 0 < self.mlp_ratio <= MAX_MLP_RATIO):
             raise ValueError(f"mlp_ratio must be a number in (0, {MAX_MLP_RATIO}], got "
                              f"{shown(self.mlp_ratio)}")
-        if not isinstance(self.gradient_checkpointing, bool):
-            raise ValueError(f"gradient_checkpointing must be true or false, got "
-                             f"{shown(self.gradient_checkpointing)}")
         if not (isinstance(self.class_names, (list, tuple))
                 and all(isinstance(name, str) for name in self.class_names)):
             raise ValueError(f"class_names must be a list of strings, got "
@@ -110,9 +101,6 @@ class AxialTransformerConfig:
             if len(self.class_names) != self.num_classes:
                 raise ValueError(f"class_names has {len(self.class_names)} names for "
                                  f"num_classes={self.num_classes}")
-        if not isinstance(self.attention, str) or self.attention not in ATTENTION_PATHS:
-            raise ValueError(f"attention must be one of {', '.join(ATTENTION_PATHS)}, "
-                             f"got {shown(self.attention)}")
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> AxialTransformerConfig:
@@ -121,6 +109,7 @@ class AxialTransformerConfig:
     @classmethod
     def from_dict(cls, values: dict, source: str = "config") -> AxialTransformerConfig:
         """The config of a saved dict (config.json); an unknown key is a ValueError naming it."""
+        values = without_run_time_keys(values, source)
         known = [f.name for f in dataclasses.fields(cls)]
         for key in values:
             if key not in known:
@@ -152,6 +141,21 @@ def with_preset(values: dict) -> dict:
     return {**PRESETS[name], **values}
 
 
+# Run-time choices that older versions saved with the model (model.set_gradient_checkpointing,
+# model.set_attention now): a saved config holding one still loads, once it is of its old form.
+RUN_TIME_KEYS = {"gradient_checkpointing": ("true or false", lambda v: isinstance(v, bool)),
+                 "attention": (f"one of {', '.join(ATTENTION_PATHS)}",
+                               lambda v: isinstance(v, str) and v in ATTENTION_PATHS)}
+
+
+def without_run_time_keys(values: dict, source: str) -> dict:
+    """`values` less the keys of RUN_TIME_KEYS; a ValueError if one of them is malformed."""
+    for key, (expected, valid) in RUN_TIME_KEYS.items():
+        if key in values and not valid(values[key]):
+            raise ValueError(f"{source}: {key} must be {expected}, got {shown(values[key])}")
+    return {k: v for k, v in values.items() if k not in RUN_TIME_KEYS}
+
+
 # The paper's models (Ho et al. 2019 and the official config_imagenet{32,64}.py) and
 # CPU-sized ones. The paper models have about 341M and 606M parameters.
 PRESETS: dict[str, dict] = {
@@ -162,7 +166,6 @@ PRESETS: dict[str, dict] = {
     "imagenet64": dict(
         image_size=(64, 64), channels=3, dim=2048, heads=16,
         encoder_layers=8, outer_layers=8, inner_layers=8, dropout=0.0,
-        gradient_checkpointing=True,
     ),
     # The benchmark size: width 256, 4/4/4 layers, 4.9M parameters at 32x32.
     "small": dict(dim=256, heads=8, encoder_layers=4, outer_layers=4, inner_layers=4),

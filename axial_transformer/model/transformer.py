@@ -23,7 +23,7 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from ..hub import HubMixin
-from .attention import Position
+from .attention import ATTENTION_PATHS, AttentionPath, AxialSelfAttention, Position
 from .blocks import AxialBlock, AxialStack, layer_norm
 from .config import AxialTransformerConfig
 
@@ -58,8 +58,7 @@ class AxialTransformer(nn.Module, HubMixin):
         self.config = config
         c = config
         (height, width), dim = c.image_size, c.dim
-        stack = dict(dim=dim, heads=c.heads, mlp_ratio=c.mlp_ratio, dropout=c.dropout,
-                     gradient_checkpointing=c.gradient_checkpointing, attention=c.attention)
+        stack = dict(dim=dim, heads=c.heads, mlp_ratio=c.mlp_ratio, dropout=c.dropout)
 
         # One embedding table shared by every channel (official models.py).
         self.pixel_embedding = nn.Embedding(c.levels, dim)
@@ -121,6 +120,26 @@ class AxialTransformer(nn.Module, HubMixin):
             embeddings.append(self.class_embedding.weight)
         for p in embeddings:
             nn.init.normal_(p, std=std)
+
+    # ----------------------------------------------------------------------------------------
+    # Run-time choices: how the same function is computed, never saved with the model.
+
+    def set_gradient_checkpointing(self, enable: bool = True) -> AxialTransformer:
+        """Recompute each block's activations in the backward pass: needed to fit the paper's
+        ImageNet-64 model on one GPU, costs about a third more compute."""
+        for stack in (self.channel_encoder, self.outer_decoder, self.inner_decoder):
+            stack.gradient_checkpointing = enable
+        return self
+
+    def set_attention(self, path: AttentionPath) -> AxialTransformer:
+        """How attention is computed: "sdpa", "matmul" or "auto" (attention.py)."""
+        if path not in ATTENTION_PATHS:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_PATHS)}, got "
+                             f"{path!r}")
+        for module in self.modules():
+            if isinstance(module, AxialSelfAttention):
+                module.path = path
+        return self
 
     # ----------------------------------------------------------------------------------------
     # The three parts, usable one at a time by the sampler.

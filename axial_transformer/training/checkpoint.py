@@ -10,14 +10,14 @@ RUN/checkpoints/step_NNNNNNN/ holds only safetensors and JSON (never a pickle):
 
 It is written under a temporary name, every file fsynced, then sealed: complete.json lists every
 file with its size and SHA-256, and only then is the directory renamed. A checkpoint is resumed
-only when its seal lists every file it needs and each file still has its size and hash, so a
-torn write, a truncated file or bytes rotted in place are all caught, named, and the previous
-checkpoint used instead (resume.py). A file in the directory that the seal does not list is
-never opened.
+only when its seal lists every file it needs and each still has its size and hash, so a torn
+write, a truncated file or bytes rotted in place are caught, named, and the previous checkpoint
+used instead (resume.py). A file the seal does not list is never opened.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import re
@@ -28,11 +28,12 @@ import torch
 import yaml
 from torch import nn
 
+from ..files import atomic_write_text, check_shapes, read_tensors
 from ..hub import is_hub_id
 from ..model.transformer import AxialTransformer
-from ..tensor_files import check_shapes, read_tensors
 from .config import RunConfig, config_from_dict
 from .ema import EMA
+from .errors import CheckpointError
 
 CHECKPOINT_PREFIX = "step_"
 MARKER = "complete.json"
@@ -43,16 +44,17 @@ _RNG_FILE = re.compile(r"rng_\d+\.(safetensors|json)")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint cannot be resumed from; the message names the file and what is wrong."""
-
-
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
     """Every RUN/checkpoints/step_NNNNNNN directory, complete or not, oldest first."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and is_checkpoint_name(p.name))
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The checkpoints whose seal and sizes are intact, oldest first (no hashes: a quick look)."""
+    return [d for d in checkpoint_dirs(run_dir) if checkpoint_problem(d, hashes=False) is None]
 
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
@@ -77,25 +79,30 @@ def sha256(file: Path) -> str:
 
 def seal(directory: Path) -> None:
     """Write the marker of a checkpoint whose files are all written and fsynced."""
-    from ..files import atomic_write_text
-
     files = {f.name: {"bytes": f.stat().st_size, "sha256": sha256(f)}
              for f in sorted(directory.iterdir()) if f.is_file() and f.name != MARKER}
     atomic_write_text(directory / MARKER, json.dumps({"files": files}, indent=1))
 
 
+def read_json(file: Path) -> dict:
+    """A checkpoint's JSON object; anything else is a CheckpointError naming the file."""
+    try:
+        value = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file.name} is not JSON ({e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{file.name} is nested too deeply (expected a flat JSON object)"
+                              ) from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{file.name} does not hold a JSON object")
+    return value
+
+
 def sealed_files(directory: Path) -> dict[str, dict]:
     """The marker's {name: {"bytes", "sha256"}}, checked for form; raises CheckpointError."""
-    try:
-        marker = json.loads((directory / MARKER).read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"no {MARKER} marker (the write did not finish)") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{MARKER} is not JSON ({e})") from None
-    except RecursionError:
-        raise CheckpointError(f"{MARKER} is nested too deeply (expected {{\"files\": ...}})"
-                              ) from None
-    files = marker.get("files") if isinstance(marker, dict) else None
+    if not (directory / MARKER).is_file():
+        raise CheckpointError(f"no {MARKER} marker (the write did not finish)")
+    files = read_json(directory / MARKER).get("files")
     if not isinstance(files, dict) or not files:
         raise CheckpointError(f"{MARKER} lists no files")
     for name, entry in files.items():
@@ -146,35 +153,37 @@ def unsealed_files(directory: Path) -> list[str]:
 
 def prune_checkpoints(run_dir: str | Path, keep: int) -> list[Path]:
     """Delete all but the newest `keep` complete checkpoints, and broken ones older than the
-    newest complete one. Nothing is deleted while no checkpoint is complete. Returns what went.
-    Completeness here is the marker and the sizes: hashing every kept checkpoint at every save
-    would read them all again."""
-    directories = checkpoint_dirs(run_dir)
-    complete = [d for d in directories if checkpoint_problem(d, hashes=False) is None]
+    newest complete one (none while no checkpoint is complete). Returns what went."""
+    complete = complete_checkpoints(run_dir)
     if not complete:
         return []
-    kept = set(complete[-keep:])
-    newest = complete[-1]
-    doomed = [d for d in directories if d not in kept and d.name < newest.name]
+    doomed = [d for d in checkpoint_dirs(run_dir)
+              if d not in complete[-keep:] and d.name < complete[-1].name]
     for directory in doomed:
         shutil.rmtree(directory)
     return doomed
 
 
-# ---------------------------------------------------------------------------------------------
-# Tensors: shapes named parameter by parameter, and nothing non-finite loaded.
-
-
 def nonfinite_parameter(model: nn.Module) -> str | None:
     """The name of the first parameter holding a NaN or inf, or None."""
-    for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
-            return name
-    return None
+    return next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()),
+                None)
 
 
 # ---------------------------------------------------------------------------------------------
 # The trained model, for sampling and evaluation.
+
+
+def run_config(run_dir: Path) -> RunConfig | None:
+    """The config.yaml of a run, or None if it has none."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return None
+    try:  # safe_load: a YAML tag never constructs a Python object
+        return config_from_dict(yaml.safe_load(saved.read_text()))
+    except (yaml.YAMLError, ValueError, UnicodeDecodeError) as e:
+        problem = " ".join(str(e).split())
+        raise ValueError(f"{saved}: not a run config this version can read ({problem})") from None
 
 
 def load_trained_model(path: str | Path) -> tuple[AxialTransformer, RunConfig | None]:
@@ -184,19 +193,10 @@ def load_trained_model(path: str | Path) -> tuple[AxialTransformer, RunConfig | 
         return AxialTransformer.from_pretrained(str(path)), None
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist{_close_names(path)}")
-
-    def run_config(run_dir: Path) -> RunConfig | None:
-        saved = run_dir / "config.yaml"
-        if not saved.is_file():
-            return None
-        try:  # safe_load: a YAML tag never constructs a Python object
-            return config_from_dict(yaml.safe_load(saved.read_text()))
-        except (yaml.YAMLError, ValueError, UnicodeDecodeError) as e:
-            problem = " ".join(str(e).split())
-            raise ValueError(f"{saved}: not a run config this version can read ({problem})"
-                             ) from None
-
+        names = [p.name for p in path.parent.iterdir()] if path.parent.is_dir() else []
+        close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.6)
+        hint = f" (did you mean {path.parent / close[0]}?)" if close else ""
+        raise FileNotFoundError(f"{path} does not exist{hint}")
     if (path / "config.json").is_file():  # an export: RUN/export or a copy of one
         return AxialTransformer.from_pretrained(path), run_config(path.parent)
     if (path / "trainer_state.json").is_file():  # RUN/checkpoints/step_NNNNNNN
@@ -205,15 +205,15 @@ def load_trained_model(path: str | Path) -> tuple[AxialTransformer, RunConfig | 
             raise FileNotFoundError(f"{path.parent.parent / 'config.yaml'} not found: a "
                                     "checkpoint is read with its run's config")
         file = path / "ema.safetensors"
-        try:
+        try:  # unsealed, or sealed by an older version: no hash to check
             entry = sealed_files(path)[file.name]
-        except CheckpointError:  # unsealed, or sealed by an older version: sizes only
+        except CheckpointError:
             entry = None
-        if entry is not None:  # what was sealed must still be there
-            try:
+        try:  # what was sealed must still be there
+            if entry is not None:
                 check_file(path, file.name, entry)
-            except CheckpointError as e:
-                raise ValueError(f"{path}: {e}") from None
+        except CheckpointError as e:
+            raise ValueError(f"{path}: {e}") from None
         # Checked before the model is built: the file bounds what its config may allocate.
         check_shapes(file, AxialTransformer.parameter_shapes(cfg.model))
         ema = EMA(AxialTransformer(cfg.model), cfg.train.ema_decay)
@@ -231,14 +231,3 @@ def load_trained_model(path: str | Path) -> tuple[AxialTransformer, RunConfig | 
     raise FileNotFoundError(f"{path}: expected a run directory, one of its checkpoints "
                             "(checkpoints/step_NNNNNNN), an export (config.json + "
                             "model.safetensors) or a Hub repository id (owner/name)")
-
-
-def _close_names(path: Path) -> str:
-    """" (did you mean X?)" when a sibling of `path` has a close name, else ""."""
-    import difflib
-
-    if not path.parent.is_dir():
-        return ""
-    names = [p.name for p in path.parent.iterdir()]
-    close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.6)
-    return f" (did you mean {path.parent / close[0]}?)" if close else ""

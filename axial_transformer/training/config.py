@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import typing
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from ..model.config import AxialTransformerConfig, with_preset
+from ..model.config import AxialTransformerConfig, is_int, with_preset, without_run_time_keys
 
 
 @dataclass
@@ -28,110 +30,74 @@ class DataConfig:
     # uint8 .npy [N, H, W, C], or a directory holding train.npy and test.npy. The image size and
     # channels are the model's (model.image_size, model.channels).
     spec: str = "builtin"
-    # DataLoader worker processes; the prepared arrays are memory-mapped, so 0-4 is plenty.
-    workers: int = 0
+    workers: int = 0  # DataLoader workers; the arrays are memory-mapped, so 0-4 is plenty
 
 
 @dataclass
 class OptimConfig:
-    # Optimizer steps to train for.
-    steps: int = 2000
+    steps: int = 2000  # optimizer steps to train for
     # Images per optimizer step across all processes and accumulation steps (the paper: 64), so
     # a config means the same run on any number of GPUs.
     batch_size: int = 16
-    # Adam learning rate after warm-up (the paper: 1e-4 on ImageNet-32, 2e-4 on ImageNet-64).
-    lr: float = 1e-4
-    # Steps of linear warm-up from 0 (the paper: 5000).
-    warmup_steps: int = 100
+    lr: float = 1e-4  # after warm-up (the paper: 1e-4 on ImageNet-32, 2e-4 on ImageNet-64)
+    warmup_steps: int = 100  # linear from 0 (the paper: 5000)
     # "constant" after warm-up as in the paper, or "cosine" decay to min_lr at the last step.
     schedule: Literal["constant", "cosine"] = "constant"
     min_lr: float = 0.0
-    # Adam betas (the paper: 0.9, 0.999) and weight decay (none in the paper).
-    beta1: float = 0.9
+    beta1: float = 0.9  # Adam's betas as in the paper, and no weight decay
     beta2: float = 0.999
     weight_decay: float = 0.0
-    # Clip the global gradient norm to this (the paper: 1.0); 0 turns clipping off.
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # of the global gradient norm (the paper: 1.0); 0: no clipping
     # EMA of the weights, used for evaluation and samples (the paper: 0.99995). It warms up as
     # min(ema_decay, (1 + t) / (10 + t)) so that short runs average recent weights, not the init.
     ema_decay: float = 0.99995
     # "random": the official objective, one random channel per image (unbiased, 1/C the compute);
     # "all": every channel of every image.
     objective: Literal["random", "all"] = "random"
-    # Micro-batches whose gradients are summed per optimizer step.
-    grad_accumulation: int = 1
-    # A step whose loss or gradient is not finite (NaN, inf) is skipped on every process; this
-    # many skipped in a row stop the run (the model has diverged; a lower lr is needed).
+    grad_accumulation: int = 1  # micro-batches whose gradients are summed per optimizer step
+    # A step whose loss or gradient is not finite is skipped on every process; this many in a
+    # row stop the run (it has diverged; a lower lr is needed).
     max_skipped_steps: int = 10
-    # "auto": bf16 autocast where the device multiplies bf16 fast (a CUDA GPU that supports it,
-    # a CPU with AVX512-BF16 or AMX or whose bf16 matmuls measure faster), else fp32; the run's
-    # first line says which and why. "bf16" or "no" (fp32) force one (precision.py).
+    # "auto": bf16 autocast where the device multiplies bf16 fast, else fp32 (precision.py; the
+    # run's first line says which and why). "bf16" or "no" (fp32) force one.
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
-    # CPU threads of torch's ops (torch.set_num_threads; 0: torch's own default, one per core or
-    # OMP_NUM_THREADS). One, as torchrun also sets: the demo's small ops gain little from a
-    # second thread on an idle 2-core CPU, and threads waiting on each other lose most of their
-    # speed when other processes share the cores (docs/training.md).
+    # CPU threads of torch's ops (0: torch's default). One, as torchrun also sets: the demo's
+    # small ops gain little from a second, which stalls when other processes share the cores.
     threads: int = 1
-    # torch.compile the training forward pass (pays off on GPU for long runs).
-    compile: bool = False
+    compile: bool = False  # torch.compile the training forward (pays off on GPU for long runs)
+    # Recompute each block's activations in the backward pass: needed to fit the paper's
+    # ImageNet-64 model on one GPU, costs about a third more compute. A resume may toggle it.
+    gradient_checkpointing: bool = False
     seed: int = 0
-    # Class-conditional models (model.num_classes > 0): the share of training images shown with
-    # "no class" instead of their label, so that one model is conditional and unconditional and
-    # can sample with classifier-free guidance (0: conditional only; Ho and Salimans use 0.1-0.2).
+    # Class-conditional models: the share of training images shown with "no class" instead of
+    # their label, so that one model also samples with classifier-free guidance (0: conditional
+    # only; Ho and Salimans use 0.1-0.2).
     label_dropout: float = 0.0
 
 
 @dataclass
 class EvalConfig:
-    # Evaluate the EMA model on the whole test split every this many steps (0: only at the end).
-    every: int = 1000
-    # Images per forward pass on each process.
-    batch_size: int = 32
-    # Score only the first this many test images (0: all). For quick checks, never for results.
-    max_images: int = 0
-    # Evaluate under bf16 autocast instead of fp32 (the default, for exact numbers).
-    bf16: bool = False
-    # At the end, write RUN/heatmap.png: bits per pixel averaged over the test split.
-    heatmap: bool = False
-    # At the end, print the bits/dim that PNG and WebP lossless spend on the same test images.
-    baselines: bool = False
+    every: int = 1000  # steps between evaluations of the EMA model on the test split (0: end)
+    batch_size: int = 32  # images per forward pass on each process
+    max_images: int = 0  # score only the first this many test images (0: all; quick checks)
+    bf16: bool = False  # under bf16 autocast instead of fp32 (exact numbers)
+    heatmap: bool = False  # at the end, RUN/heatmap.png: bits per pixel over the test split
+    baselines: bool = False  # at the end, the bits/dim of PNG, WebP and JPEG XL lossless
 
 
 @dataclass
 class LogConfig:
-    # Print and append training metrics to RUN/metrics.jsonl every this many steps.
-    every: int = 50
-    # Also log to Weights & Biases (respects WANDB_MODE=offline / disabled).
-    wandb: bool = False
+    every: int = 50  # steps between training records (stdout and RUN/metrics.jsonl)
+    wandb: bool = False  # also to Weights & Biases (respects WANDB_MODE=offline / disabled)
     wandb_project: str = "axial-transformer"
-    # Save an EMA sample grid to RUN/samples/ every this many steps (0: never; a grid is also
-    # drawn at the end when nonzero).
-    sample_every: int = 0
+    sample_every: int = 0  # steps between EMA sample grids in RUN/samples/ (0: never)
     num_samples: int = 16
 
 
 @dataclass
 class CheckpointConfig:
-    # Save a resumable checkpoint and the EMA export every this many steps (0: only at the end).
-    every: int = 1000
-    # Checkpoints to keep; older ones are deleted (never the only complete one).
-    keep: int = 2
-
-
-@dataclass
-class DebugConfig:
-    # Fault injection for the tests of preemption, resume and divergence; all off by default.
-    # Steps count from 1 as in metrics.jsonl; the faults hit process `rank` (-1: every process).
-    rank: int = -1
-    # Kill the process with SIGKILL right after this step (0: never), as a preemption without
-    # warning would.
-    kill_at_step: int = 0
-    # Send SIGTERM to the process right after this step (0: never), as a scheduler would.
-    sigterm_at_step: int = 0
-    # Make the loss NaN at these steps.
-    nan_at_steps: tuple[int, ...] = ()
-    # Pretend the disk holding run_dir has this many bytes free (-1: ask the disk).
-    free_bytes: int = -1
+    every: int = 1000  # steps between checkpoints with their EMA export (0: only at the end)
+    keep: int = 2  # checkpoints kept; older ones are deleted (never the only complete one)
 
 
 @dataclass
@@ -142,7 +108,6 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    debug: DebugConfig = field(default_factory=DebugConfig)
     # Everything the run writes goes here (config.yaml, metrics.jsonl, checkpoints/, export/).
     run_dir: str = "runs/default"
     # "" starts a fresh run, "auto" continues from the latest checkpoint in run_dir if there is
@@ -150,57 +115,47 @@ class RunConfig:
     resume: str = ""
 
     def __post_init__(self) -> None:
-        t = self.train
-        if not 0 < t.lr < math.inf:  # also refuses NaN, for which every comparison is False
-            raise ValueError(f"train.lr must be a positive finite number, got {t.lr}")
-        for name in ("min_lr", "weight_decay", "grad_clip"):
-            if not 0 <= getattr(t, name) < math.inf:
-                raise ValueError(f"train.{name} must be a finite number >= 0, got "
-                                 f"{getattr(t, name)}")
-        for name in ("beta1", "beta2"):
-            if not 0 <= getattr(t, name) < 1:
-                raise ValueError(f"train.{name} must be in [0, 1), got {getattr(t, name)}")
-        if not 0 <= t.seed < 2**32:  # numpy's and Accelerate's seeding take no other
-            raise ValueError(f"train.seed must be in [0, 2**32), got {t.seed}")
-        if not 0.0 <= t.ema_decay < 1.0:
-            raise ValueError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
-        if not 0.0 <= t.label_dropout < 1.0:
-            raise ValueError(f"train.label_dropout must be in [0, 1), got {t.label_dropout}")
-        if t.label_dropout and not self.model.num_classes:
-            raise ValueError("train.label_dropout needs a class-conditional model: set "
-                             "model.num_classes to the number of classes in the data")
-        for key, minimum in _MINIMUMS.items():
+        for key, (low, high, what) in RANGES.items():
             section, name = key.split(".")
             value = getattr(getattr(self, section), name)
-            if value < minimum:
-                raise ValueError(f"{key} must be at least {minimum}, got {value}")
+            if not low <= value < high:  # also refuses NaN, for which every comparison is False
+                raise ValueError(f"{key} must be {what}, got {value}")
+        if self.train.label_dropout and not self.model.num_classes:
+            raise ValueError("train.label_dropout needs a class-conditional model: set "
+                             "model.num_classes to the number of classes in the data")
 
     def to_dict(self) -> dict:
-        return _plain(dataclasses.asdict(self))
+        return json.loads(json.dumps(dataclasses.asdict(self)))  # tuples as lists, for YAML
 
 
-# Integer fields with a lower bound (0 means "off" or "all" where allowed).
-_MINIMUMS = {
-    "train.steps": 1, "train.batch_size": 1, "train.grad_accumulation": 1,
-    "train.warmup_steps": 0, "train.threads": 0, "data.workers": 0,
-    "eval.every": 0, "eval.batch_size": 1, "eval.max_images": 0,
-    "log.every": 1, "log.sample_every": 0, "log.num_samples": 1,
-    "checkpoint.every": 0, "checkpoint.keep": 1, "train.max_skipped_steps": 1,
-    "debug.kill_at_step": 0, "debug.sigterm_at_step": 0,
+# The range of each number: low <= value < high.
+RANGES = {
+    "train.lr": (math.ulp(0.0), math.inf, "a positive finite number"),
+    **{key: (0, math.inf, "a finite number >= 0")
+       for key in ("train.min_lr", "train.weight_decay", "train.grad_clip")},
+    **{key: (0, 1, "in [0, 1)")
+       for key in ("train.beta1", "train.beta2", "train.ema_decay", "train.label_dropout")},
+    "train.seed": (0, 2**32, "in [0, 2**32)"),  # numpy's and Accelerate's seeding take no other
+    # Integers with a lower bound (0 means "off" or "all" where allowed).
+    **{key: (low, math.inf, f"at least {low}") for key, low in {
+        "train.steps": 1, "train.batch_size": 1, "train.grad_accumulation": 1,
+        "train.warmup_steps": 0, "train.threads": 0, "train.max_skipped_steps": 1,
+        "data.workers": 0, "eval.every": 0, "eval.batch_size": 1, "eval.max_images": 0,
+        "log.every": 1, "log.sample_every": 0, "log.num_samples": 1,
+        "checkpoint.every": 0, "checkpoint.keep": 1}.items()},
 }
-
-
-def _plain(value: Any) -> Any:
-    """Tuples become lists so that the YAML dump is plain and loads back."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+# Keys of older versions, and where they went.
+MOVED = {"model.gradient_checkpointing": "now train.gradient_checkpointing",
+         "model.attention": "now AxialTransformer.set_attention(), not a config key"}
 
 
 # ---------------------------------------------------------------------------------------------
 # Building a config from YAML and overrides, with type checks.
+
+
+class Override(str):
+    """The text of a `key=value` override: a string field takes it verbatim (a path like
+    "data/123" stays a string), any other field parses it as YAML."""
 
 
 def _type_name(tp: Any) -> str:
@@ -211,107 +166,58 @@ def _type_name(tp: Any) -> str:
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check `value` against the annotation `tp`; return it converted (e.g. int -> float)."""
+    if isinstance(value, Override):
+        value = str(value) if tp is str else yaml.safe_load(value)
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    error = ValueError(f"{key}: expected {_type_name(tp)}, got {value!r} "
-                       f"({type(value).__name__})")
     if origin is Literal:
         # YAML 1.1 reads a bare `no` as False: give it back as the word when that is a choice.
-        if isinstance(value, bool) and {False: "no", True: "yes"}[value] in args:
-            value = {False: "no", True: "yes"}[value]
-        if value not in args:
-            raise error
-        return value
-    if origin is tuple and args[-1:] == (Ellipsis,):  # tuple[int, ...]: any length
-        if not isinstance(value, (list, tuple)):
-            value = [value]
-        return tuple(_coerce(key, v, args[0]) for v in value)
-    if origin is tuple:
-        if isinstance(value, int) and not isinstance(value, bool) and set(args) == {int}:
+        if isinstance(value, bool) and ("yes" if value else "no") in args:
+            value = "yes" if value else "no"
+        if value in args:
+            return value
+    elif origin is tuple:
+        if args[-1:] == (Ellipsis,):  # tuple[str, ...]: any length
+            value = value if isinstance(value, (list, tuple)) else [value]
+            args = args[:1] * len(value)
+        elif is_int(value) and set(args) == {int}:
             value = [value] * len(args)  # image_size=32 means 32 x 32
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise error
-        return tuple(_coerce(key, v, a) for v, a in zip(value, args, strict=True))
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise error
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise error
-        return value
-    if tp is float:
+        if isinstance(value, (list, tuple)) and len(value) == len(args):
+            return tuple(_coerce(key, v, a) for v, a in zip(value, args, strict=True))
+    elif tp is float and isinstance(value, str):
         # YAML 1.1 reads "1e-4" (no dot) as a string; accept any spelling float() accepts.
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise error from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise error
+        with suppress(ValueError):
+            return float(value)
+    elif tp is float and (is_int(value) or isinstance(value, float)):
         return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise error
+    elif isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
         return value
-    raise TypeError(f"{key}: unsupported field type {tp}")
+    raise ValueError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
-def _suggest(name: str, choices: list[str] | set[str], prefix: str = "") -> str:
-    """" (did you mean PREFIX+X?)" when `name` looks like a typo of X in `choices`, else ""."""
-    close = difflib.get_close_matches(name, sorted(choices), n=1, cutoff=0.6)
-    return f" (did you mean {prefix}{close[0]}?)" if close else ""
-
-
-def _build(cls: type, values: dict, prefix: str = "") -> Any:
+def _build(cls: type, values: Any, prefix: str = "") -> Any:
     """Instantiate dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
+    where = prefix.rstrip(".") or "the top level"
     if not isinstance(values, dict):
-        raise ValueError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, "
-                         f"got {values!r}")
+        raise ValueError(f"{where}: expected a mapping of keys, got {values!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in values.items():
-        if key not in names:
-            raise ValueError(f"unknown config key {prefix}{key!s}"
-                             f"{_suggest(str(key), names, prefix)}; "
-                             f"{prefix.rstrip('.') or 'the top level'} has {', '.join(names)}")
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, f"{prefix}{key}.")
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), hints, n=1, cutoff=0.6)
+            hint = MOVED.get(f"{prefix}{key}") or (f"did you mean {prefix}{close[0]}?"
+                                                   if close else "")
+            raise ValueError(f"unknown config key '{prefix}{key}'{f' ({hint})' if hint else ''}"
+                             f"; {where} has {', '.join(hints)}")
+        if dataclasses.is_dataclass(hints[key]):
+            kwargs[key] = _build(hints[key], value, f"{prefix}{key}.")
         else:
-            kwargs[key] = _coerce(f"{prefix}{key}", value, tp)
+            kwargs[key] = _coerce(f"{prefix}{key}", value, hints[key])
     try:
         return cls(**kwargs)
     except ValueError as e:
         if not prefix:
             raise
-        raise ValueError(f"{prefix.rstrip('.')}: {e}") from None
-
-
-def _set_dotted(tree: dict, cls: type, dotted: str, raw: str) -> None:
-    """Apply one `a.b=value` override to the nested dict `tree`, checking the key exists."""
-    parts = dotted.split(".")
-    node, node_cls = tree, cls
-    for i, part in enumerate(parts):
-        names = {f.name for f in dataclasses.fields(node_cls)}
-        where = ".".join(parts[:i]) or "the top level"
-        if part not in names:
-            hint = _suggest(part, names, "".join(f"{p}." for p in parts[:i]))
-            raise ValueError(f"unknown config key {dotted!r}{hint}: {where} has "
-                             f"{', '.join(sorted(names))}")
-        tp = typing.get_type_hints(node_cls)[part]
-        if i == len(parts) - 1:
-            if dataclasses.is_dataclass(tp):
-                raise ValueError(f"{dotted} is a section; set one of its keys, e.g. "
-                                 f"{dotted}.{dataclasses.fields(tp)[0].name}=...")
-            # Strings are taken verbatim so that a path like "data/123" or "1e-4" stays a string.
-            node[part] = raw if tp is str else yaml.safe_load(raw)
-            return
-        if not dataclasses.is_dataclass(tp):
-            raise ValueError(f"unknown config key {dotted!r}: {'.'.join(parts[:i + 1])} is a "
-                             f"{_type_name(tp)}, not a section")
-        node = node.setdefault(part, {})
-        node_cls = tp
+        raise ValueError(f"{where}: {e}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
@@ -328,14 +234,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         key, eq, raw = item.partition("=")
         if not eq or not key:
             raise ValueError(f"override {item!r} is not of the form section.key=value")
-        _set_dotted(tree, RunConfig, key.strip(), raw.strip())
+        *sections, name = key.strip().split(".")
+        node = tree
+        for section in sections:
+            node = node.setdefault(section, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {section} is not a section")
+        node[name] = Override(raw.strip())
     if isinstance(tree.get("model"), dict):  # `preset: NAME` and the settings that differ
         tree["model"] = with_preset(tree["model"])
     return _build(RunConfig, tree)
 
 
 def config_from_dict(tree: dict) -> RunConfig:
-    """Rebuild a RunConfig from its `to_dict()` (e.g. a run's saved config.yaml)."""
+    """Rebuild a RunConfig from its `to_dict()` (e.g. a run's saved config.yaml). What older
+    versions saved besides is dropped: the model's run-time keys and the test hooks of their
+    `debug` section."""
+    if isinstance(tree, dict):
+        tree = {k: v for k, v in tree.items() if k != "debug"}
+        if isinstance(tree.get("model"), dict):
+            tree["model"] = without_run_time_keys(tree["model"], "model")
     return _build(RunConfig, tree)
 
 

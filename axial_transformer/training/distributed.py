@@ -20,8 +20,8 @@ def cpu_only() -> bool:
 
 
 def build_accelerator(cfg: RunConfig):
-    """Accelerate's set-up, with train.threads CPU threads and the precision train.mixed_precision
-    means on this device, which the main process prints first."""
+    """Accelerate's set-up, with train.threads CPU threads and train.mixed_precision's choice on
+    this device, which the main process prints first."""
     from accelerate import Accelerator, PartialState
     from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
 
@@ -73,7 +73,7 @@ def agree(accelerator, *flags: bool) -> list[bool]:
 
 
 def weights_fingerprint(model: nn.Module) -> Tensor:
-    """Two numbers that change with any parameter: sum and sum of squares, in float64."""
+    """Sum and sum of squares of the parameters in float64: they change with any of them."""
     flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
     return torch.stack([flat.sum(), flat.square().sum()])
 

@@ -16,6 +16,10 @@ class TrainingError(RuntimeError):
     """The run cannot go on (it diverged, a checkpoint could not be written)."""
 
 
+class CheckpointError(ValueError):
+    """A checkpoint cannot be resumed from; the message names the file and what is wrong."""
+
+
 @contextmanager
 def naming(path: str | Path) -> Iterator[None]:
     """An OSError raised inside names `path` when it names no file of its own: a full disk's

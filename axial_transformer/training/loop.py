@@ -2,14 +2,8 @@
 
 The recipe is the paper's (official config_imagenet32.py): Adam(0.9, 0.999), linear warm-up then
 a constant learning rate, gradient clipping at 1.0, the random-channel objective, and an EMA of
-the weights that is what gets evaluated and sampled. `train()` is that recipe from top to
-bottom; its parts live beside it:
-
-    preflight.py   start-up checks and the lock on run_dir
-    train_step.py  one optimizer step: learning rate, data, accumulation, skipped steps
-    resume.py      checkpoints saved, chosen and restored (checkpoint.py: their format)
-    run_log.py     metrics.jsonl, stdout, wandb, sample grids
-    preemption.py  SIGTERM / SIGINT from start-up to exit, injected faults
+the weights that is what gets evaluated and sampled. `train()` is that recipe from top to bottom;
+start-up checks are in startup.py, one optimizer step in step.py, checkpoints in resume.py.
 """
 
 from __future__ import annotations
@@ -30,7 +24,7 @@ from .errors import TrainingError, naming
 from .optimizer_state import adam
 from .resume import export_problem, restore, save_checkpoint, write_export
 from .run_log import MetricsLog, TrainMeter, eval_metrics, run_outputs, save_samples
-from .signals import Preempted, Preemption, inject_faults
+from .signals import Preempted, Preemption
 from .startup import Start, begin_run, start_run
 from .step import Objective, learning_rate, optimizer_step, training_batches
 
@@ -39,17 +33,16 @@ def train(cfg: RunConfig) -> dict:
     """Train, evaluate, checkpoint and export as `cfg` says. Returns the final record;
     {"complete": final record} when run_dir holds this run finished already (both with the
     run's `outputs` on the main process); {"preempted": signal name, "step", "checkpoint"} when
-    SIGTERM or SIGINT stopped it (step and checkpoint None during start-up, when there was
-    nothing to save)."""
+    SIGTERM or SIGINT stopped it (step and checkpoint None during start-up)."""
     with Preemption() as preemption:
         try:
             with start_run(cfg) as start:
-                if start.complete is not None:
-                    start.accelerator.end_training()
-                    main = start.accelerator.is_main_process
-                    return {"complete": start.complete,
-                            **({"outputs": run_outputs(cfg.run_dir)} if main else {})}
-                return run(cfg, start, preemption)
+                if start.complete is None:
+                    return run(cfg, start, preemption)
+                start.accelerator.end_training()
+                main = start.accelerator.is_main_process
+                return {"complete": start.complete,
+                        **({"outputs": run_outputs(cfg.run_dir)} if main else {})}
         except Preempted as stop:
             return {"preempted": stop.signal_name, "step": None, "checkpoint": None}
 
@@ -74,6 +67,9 @@ def run(cfg: RunConfig, start: Start, preemption: Preemption) -> dict:
                         cfg.checkpoint.keep)
         return step
 
+    def every(n: int) -> bool:  # a periodic action, except at the last step (the final phase)
+        return n > 0 and step % n == 0 and step < t.steps
+
     bar = tqdm(total=t.steps, initial=step, unit="step", dynamic_ncols=True, disable=not main)
     log = MetricsLog(accelerator, run_dir / "metrics.jsonl", bar)
     try:
@@ -82,12 +78,11 @@ def run(cfg: RunConfig, start: Start, preemption: Preemption) -> dict:
             bar.write(f"{stale}: writing the export again from {resumed.path.name}")
             write_export(ema, run_dir)
         if main:
-            where = f"resuming from {resumed.path}" if resumed else "starting"
-            bar.write(f"{where}: {model.num_parameters():,} parameters, "
-                      f"{len(start.train_set)} train / {len(start.test_set)} test images on "
-                      f"{accelerator.device}, batch {t.batch_size} = {start.micro_batch} x "
-                      f"{accelerator.num_processes} process(es) x {t.grad_accumulation} "
-                      "accumulation")
+            bar.write(f"{f'resuming from {resumed.path}' if resumed else 'starting'}: "
+                      f"{model.num_parameters():,} parameters, {len(start.train_set)} train / "
+                      f"{len(start.test_set)} test images on {accelerator.device}, batch "
+                      f"{t.batch_size} = {start.micro_batch} x {accelerator.num_processes} "
+                      f"process(es) x {t.grad_accumulation} accumulation")
         # The thread count is logged: CPU results are bit-identical only under the same one.
         log(step, {"start": "resume" if resumed else "fresh",
                    "parameters": model.num_parameters(), "processes": accelerator.num_processes,
@@ -101,25 +96,24 @@ def run(cfg: RunConfig, start: Start, preemption: Preemption) -> dict:
         while step < t.steps:
             lr = learning_rate(step, t)
             result = optimizer_step(accelerator, objective, optimizer, batches, step, lr, t,
-                                    cfg.debug, lambda: preemption.received is not None)
+                                    lambda: preemption.received is not None)
+            step += 1
             if result.skipped:
                 state["skipped_steps"] += 1
                 skipped_in_row += 1
                 if main:
-                    bar.write(f"step {step + 1}: {result.skipped}, no update ({skipped_in_row} "
-                              "in a row)")
+                    bar.write(f"step {step}: non-finite loss or gradient, no update "
+                              f"({skipped_in_row} in a row)")
                 if skipped_in_row >= t.max_skipped_steps:
                     raise TrainingError(
-                        f"{skipped_in_row} steps in a row (up to step {step + 1}) were skipped "
-                        f"({result.skipped}): the run diverged. Resume from the last checkpoint "
-                        "with a lower train.lr, or raise train.max_skipped_steps")
+                        f"{skipped_in_row} steps in a row (up to step {step}) were skipped "
+                        "(non-finite loss or gradient): the run diverged. Resume from the last "
+                        "checkpoint with a lower train.lr, or raise train.max_skipped_steps")
             else:
                 skipped_in_row = 0
-                ema.update(model, step)
+                ema.update(model, step - 1)
             meter.add(None if result.skipped else result.loss)
-            step += 1
             bar.update(1)
-
             if step % cfg.log.every == 0 or step == t.steps or result.stop:
                 log(step, meter.record(lr, state["skipped_steps"],
                                        result.grad_norm if t.grad_clip > 0 else None))
@@ -127,13 +121,12 @@ def run(cfg: RunConfig, start: Start, preemption: Preemption) -> dict:
                 if saved_at != step:
                     saved_at = checkpoint()
                 raise Preempted(preemption.received or "a signal to another process")
-            if cfg.eval.every and step % cfg.eval.every == 0 and step < t.steps:
+            if every(cfg.eval.every):
                 log(step, eval_record(cfg, ema, start)[0])
-            if cfg.log.sample_every and step % cfg.log.sample_every == 0 and step < t.steps:
+            if every(cfg.log.sample_every):
                 save_samples(accelerator, ema, cfg, step)
-            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < t.steps:
+            if every(cfg.checkpoint.every):
                 saved_at = checkpoint()
-            inject_faults(cfg.debug, step, accelerator.process_index)
         if saved_at != step:  # the final checkpoint
             saved_at = checkpoint()
         bar.close()
@@ -164,19 +157,17 @@ def build(cfg: RunConfig, start: Start) -> tuple:
     loader = DataLoader(start.train_set, batch_size=start.micro_batch, shuffle=True,
                         drop_last=True, num_workers=cfg.data.workers)
     set_seed(t.seed)  # the same init on every process
-    model = AxialTransformer(cfg.model)
+    model = AxialTransformer(cfg.model).set_gradient_checkpointing(t.gradient_checkpointing)
     ema = EMA(model, t.ema_decay)
-    optimizer = adam(model.parameters(), t)
-    objective, optimizer, loader = start.accelerator.prepare(Objective(model, t.objective),
-                                                             optimizer, loader)
+    objective, optimizer, loader = start.accelerator.prepare(
+        Objective(model, t.objective), adam(model.parameters(), t), loader)
     ema.model.to(start.accelerator.device)
     return model, ema, objective, optimizer, loader
 
 
 def eval_record(cfg: RunConfig, ema: EMA, start: Start, per_pixel: bool = False):
     """The EMA model's test bits/dim as a record, and the heatmap with `per_pixel`. A model
-    trained with label dropout is also scored told "no class" (eval/bpd_no_class): its
-    unconditional bits/dim."""
+    trained with label dropout is also scored told "no class": eval/bpd_no_class."""
 
     def run_eval(per_pixel: bool, no_class: bool = False):
         return evaluate(ema.model, start.test_set, start.accelerator, cfg.eval.batch_size,
@@ -192,10 +183,9 @@ def eval_record(cfg: RunConfig, ema: EMA, start: Start, per_pixel: bool = False)
 
 def finish(cfg: RunConfig, start: Start, model: AxialTransformer, ema: EMA, log: MetricsLog,
            step: int) -> dict:
-    """The final evaluation of the EMA weights and the codec baselines, shown before anything
-    is written (a full disk then loses no figure unseen), then samples and the heatmap. Returns
-    the final record, which the caller writes last, once all of them are done: a run stopped
-    before that does them all again when resumed, and a run that has it is complete."""
+    """The final evaluation and the codec baselines, shown before anything is written (a full
+    disk then loses no figure unseen), then samples and the heatmap. Returns the final record,
+    which the caller writes last: a run stopped before that does them all again when resumed."""
     accelerator = start.accelerator
     record, heatmap = eval_record(cfg, ema, start, per_pixel=cfg.eval.heatmap)
     final = {"final": True, **record, "replicas_in_sync": replicas_in_sync(accelerator, model)}

@@ -1,16 +1,11 @@
 """What a run tells its user: lines on stdout, records in RUN/metrics.jsonl, wandb, sample grids,
 and where its outputs are.
 
-metrics.jsonl holds one JSON object per line, each with the step it belongs to:
-
-    {"step": 0, "start": "fresh", "parameters": ..., "threads": ...}   each start (or resume)
-    {"step": 50, "train/loss_bpd": ..., "train/lr": ...}                every log.every steps
-    {"step": 1000, "eval/bpd": ..., "eval/bpd_R": ...}                  every eval.every steps
-    {"step": 1500, "final": true, "eval/bpd": ..., "baseline/...": ...} once, at the very end
-    {"step": 700, "preempted": "SIGTERM"}                               a run stopped by a signal
-
-A resumed run first drops what the interrupted one wrote past its checkpoint, so that after any
-sequence of kills and resumes every step's records are there once.
+metrics.jsonl holds one JSON object per line, each with the step it belongs to: a "start" record
+at each start or resume, training records every log.every steps, evaluation records, the "final"
+record once at the very end, and a "preempted" one for a run stopped by a signal. A resumed run
+first drops what the interrupted one wrote past its checkpoint, so that after any sequence of
+kills and resumes every step's records are there once.
 """
 
 from __future__ import annotations
@@ -26,6 +21,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..files import atomic_write, atomic_write_text
 from ..plots import write_loss_curve
 from .config import RunConfig
 from .ema import EMA
@@ -33,44 +29,39 @@ from .errors import SetupError, naming
 
 
 class MetricsLog:
-    """Echoes records above the progress bar, appends them to metrics.jsonl and logs them to
-    the trackers; only the main process writes. A record is shown before it is written, so a
-    write that fails (a full disk) loses no figure unseen. metrics.jsonl is opened without
-    following a symbolic link (O_NOFOLLOW): the run appends to its own file only."""
+    """Shows records above the progress bar, appends them to metrics.jsonl and logs them to the
+    trackers (main process only). A record is shown before it is written, so a write that fails
+    (a full disk) loses no figure unseen. metrics.jsonl is opened with O_NOFOLLOW: the run
+    appends to its own file only, never through a symbolic link."""
 
     def __init__(self, accelerator, path: Path, bar: tqdm) -> None:
-        self.accelerator = accelerator
-        self.path = path
-        self.bar = bar
+        self.accelerator, self.path, self.bar = accelerator, path, bar
 
     def __call__(self, step: int, metrics: dict, echo: bool = True) -> None:
         if not self.accelerator.is_main_process:
             return
-        record = {"step": step, **metrics}
         if echo:
             self.show(step, metrics)
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
         with naming(self.path), open(os.open(self.path, flags, 0o666), "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
         if "train/loss_bpd" in metrics or "eval/bpd" in metrics:  # RUN/loss_curve.png, kept current
             with naming(self.path.parent / "loss_curve.png"):
                 write_loss_curve(self.path.parent)
         self.accelerator.log(metrics, step=step)
 
     def show(self, step: int, metrics: dict) -> None:
-        """Print a record above the progress bar (main process)."""
         if self.accelerator.is_main_process:
-            record = {"step": step, **metrics}
-            self.bar.write(" ".join(f"{k} {_fmt(v)}" for k, v in record.items()))
+            self.bar.write(" ".join(f"{k} {f'{v:.4g}' if isinstance(v, float) else v}"
+                                    for k, v in {"step": step, **metrics}.items()))
 
 
 class TrainMeter:
-    """The training record of the steps since the last one: their mean loss (skipped steps left
-    out) over every process, and the images per second."""
+    """The training record of the steps since the last one: their mean loss over every process
+    (skipped steps left out), and the images per second."""
 
     def __init__(self, accelerator, batch_size: int) -> None:
-        self.accelerator = accelerator
-        self.batch_size = batch_size
+        self.accelerator, self.batch_size = accelerator, batch_size
         self.reset()
 
     def reset(self) -> None:
@@ -99,17 +90,11 @@ class TrainMeter:
         return metrics
 
 
-def _fmt(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
 def read_records(path: Path) -> list[dict]:
-    """The records of metrics.jsonl; a line that is not a JSON object (torn by a crash, or
-    damaged) is left out."""
-    if not path.is_file():
-        return []
+    """The records of metrics.jsonl; a line that is not a JSON object with a step (torn by a
+    crash, or damaged) is left out."""
     records = []
-    for line in path.read_text(errors="replace").splitlines():
+    for line in path.read_text(errors="replace").splitlines() if path.is_file() else ():
         try:
             record = json.loads(line)
         except ValueError:
@@ -120,13 +105,10 @@ def read_records(path: Path) -> list[dict]:
 
 
 def drop_stale_records(path: Path, step: int, final: bool = False) -> None:
-    """Forget what earlier attempts wrote past `step`, the step this run continues from: every
-    record after it, and the start and stop records at it (this run starts there again); with
-    `final`, the final record at it too (this run does its final phase again)."""
+    """Forget what earlier attempts wrote past `step`, where this run continues: every record
+    after it, the start and stop records at it, and with `final` the final record at it."""
     if not path.is_file():
         return
-    from ..files import atomic_write_text
-
     redone = ("start", "preempted", "final") if final else ("start", "preempted")
     kept = [r for r in read_records(path) if r["step"] < step or
             (r["step"] == step and not any(key in r for key in redone))]
@@ -143,10 +125,9 @@ def final_record(path: Path, steps: int) -> dict | None:
 def eval_metrics(metrics: dict, channels: int) -> dict:
     from ..evaluation import channel_names
 
-    out = {"eval/bpd": metrics["bpd"], "eval/images": metrics["images"]}
-    for name, bpd in zip(channel_names(channels), metrics["bpd_channel"], strict=True):
-        out[f"eval/bpd_{name}"] = bpd
-    return out
+    return {"eval/bpd": metrics["bpd"], "eval/images": metrics["images"],
+            **{f"eval/bpd_{name}": bpd for name, bpd in zip(
+                channel_names(channels), metrics["bpd_channel"], strict=True)}}
 
 
 def save_samples(accelerator, ema: EMA, cfg: RunConfig, step: int) -> Path | None:
@@ -156,14 +137,12 @@ def save_samples(accelerator, ema: EMA, cfg: RunConfig, step: int) -> Path | Non
     from PIL import Image
     from torchvision.utils import make_grid
 
-    from ..files import atomic_write
-
     g = torch.Generator(accelerator.device).manual_seed(cfg.train.seed + step)
     n, classes = cfg.log.num_samples, cfg.model.num_classes
     labels = torch.arange(n) % classes if classes else None  # class after class
     images = ema.model.sample(n, generator=g, labels=labels).cpu()  # (N, C, H, W) uint8
-    nrow = math.ceil(math.sqrt(len(images)))
-    grid = make_grid(images, nrow=nrow, padding=2, pad_value=255).permute(1, 2, 0).numpy()
+    grid = make_grid(images, nrow=math.ceil(math.sqrt(len(images))), padding=2, pad_value=255)
+    grid = grid.permute(1, 2, 0).numpy()
     # Enlarged (nearest neighbour, pixels stay exact squares) so 32 x 32 samples are visible.
     zoom = max(1, 256 // grid.shape[1])
     picture = Image.fromarray(grid).resize((grid.shape[1] * zoom, grid.shape[0] * zoom),
@@ -201,15 +180,10 @@ def run_outputs(run_dir: str | Path) -> dict[str, Path]:
 
     run_dir = Path(run_dir)
     found = {"metrics": run_dir / "metrics.jsonl", "loss_curve": run_dir / "loss_curve.png",
-             "export": run_dir / "export", "heatmap": run_dir / "heatmap.png"}
-    outputs = {kind: path for kind, path in found.items() if path.exists()}
-    checkpoints = checkpoint_dirs(run_dir)
-    if checkpoints:
-        outputs["checkpoint"] = checkpoints[-1]
-    samples = sorted((run_dir / "samples").glob("step_*.png"))
-    if samples:
-        outputs["samples"] = samples[-1]
-    return outputs
+             "export": run_dir / "export", "heatmap": run_dir / "heatmap.png",
+             "checkpoint": (checkpoint_dirs(run_dir) or [None])[-1],
+             "samples": (sorted((run_dir / "samples").glob("step_*.png")) or [None])[-1]}
+    return {kind: path for kind, path in found.items() if path is not None and path.exists()}
 
 
 def print_outputs(run_dir: str | Path, outputs: dict[str, Path], file=sys.stdout) -> None:

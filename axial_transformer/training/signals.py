@@ -1,4 +1,4 @@
-"""SIGTERM and SIGINT from start-up to exit, and the debug section's injected faults.
+"""SIGTERM and SIGINT from start-up to exit.
 
 Schedulers (Slurm, Kubernetes) send SIGTERM some seconds before they kill a job. While the run
 holds steps that no checkpoint has yet (the training loop, the checkpoint being written), a
@@ -12,8 +12,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-
-from .config import DebugConfig
 
 
 class Preempted(BaseException):
@@ -66,13 +64,3 @@ class Preemption:
     def __exit__(self, *exc) -> None:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
-
-
-def inject_faults(debug: DebugConfig, step: int, rank: int) -> None:
-    """The debug section's kill and SIGTERM, right after step `step` (tests of resume)."""
-    if debug.rank not in (-1, rank):
-        return
-    if step == debug.kill_at_step:
-        os.kill(os.getpid(), signal.SIGKILL)
-    if step == debug.sigterm_at_step:
-        os.kill(os.getpid(), signal.SIGTERM)

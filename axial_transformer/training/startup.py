@@ -1,14 +1,6 @@
 """Start-up: every check that can fail, made before hours are spent and before anything is
-written into run_dir, then the claim on run_dir for the run's life.
-
-In order: the data, a run_dir that can be written and a disk with room for what the run will
-hold at its peak (no process group or model needed, so a mistake costs seconds); Accelerate; the
-lock on run_dir, so that no second run writes into it; then, under the lock, what run_dir holds
-(the saved config, the checkpoint to resume from, a run already finished); the batch split; the
-trackers. Nothing in run_dir where the run writes may be a symbolic link. The run writes only
-once its model, optimizer and data loader are built too (`begin_run`): temporary files left by
-killed runs are removed, records past the resumed step dropped, config.yaml saved. A start-up
-that fails before then leaves run_dir as it found it (a run_dir it created is removed again).
+written into run_dir (docs/training.md lists them in order), then the claim on run_dir for the
+run's life. A start-up that fails leaves run_dir as it found it.
 """
 
 from __future__ import annotations
@@ -26,12 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 from torch.utils.data import Dataset
 
 from ..model.transformer import AxialTransformer
-from .config import RunConfig, config_from_dict, save_config
+from .checkpoint import run_config
+from .config import RunConfig, save_config
 from .distributed import agree, build_accelerator
 from .errors import SetupError, naming
 from .resume import CheckpointState, export_problem, select_checkpoint
@@ -51,16 +43,13 @@ class Start:
 
 @contextmanager
 def start_run(cfg: RunConfig) -> Iterator[Start]:
-    """Check everything and claim run_dir; the lock is held until the block ends. A failure in
-    the block before `begin_run` undoes the claim as a failed check does. Every process runs
-    this alike, so that all of them stop, not one."""
+    """Check everything and claim run_dir until the block ends; a failure before `begin_run`
+    undoes the claim. Every process runs this alike, so that all of them stop, not one."""
     train_set, test_set, like = check_inputs(cfg)
     accelerator = build_accelerator(cfg)
-    main = accelerator.is_main_process
-    claim = RunDirClaim(Path(cfg.run_dir)) if main else None
-    start = None
+    claim = RunDirClaim(Path(cfg.run_dir)) if accelerator.is_main_process else None
+    start = error = None
     try:
-        error = None
         if claim is not None:
             try:
                 claim.take()
@@ -83,10 +72,9 @@ def start_run(cfg: RunConfig) -> Iterator[Start]:
 
 
 def begin_run(cfg: RunConfig, start: Start) -> None:
-    """The start-up's writes, once every check has passed and the run's objects are built:
-    temporary files of killed runs removed, records past the step the run starts from dropped
-    (at its last step, the final record too: the final phase is done again), config.yaml
-    saved."""
+    """The start-up's writes, once the run's objects are built: leftovers of killed runs removed,
+    records past the step the run starts from dropped (at its last step the final record too:
+    the final phase is done again), config.yaml saved."""
     start.begun = True
     if start.accelerator.is_main_process:
         step = start.checkpoint.step if start.checkpoint else 0
@@ -103,16 +91,15 @@ def check_inputs(cfg: RunConfig) -> tuple[Dataset, Dataset, nn.Module]:
     from ..data.splits import class_names, open_split
 
     mc = cfg.model
-    train_set = open_split(cfg.data.spec, "train", mc.image_size, mc.channels, mc.num_classes)
-    test_set = open_split(cfg.data.spec, "test", mc.image_size, mc.channels, mc.num_classes)
+    train_set, test_set = (open_split(cfg.data.spec, split, mc.image_size, mc.channels,
+                                      mc.num_classes) for split in ("train", "test"))
     if mc.num_classes and not mc.class_names:  # the data's names travel with the model
         mc.class_names = tuple(class_names(cfg.data.spec, "train") or ())
         mc.__post_init__()
     check_writable(cfg.run_dir)
     with torch.device("meta"):  # shapes and the parameter count without allocating weights
         like = AxialTransformer(mc)
-    check_disk_space(cfg.run_dir, like.num_parameters(), cfg.checkpoint.keep,
-                     cfg.debug.free_bytes)
+    check_disk_space(cfg.run_dir, like.num_parameters(), cfg.checkpoint.keep)
     return train_set, test_set, like
 
 
@@ -132,42 +119,37 @@ def check_run_dir(cfg: RunConfig, accelerator, train_set: Dataset, test_set: Dat
         if complete is not None and not stale:
             return Start(accelerator, train_set, test_set, 0, None, complete)
     checkpoint = select_checkpoint(cfg, like, accelerator.process_index, warn=main)
-    micro = micro_batch_size(cfg, accelerator.num_processes)
-    if len(train_set) < micro * accelerator.num_processes:
+    processes = accelerator.num_processes
+    if cfg.train.batch_size % (processes * cfg.train.grad_accumulation):
+        raise SetupError(f"train.batch_size={cfg.train.batch_size} must divide evenly among "
+                         f"{processes} process(es) x train.grad_accumulation="
+                         f"{cfg.train.grad_accumulation}")
+    micro = cfg.train.batch_size // (processes * cfg.train.grad_accumulation)
+    if len(train_set) < micro * processes:
         raise SetupError(f"the train split has {len(train_set)} images, fewer than one batch "
-                         f"({micro} per process x {accelerator.num_processes})")
+                         f"({micro} per process x {processes})")
     return Start(accelerator, train_set, test_set, micro, checkpoint, None)
 
 
 def check_saved_config(cfg: RunConfig) -> None:
     """A resumed run must keep the model it was trained with."""
-    saved = Path(cfg.run_dir) / "config.yaml"
-    if not saved.is_file():
-        return
     try:
-        previous = config_from_dict(yaml.safe_load(saved.read_text()))
-    except (ValueError, yaml.YAMLError) as e:
-        why = " ".join(str(e).split())  # YAML's messages span lines
-        raise SetupError(f"{saved} cannot be read ({why}); move it away to start afresh"
-                         ) from None
-    if previous.model != cfg.model:
-        raise SetupError(f"{saved} was trained with model {previous.model}, but this run asks "
-                         f"for {cfg.model}; resume with the same model settings")
-
-
-def micro_batch_size(cfg: RunConfig, processes: int) -> int:
-    per_step = processes * cfg.train.grad_accumulation
-    if cfg.train.batch_size % per_step:
-        raise SetupError(f"train.batch_size={cfg.train.batch_size} must divide evenly among "
-                         f"{processes} process(es) x train.grad_accumulation="
-                         f"{cfg.train.grad_accumulation}")
-    return cfg.train.batch_size // per_step
+        previous = run_config(Path(cfg.run_dir))
+    except ValueError as e:
+        raise SetupError(f"{e}; move it away to start afresh") from None
+    if previous is not None and previous.model != cfg.model:
+        raise SetupError(f"{Path(cfg.run_dir) / 'config.yaml'} was trained with model "
+                         f"{previous.model}, but this run asks for {cfg.model}; resume with the "
+                         "same model settings")
 
 
 # What a run writes in run_dir. None of them, nor anything in the folders, may be a symbolic
 # link: the run would write through it into a file or folder outside run_dir.
 RUN_FILES = (".lock", "config.yaml", "metrics.jsonl", "heatmap.png")
 RUN_FOLDERS = ("checkpoints", "export", "samples")
+# Temporary files of writes that a kill interrupted: atomic_write's `.NAME.XXXXXXXX.tmp`, a
+# checkpoint's `.step_NNNNNNN.tmp/` and the `.tmpXXXXXX` that safetensors writes before its rename.
+LEFTOVER = re.compile(r"\..+\.tmp|\.tmp[A-Za-z0-9]{6}")
 
 
 def check_no_links(run_dir: Path) -> None:
@@ -181,19 +163,16 @@ def check_no_links(run_dir: Path) -> None:
                              "writes there and follows no link out of run_dir: remove it")
 
 
-# Temporary files of writes that a kill interrupted: atomic_write's `.NAME.XXXXXXXX.tmp`, a
-# checkpoint's `.step_NNNNNNN.tmp/` and the `.tmpXXXXXX` that safetensors writes before its own
-# rename.
-_LEFTOVER = re.compile(r"\..+\.tmp|\.tmp[A-Za-z0-9]{6}")
+def remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 def remove_leftovers(run_dir: Path) -> list[Path]:
     """Delete the temporary files of earlier runs that were killed while writing."""
-    doomed = [p for folder in (run_dir, run_dir / "checkpoints", run_dir / "export",
-                               run_dir / "samples") if folder.is_dir()
-              for p in folder.iterdir() if _LEFTOVER.fullmatch(p.name)]
+    doomed = [p for folder in (run_dir, *(run_dir / name for name in RUN_FOLDERS))
+              if folder.is_dir() for p in folder.iterdir() if LEFTOVER.fullmatch(p.name)]
     for path in doomed:
-        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        remove(path)
     return doomed
 
 
@@ -209,9 +188,8 @@ def nearest_existing(path: Path) -> Path:
 
 
 def check_writable(run_dir: str | Path) -> None:
-    """Raise a ValueError when `run_dir` could not be created or written (nothing is created)."""
-    run_dir = Path(run_dir)
-    existing = nearest_existing(run_dir)
+    """Before any process group exists: can `run_dir` be created and written?"""
+    existing = nearest_existing(Path(run_dir))
     if not existing.is_dir():
         raise ValueError(f"run_dir {run_dir} cannot be written: {existing} is not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
@@ -220,29 +198,20 @@ def check_writable(run_dir: str | Path) -> None:
 
 
 def run_bytes(num_parameters: int, keep: int, bytes_per_value: int = 4) -> int:
-    """Disk room a run needs at its peak: while a new checkpoint is written, `keep` older ones
-    are still there (they are pruned after it is sealed), plus the EMA export. A checkpoint holds
-    the weights, Adam's two moments and the EMA; a tenth more and 64 MiB cover the headers,
-    generator states, metrics, samples and file-system slack."""
+    """Disk room a run needs at its peak: `keep` checkpoints and the one being written (weights,
+    Adam's two moments, the EMA), the export, and a tenth and 64 MiB for everything else."""
     copies = (keep + 1) * (1 + 2 + 1) + 1
     return int(num_parameters * bytes_per_value * copies * 1.1) + 64 * 2**20
 
 
-def held_bytes(run_dir: Path) -> int:
-    """Bytes of run_dir's checkpoints and export: a resumed run replaces them in place."""
-    folders = [run_dir / "checkpoints", run_dir / "export"]
-    return sum(f.stat().st_size for folder in folders if folder.is_dir()
-               for f in folder.rglob("*") if f.is_file())
-
-
-def check_disk_space(run_dir: str | Path, num_parameters: int, keep: int,
-                     free_bytes: int = -1) -> None:
-    """Raise a ValueError when the disk of `run_dir` cannot hold the run at its peak.
-    `free_bytes` >= 0 stands in for the disk's own figure (tests)."""
+def check_disk_space(run_dir: str | Path, num_parameters: int, keep: int) -> None:
+    """Raise a ValueError when the disk of `run_dir` cannot hold the run at its peak. Its
+    checkpoints and export count as room: a resumed run replaces them."""
     run_dir = Path(run_dir)
     need = run_bytes(num_parameters, keep)
-    free = shutil.disk_usage(nearest_existing(run_dir)).free if free_bytes < 0 else free_bytes
-    room = free + (held_bytes(run_dir) if run_dir.is_dir() else 0)
+    held = sum(f.stat().st_size for folder in (run_dir / "checkpoints", run_dir / "export")
+               if folder.is_dir() for f in folder.rglob("*") if f.is_file())
+    room = shutil.disk_usage(nearest_existing(run_dir)).free + held
     if room < need:
         raise ValueError(f"run_dir {run_dir} has {room / 2**30:.2f} GiB free, but {keep + 1} "
                          f"checkpoints (checkpoint.keep={keep} and the one being written) and "
@@ -253,16 +222,12 @@ def check_disk_space(run_dir: str | Path, num_parameters: int, keep: int,
 
 class RunDirClaim:
     """run_dir for one run at a time: an exclusive flock on RUN/.lock, which holds the holder's
-    pid and host. The kernel drops the lock when its process ends, however it ends, so the file
-    left by a killed run never blocks the next one.
-
-    Start-ups may race for a new run_dir. Each removes only what it created itself (mkdir and
-    O_EXCL tell it), and only while it holds the lock: one that does not get the lock removes
-    nothing, since the folder and the lock file may be the winner's."""
+    pid and host. The kernel drops the lock when its process ends, however it ends. Start-ups
+    racing for a new run_dir each remove only what they created (mkdir and O_EXCL tell), and
+    only while holding the lock: the folder and the lock file may be the winner's."""
 
     def __init__(self, run_dir: Path) -> None:
-        self.run_dir = run_dir
-        self.path = run_dir / ".lock"
+        self.run_dir, self.path = run_dir, run_dir / ".lock"
         self.fd: int | None = None
         self.created_dir = self.created_lock = False
         self.holder: list[str] = []
@@ -284,25 +249,21 @@ class RunDirClaim:
                    else "a process")
             raise SetupError(f"run_dir {self.run_dir} is in use by another run ({who} holds "
                              f"{self.path}); wait for it to end or choose another run_dir")
-        fd = self.fd
         try:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+            os.ftruncate(self.fd, 0)
+            os.write(self.fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
         except OSError as e:
             self.abandon()
             raise SetupError(f"run_dir {self.run_dir} cannot be written: {e.strerror or e}"
                              ) from None
 
     def _open_locked(self) -> int | None:
-        """A descriptor of RUN/.lock holding its flock, or None when another process holds it
-        (its pid and host are then in `holder`)."""
+        """A descriptor of RUN/.lock holding its flock, or None with the holder's pid and host."""
         self.created_dir = self.created_lock = False
         for _ in range(100):  # a start-up that failed may remove run_dir or .lock meanwhile
-            try:
+            with suppress(FileExistsError):
                 self.run_dir.mkdir(parents=True)
                 self.created_dir = True
-            except FileExistsError:
-                pass
             flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
             try:
                 fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o666)
@@ -339,15 +300,14 @@ class RunDirClaim:
             self.fd = None
 
     def abandon(self) -> None:
-        """Undo the claim of a start-up that failed, while it still holds the lock (no other
-        start-up can be using run_dir then): what it created goes again. A run_dir it created
-        is emptied, then removed only if it is still empty: once the lock file is unlinked,
-        another start-up may claim run_dir anew."""
+        """Undo the claim of a start-up that failed, under the lock: a run_dir it created is
+        emptied, then removed only if still empty (once the lock file is unlinked, another
+        start-up may claim it)."""
         if self.fd is None:
             return
         if self.created_dir:
             for path in self.run_dir.iterdir():
-                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+                remove(path)
         elif self.created_lock:
             self.path.unlink(missing_ok=True)
         self.release()

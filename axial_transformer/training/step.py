@@ -1,5 +1,5 @@
 """One optimizer step: its learning rate, its data, its random channels and dropout, gradient
-accumulation, and the checks that skip a step instead of letting it spoil the weights.
+accumulation, and the skip of a step whose loss or gradient is not finite.
 
 Everything a step draws is a pure function of the step (and the seed): the learning rate, the
 data position, the channel scored for each image and the dropout masks. That is what makes a
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -19,15 +19,8 @@ from torch.utils.data import DataLoader
 
 from ..data.splits import split_batch
 from ..model.transformer import AxialTransformer
-from .config import DebugConfig, OptimConfig
+from .config import OptimConfig
 from .distributed import agree
-
-# A step whose Adam update would move the weights by more than this fraction of their norm is
-# skipped like a non-finite one. Adam moves every weight by about lr per step whatever the
-# gradient, so a sane step moves the whole weight vector by a small fraction of its norm; a
-# step past this bound comes from a learning rate orders of magnitude too high, and would write
-# finite garbage (|w| ~ lr) that no NaN check catches.
-MAX_UPDATE_RATIO = 1.0
 
 
 def learning_rate(step: int, cfg: OptimConfig) -> float:
@@ -47,27 +40,23 @@ class Objective(nn.Module):
 
     def __init__(self, model: AxialTransformer, objective: str) -> None:
         super().__init__()
-        self.model = model
-        self.objective = objective
+        self.model, self.objective = model, objective
 
     def forward(self, x: Tensor, channel: Tensor, labels: Tensor | None = None) -> Tensor:
         return self.model.loss(x, self.objective, channel=channel, labels=labels)
 
 
 def position_seed(seed: int, micro_batch: int, rank: int) -> int:
-    """The seed of one micro-batch on one process. The channels it draws and its dropout masks
-    come from this seed, so they are a pure function of the position in the run: a resumed run
-    draws the same ones, whatever else consumed random numbers in between (a DataLoader draws a
-    seed from the global generator each time an iterator starts, e.g. after a resume)."""
+    """The seed of one micro-batch on one process, for its channels and dropout masks: a resumed
+    run draws the same ones, whatever else consumed random numbers in between (a DataLoader
+    draws a seed from the global generator each time an iterator starts)."""
     return int(np.random.SeedSequence([seed, micro_batch, rank]).generate_state(1)[0])
 
 
 def training_batches(loader: DataLoader, accelerator, position: int) -> Iterator[Tensor]:
-    """Micro-batches forever, starting `position` micro-batches into the run.
-
-    The prepared loader shuffles with a seedable sampler (seed + epoch), so epoch e has the same
-    order in every run; a resume skips the batches of its epoch that were already used.
-    """
+    """Micro-batches forever, starting `position` micro-batches into the run. The prepared loader
+    shuffles with a seedable sampler (seed + epoch), so epoch e has the same order in every run;
+    a resume skips the batches of its epoch that were already used."""
     epoch, skip = divmod(position, len(loader))
     while True:
         loader.set_epoch(epoch)
@@ -75,50 +64,23 @@ def training_batches(loader: DataLoader, accelerator, position: int) -> Iterator
         epoch, skip = epoch + 1, 0
 
 
-@torch.no_grad()
-def adam_update_ratio(optimizer: torch.optim.Optimizer, lr: float) -> float:
-    """|update| / |weights| of the step `optimizer.step()` would now take, for torch's Adam
-    (L2 weight decay, no amsgrad): the same moments, bias corrections and eps, without
-    touching the weights or the optimizer's state."""
-    update_sq = weights_sq = 0.0
-    for group in optimizer.param_groups:
-        beta1, beta2 = group["betas"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = optimizer.state.get(p, {})
-            step = float(state["step"]) + 1 if "step" in state else 1.0
-            grad = p.grad + group["weight_decay"] * p if group["weight_decay"] else p.grad
-            exp_avg = state["exp_avg"].lerp(grad, 1 - beta1) if state else (1 - beta1) * grad
-            exp_avg_sq = (state["exp_avg_sq"] * beta2 if state else 0) + (1 - beta2) * grad**2
-            denom = (exp_avg_sq / (1 - beta2**step)).sqrt() + group["eps"]
-            update = exp_avg / denom * (lr / (1 - beta1**step))
-            update_sq += float(update.double().square().sum())
-            weights_sq += float(p.double().square().sum())
-    return math.sqrt(update_sq / weights_sq) if weights_sq > 0 else 0.0
-
-
-@dataclass
-class StepResult:
+class StepResult(NamedTuple):
     loss: Tensor  # mean loss of the step's micro-batches on this process
     grad_norm: Tensor  # global gradient norm before clipping
-    skipped: str | None  # why no update was made (on every process), or None
+    skipped: bool  # the loss or gradient was not finite on some process: no update anywhere
     stop: bool  # some process was asked to stop (SIGTERM / SIGINT)
 
 
 def optimizer_step(
     accelerator, objective: nn.Module, optimizer, batches: Iterator[Tensor], step: int,
-    lr: float, t: OptimConfig, debug: DebugConfig, stop_requested: Callable[[], bool],
+    lr: float, t: OptimConfig, stop_requested: Callable[[], bool],
 ) -> StepResult:
-    """One optimizer step over `t.grad_accumulation` micro-batches, skipped (no update) on every
-    process when on any of them the loss or the gradient is not finite or the update would be
-    absurdly large (MAX_UPDATE_RATIO)."""
+    """One optimizer step over `t.grad_accumulation` micro-batches."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     channels = accelerator.unwrap_model(objective).model.config.channels
-    poisoned = step + 1 in debug.nan_at_steps and debug.rank in (-1, accelerator.process_index)
     loss_sum, grad_norm = torch.zeros((), device=accelerator.device), torch.zeros(())
-    skipped, stop = None, False
+    skipped = stop = False
     for k in range(t.grad_accumulation):
         x, labels = split_batch(next(batches))
         seed = position_seed(t.seed, step * t.grad_accumulation + k, accelerator.process_index)
@@ -130,8 +92,6 @@ def optimizer_step(
             labels = torch.where(dropped.to(labels.device) < t.label_dropout, -1, labels)
         with accelerator.accumulate(objective):  # syncs gradients on the last micro-batch
             loss = objective(x, channel.to(x.device), labels)
-            if poisoned:
-                loss = loss * math.nan
             accelerator.backward(loss)
             loss_sum = loss_sum + loss.detach() / t.grad_accumulation
             if accelerator.sync_gradients:
@@ -139,14 +99,8 @@ def optimizer_step(
                 max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
                 grad_norm = accelerator.clip_grad_norm_(objective.parameters(), max_norm)
                 finite = bool(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
-                absurd = finite and adam_update_ratio(optimizer, lr) > MAX_UPDATE_RATIO
-                nonfinite, absurd, stop = agree(accelerator, not finite, absurd,
-                                                stop_requested())
-                if nonfinite:
-                    skipped = "non-finite loss or gradient"
-                elif absurd:
-                    skipped = f"update larger than {MAX_UPDATE_RATIO:g}x the weights' norm"
-                else:
+                skipped, stop = agree(accelerator, not finite, stop_requested())
+                if not skipped:
                     optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     return StepResult(loss_sum, grad_norm, skipped, stop)
