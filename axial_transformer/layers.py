@@ -52,7 +52,12 @@ class FeatureMapLayer:
 
 class AxisAttention(AxialSelfAttention):
     """The model's attention along spatial axis `axis` of a [B, *S, D] tensor (channels last)
-    or a [B, D, *S] tensor (`channels_first=True`)."""
+    or a [B, D, *S] tensor (`channels_first=True`).
+
+    The layers' saved weights keep their own order of the fused projection's rows, [heads, 3, e]
+    (the model's is [3, heads, e]): weights saved by earlier versions load and compute the same
+    function. Reordering them costs one copy of the [3D, D] weights per call.
+    """
 
     def __init__(
         self, dim: int, heads: int, axis: int, num_dimensions: int = 2, causal: bool = False
@@ -72,6 +77,12 @@ class AxisAttention(AxialSelfAttention):
                             weight.T.expand(b, -1, -1))  # (B, N, 3D)
         out = self.attention(qkv.view(b, *x.shape[2:], 3, self.heads, self.head_dim))
         return self.to_out(out).movedim(-1, 1)
+
+    def qkv_parameters(self) -> tuple[Tensor, Tensor]:
+        """The rows of `to_qkv`, stored [heads, 3, e], in the model's [3, heads, e] order."""
+        n, e = self.heads, self.head_dim
+        return (self.to_qkv.weight.view(n, 3, e, -1).transpose(0, 1).reshape(3 * n * e, -1),
+                self.to_qkv.bias.view(n, 3, e).transpose(0, 1).reshape(-1))
 
 
 class AxialAttention(FeatureMapLayer, nn.Module):
@@ -177,8 +188,8 @@ class ChannelAttention(FeatureMapLayer, nn.Module):
 
 
 class AxialAttentionBlock(FeatureMapLayer, AxialBlock):
-    """The model's pre-norm block (`AxialBlock`: its norms, MLP with the official GELU
-    approximation, and residual dropout) with axial attention, for use between conv stages.
+    """The model's pre-norm block (`AxialBlock`: its norms and residual dropout) with axial
+    attention and an MLP with exact GELU, for use between conv stages.
 
     Takes and returns the CNN's own layout ([B, C, H, W] by default):
         x = x + attn(norm(x))          sum_axes=True: every axis in parallel, one residual
@@ -206,6 +217,20 @@ class AxialAttentionBlock(FeatureMapLayer, AxialBlock):
         self.channel_attention = (
             ChannelAttention(dim, num_dimensions, -1) if channel_attention else None
         )
+        # Exact GELU, as the layers have always had (the model's MLP is the official code's
+        # sigmoid approximation): saved blocks keep computing the same function.
+        hidden = max(1, round(dim * mlp_ratio))
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        # Blocks saved before they became the model's block named their attention norms
+        # attn_norms.0, attn_norms.1, ...: the first is attn_norm, the others later_norms.
+        old = f"{prefix}attn_norms."
+        for key in [k for k in state_dict if k.startswith(old)]:
+            index, name = key[len(old):].split(".", 1)
+            new = "attn_norm" if index == "0" else f"later_norms.{int(index) - 1}"
+            state_dict[f"{prefix}{new}.{name}"] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [B, ...] with `dim` features on axis `dim_index` -> the same shape and layout."""

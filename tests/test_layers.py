@@ -2,10 +2,12 @@
 
 import itertools
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
 from axial_transformer.layers import (
@@ -16,6 +18,7 @@ from axial_transformer.layers import (
     ChannelAttention,
 )
 
+GOLDEN = Path(__file__).parent / "golden"
 # (spatial shape, dim_index): 2-D and 3-D, channels first, channels last and in between
 LAYOUTS = [((4, 5), 1), ((4, 5), -1), ((3, 4, 5), 1), ((3, 4, 5), -1), ((3, 4, 5), 2)]
 
@@ -32,8 +35,8 @@ def naive_axis_attention(m: AxisAttention, x: torch.Tensor) -> torch.Tensor:
     [B, *S, D] tensor, each head a plain softmax(q k^T / sqrt(e)) v."""
     heads, dim = m.heads, x.shape[-1]
     e = dim // heads
-    w_qkv = m.to_qkv.weight.view(3, heads, e, dim)  # fused features are laid out (i n e)
-    b_qkv = m.to_qkv.bias.view(3, heads, e)
+    w_qkv = m.to_qkv.weight.view(heads, 3, e, dim)  # fused features are laid out (n i e)
+    b_qkv = m.to_qkv.bias.view(heads, 3, e)
     line_axis = 1 + m.axis
     t = x.shape[line_axis]
     future = torch.ones(t, t, dtype=torch.bool).triu(1)
@@ -44,7 +47,7 @@ def naive_axis_attention(m: AxisAttention, x: torch.Tensor) -> torch.Tensor:
         line = x[index]  # (t, D)
         per_head = []
         for n in range(heads):
-            q, k, v = (line @ w_qkv[i, n].T + b_qkv[i, n] for i in range(3))
+            q, k, v = (line @ w_qkv[n, i].T + b_qkv[n, i] for i in range(3))
             scores = q @ k.T / math.sqrt(e)
             if m.causal:
                 scores = scores.masked_fill(future, -math.inf)
@@ -277,6 +280,25 @@ def test_cnn_with_the_block_trains(channel_attention):
     assert losses[-1] < 0.5 * losses[0], losses
     if channel_attention:
         assert model.attn.channel_attention.beta.grad is not None
+
+
+def test_blocks_saved_by_earlier_versions_compute_the_same_function():
+    """tests/golden/layers_v1.safetensors: a block of each kind with its input and output, saved
+    when the layers had their own attention (fused rows [heads, 3, e], norms attn_norms.k,
+    exact GELU). Loaded now, each gives the same output; loaded as the model's [3, heads, e]
+    rows, it would not (the negative control)."""
+    saved = load_file(GOLDEN / "layers_v1.safetensors")
+    for name, kw in {"parallel": dict(sum_axes=True),
+                     "sequence": dict(sum_axes=False, causal=(True, False))}.items():
+        state = {k.removeprefix(f"{name}."): v for k, v in saved.items()
+                 if k.startswith(f"{name}.") and k != f"{name}.output"}
+        block = AxialAttentionBlock(16, heads=4, **kw).eval()
+        block.load_state_dict(state)
+        with torch.no_grad():
+            torch.testing.assert_close(block(saved["input"]), saved[f"{name}.output"])
+            for axis in block.attn.axes:  # read as the model reads its own rows
+                axis.qkv_parameters = lambda a=axis: (a.to_qkv.weight, a.to_qkv.bias)
+            assert not torch.allclose(block(saved["input"]), saved[f"{name}.output"], atol=1e-3)
 
 
 def test_export_block():

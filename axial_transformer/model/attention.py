@@ -156,15 +156,19 @@ class AxialSelfAttention(nn.Module):
         shape = (*x.shape[:-1], 3, self.heads, self.head_dim)
         if x.numel() >= self.to_qkv.weight.numel():
             return F.linear(x, *self.scaled_qkv()).view(shape)
-        qkv = F.linear(x, self.to_qkv.weight, self.to_qkv.bias).view(shape)
+        qkv = F.linear(x, *self.qkv_parameters()).view(shape)
         qkv.select(-3, 0).mul_(self.head_dim**-0.5)  # a fresh tensor, not saved for backward
         return qkv
 
     def scaled_qkv(self) -> tuple[Tensor, Tensor]:
         """The fused projection's (weight [3D, D], bias [3D]), query rows times 1/sqrt(e)."""
         scale, dim = self.head_dim**-0.5, self.to_out.in_features
-        (w_q, w_kv), (b_q, b_kv) = (p.split([dim, 2 * dim]) for p in self.to_qkv.parameters())
+        (w_q, w_kv), (b_q, b_kv) = (p.split([dim, 2 * dim]) for p in self.qkv_parameters())
         return torch.cat([w_q * scale, w_kv]), torch.cat([b_q * scale, b_kv])
+
+    def qkv_parameters(self) -> tuple[Tensor, Tensor]:
+        """The fused projection's (weight [3D, D], bias [3D]), rows in [3, heads, e] order."""
+        return self.to_qkv.weight, self.to_qkv.bias
 
     def new_cache(self, folded_batch: int, length: int, like: Tensor) -> Tensor:
         """Keys and values of `length` positions for a folded batch, [2, N, heads, T, e], zeros:
