@@ -3,10 +3,8 @@
 Axial attention (Ho et al. 2019, section 3) attends along one spatial axis at a time: for an
 [H, W] map that is H*W*(H+W) scores instead of (H*W)^2. These layers take tensors as a CNN holds
 them, channels first ([B, C, H, W], video [B, C, T, H, W]) or channels last (`dim_index=-1`),
-and return the same layout.
-
-Axis letters: b batch, s0 s1 ... the spatial axes, n heads, e features per head, i which of
-query/key/value, d features (channels).
+and return the same layout. Their attention along one axis is the model's
+(`model.attention.AxialSelfAttention`), and their block is the model's (`model.blocks.AxialBlock`).
 """
 
 from __future__ import annotations
@@ -15,10 +13,10 @@ import math
 from collections.abc import Sequence
 
 import torch
-from einops import rearrange
 from torch import Tensor, nn
 
-from .model.attention import MAX_FOLDED_BATCH, attend
+from .model.attention import AxialSelfAttention
+from .model.blocks import AxialBlock, layer_norm
 
 __all__ = [
     "AxialAttention",
@@ -29,105 +27,65 @@ __all__ = [
 ]
 
 
-def feature_axis(dim_index: int, num_dimensions: int) -> int:
-    """The feature axis of a [B, ...] tensor with `num_dimensions` spatial axes, as a positive
-    index; it may be any axis but the batch."""
-    total = num_dimensions + 2
-    if not -total < dim_index < total or dim_index % total == 0:
-        raise ValueError(
-            f"dim_index must name a non-batch axis of a {total}-d tensor (1..{total - 1} or "
-            f"-{total - 1}..-1), got {dim_index}"
-        )
-    return dim_index % total
+class FeatureMapLayer:
+    """What the layers of [B, ...] tensors share: `num_dimensions` spatial axes and `dim`
+    features on axis `dim_index`, which may be any axis but the batch. A mixin, so that the
+    block can be the model's `AxialBlock` as well."""
+
+    def set_layout(self, dim: int, num_dimensions: int, dim_index: int) -> None:
+        total = num_dimensions + 2
+        if num_dimensions < 1:
+            raise ValueError(f"num_dimensions must be at least 1, got {num_dimensions}")
+        if not -total < dim_index < total or dim_index % total == 0:
+            raise ValueError(f"dim_index must name a non-batch axis of a {total}-d tensor "
+                             f"(1..{total - 1} or -{total - 1}..-1), got {dim_index}")
+        self.dim, self.num_dimensions, self.dim_index = dim, num_dimensions, dim_index % total
+
+    def check(self, x: Tensor) -> None:
+        if x.ndim != self.num_dimensions + 2:
+            raise ValueError(f"expected a {self.num_dimensions + 2}-d tensor (batch, features and "
+                             f"{self.num_dimensions} spatial axes), got shape {tuple(x.shape)}")
+        if x.shape[self.dim_index] != self.dim:
+            raise ValueError(f"expected {self.dim} features on axis {self.dim_index}, got shape "
+                             f"{tuple(x.shape)}")
 
 
-def causal_per_axis(causal: bool | Sequence[bool], num_dimensions: int) -> tuple[bool, ...]:
-    """`causal` as one flag per spatial axis: a bool applies to every axis."""
-    if isinstance(causal, bool):
-        return (causal,) * num_dimensions
-    causal = tuple(causal)
-    if len(causal) != num_dimensions or not all(isinstance(c, bool) for c in causal):
-        raise ValueError(
-            f"causal must be a bool or {num_dimensions} bools (one per spatial axis), got {causal}"
-        )
-    return causal
+class AxisAttention(AxialSelfAttention):
+    """The model's attention along spatial axis `axis` of a [B, *S, D] tensor (channels last)
+    or a [B, D, *S] tensor (`channels_first=True`).
 
-
-def check_input(x: Tensor, dim: int, dim_index: int, num_dimensions: int) -> None:
-    if x.ndim != num_dimensions + 2:
-        raise ValueError(
-            f"expected a {num_dimensions + 2}-d tensor (batch, features and {num_dimensions} "
-            f"spatial axes), got shape {tuple(x.shape)}"
-        )
-    if x.shape[dim_index] != dim:
-        raise ValueError(
-            f"expected {dim} features on axis {dim_index}, got shape {tuple(x.shape)}"
-        )
-
-
-class AxisAttention(nn.Module):
-    """Multi-head self-attention along spatial axis `axis` of a [B, *S, D] tensor (channels
-    last) or a [B, D, *S] tensor (`channels_first=True`).
-
-    The attended axis goes next to the features and the other axes fold into the batch, without
-    a copy: the fused QKV projection writes [B, *S, heads, q/k/v, e], so the axes before `axis`
-    fold into SDPA's batch and the axes after it, with the heads, into SDPA's head axis, as views.
-    On the CPU the fused SDPA kernel reads those strides as they are and writes its output in
-    [B, *S, heads, e] order, so unfolding is a view too. A channels-first map is read by a
-    batched matmul that takes it transposed, and the output is a channels-first view of a
-    channels-last result: the map itself is never transposed here.
+    The layers' saved weights keep their own order of the fused projection's rows, [heads, 3, e]
+    (the model's is [3, heads, e]): weights saved by earlier versions load and compute the same
+    function. Reordering them costs one copy of the [3D, D] weights per call.
     """
 
     def __init__(
         self, dim: int, heads: int, axis: int, num_dimensions: int = 2, causal: bool = False
     ) -> None:
-        super().__init__()
-        if dim % heads:
-            raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
         if not 0 <= axis < num_dimensions:
             raise ValueError(f"axis must be in 0..{num_dimensions - 1}, got {axis}")
-        self.heads, self.axis, self.causal = heads, axis, causal
-        self.to_qkv = nn.Linear(dim, 3 * dim)  # fused: one matmul instead of three
-        self.to_out = nn.Linear(dim, dim)
-
-        spatial = [f"s{a}" for a in range(num_dimensions)]
-        before, t, after = spatial[:axis], spatial[axis], spatial[axis + 1 :]
-        folded = f"({' '.join(['b', *before])}) ({' '.join([*after, 'n'])}) {t} e"
-        self.fold = f"b {' '.join(spatial)} n e -> {folded}"
-        self.unfold = f"{folded} -> b {' '.join(spatial)} (n e)"
-        self.kept = ["b", *before, *after]  # axis lengths that `unfold` needs
+        super().__init__(dim, heads, axis, causal)
 
     def forward(self, x: Tensor, channels_first: bool = False) -> Tensor:
         """x: [B, *S, D] -> [B, *S, D], or [B, D, *S] -> [B, D, *S] with `channels_first`."""
-        b, *spatial = x.shape[:1] + (x.shape[2:] if channels_first else x.shape[1:-1])
-        positions = math.prod(spatial)
-        if channels_first:
-            flat = x.flatten(2)  # (B, D, N)
-            qkv = torch.baddbmm(
-                self.to_qkv.bias.expand(b, positions, -1),
-                flat.mT,
-                self.to_qkv.weight.T.expand(b, -1, -1),
-            )  # (B, N, 3D)
-        else:
-            qkv = self.to_qkv(x)
-        # Unbind before folding: backward then assembles the three gradients with one stack.
-        qkv = qkv.view(b, *spatial, self.heads, 3, -1).unbind(-2)
-        q, k, v = (rearrange(z, self.fold) for z in qkv)  # (B s<a), (s>a n), t, e
-        folded = q.shape[:2]
-        if q.is_cuda and folded[1] > MAX_FOLDED_BATCH:
-            # attend() splits only the first fold under the CUDA grid limit; move all of it there
-            q, k, v = (z.flatten(0, 1).unsqueeze(1) for z in (q, k, v))
-        out = attend(q, k, v, self.causal)
-        out = out.reshape(*folded, *q.shape[2:])
-        sizes = {"b": b, **{f"s{a}": size for a, size in enumerate(spatial)}}
-        out = rearrange(out, self.unfold, n=self.heads, **{a: sizes[a] for a in self.kept})
-        out = self.to_out(out)  # (B, *S, D)
-        # Channels first: a transposed view; its gradient then reaches SDPA channels last, the
-        # order the fused kernel's backward reads without a copy.
-        return out.movedim(-1, 1) if channels_first else out
+        if not channels_first:
+            return super().forward(x)
+        # A batched matmul reads the channels-first map transposed, and the output is a
+        # channels-first view of a channels-last result: the map itself is never transposed.
+        b, weight, bias = x.shape[0], *self.scaled_qkv()
+        qkv = torch.baddbmm(bias.expand(b, math.prod(x.shape[2:]), -1), x.flatten(2).mT,
+                            weight.T.expand(b, -1, -1))  # (B, N, 3D)
+        out = self.attention(qkv.view(b, *x.shape[2:], 3, self.heads, self.head_dim))
+        return self.to_out(out).movedim(-1, 1)
+
+    def qkv_parameters(self) -> tuple[Tensor, Tensor]:
+        """The rows of `to_qkv`, stored [heads, 3, e], in the model's [3, heads, e] order."""
+        n, e = self.heads, self.head_dim
+        return (self.to_qkv.weight.view(n, 3, e, -1).transpose(0, 1).reshape(3 * n * e, -1),
+                self.to_qkv.bias.view(n, 3, e).transpose(0, 1).reshape(-1))
 
 
-class AxialAttention(nn.Module):
+class AxialAttention(FeatureMapLayer, nn.Module):
     """Self-attention along each spatial axis of an N-d tensor, one set of weights per axis.
 
     `sum_axes=True` runs the axes in parallel on the same input and sums them (the outputs of
@@ -137,28 +95,24 @@ class AxialAttention(nn.Module):
     every axis or one per spatial axis), lower-triangular with the diagonal included.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        heads: int,
-        num_dimensions: int = 2,
-        dim_index: int = 1,
-        causal: bool | Sequence[bool] = False,
-        sum_axes: bool = True,
-    ) -> None:
+    def __init__(self, dim: int, heads: int, num_dimensions: int = 2, dim_index: int = 1,
+                 causal: bool | Sequence[bool] = False, sum_axes: bool = True) -> None:
         super().__init__()
-        if num_dimensions < 1:
-            raise ValueError(f"num_dimensions must be at least 1, got {num_dimensions}")
-        self.dim, self.num_dimensions, self.sum_axes = dim, num_dimensions, sum_axes
-        self.dim_index = feature_axis(dim_index, num_dimensions)
-        self.causal = causal_per_axis(causal, num_dimensions)
+        self.set_layout(dim, num_dimensions, dim_index)
+        if isinstance(causal, bool):
+            causal = (causal,) * num_dimensions
+        causal = tuple(causal)
+        if len(causal) != num_dimensions or not all(isinstance(c, bool) for c in causal):
+            raise ValueError(f"causal must be a bool or {num_dimensions} bools (one per spatial "
+                             f"axis), got {causal}")
+        self.sum_axes, self.causal = sum_axes, causal
         self.axes = nn.ModuleList(
-            AxisAttention(dim, heads, axis, num_dimensions, c) for axis, c in enumerate(self.causal)
+            AxisAttention(dim, heads, axis, num_dimensions, c) for axis, c in enumerate(causal)
         )
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [B, ...] with `dim` features on axis `dim_index` -> the same shape and layout."""
-        check_input(x, self.dim, self.dim_index, self.num_dimensions)
+        self.check(x)
         # Channels first and channels last run as they are; features anywhere else move last.
         channels_first = self.dim_index == 1
         as_is = channels_first or self.dim_index == x.ndim - 1
@@ -174,7 +128,7 @@ class AxialAttention(nn.Module):
         return out.contiguous() if as_is else out.movedim(-1, self.dim_index).contiguous()
 
 
-class AxialPositionalEmbedding(nn.Module):
+class AxialPositionalEmbedding(FeatureMapLayer, nn.Module):
     """Learned positions, additively factorised: one [S_a, D] table per spatial axis, their
     broadcast sum added to the input (Ho et al. 2019 use pos_h + pos_w).
 
@@ -183,12 +137,12 @@ class AxialPositionalEmbedding(nn.Module):
     """
 
     def __init__(self, dim: int, shape: Sequence[int], dim_index: int = 1) -> None:
-        super().__init__()
         shape = tuple(shape)
         if not shape or any(s < 1 for s in shape):
             raise ValueError(f"shape must be the positive spatial sizes, got {shape}")
-        self.dim, self.shape = dim, shape
-        self.dim_index = feature_axis(dim_index, len(shape))
+        super().__init__()
+        self.set_layout(dim, len(shape), dim_index)
+        self.shape = shape
         spatial_axes = [a for a in range(1, len(shape) + 2) if a != self.dim_index]
         self.tables = nn.ParameterList()
         for size, axis in zip(shape, spatial_axes, strict=True):
@@ -197,7 +151,7 @@ class AxialPositionalEmbedding(nn.Module):
             self.tables.append(nn.Parameter(torch.randn(table_shape) * (5 / math.sqrt(dim))))
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(x, self.dim, self.dim_index, len(self.shape))
+        self.check(x)
         spatial = tuple(s for a, s in enumerate(x.shape[1:], 1) if a != self.dim_index)
         if spatial != self.shape:
             raise ValueError(f"expected spatial shape {self.shape}, got {spatial}")
@@ -206,7 +160,7 @@ class AxialPositionalEmbedding(nn.Module):
         return x
 
 
-class ChannelAttention(nn.Module):
+class ChannelAttention(FeatureMapLayer, nn.Module):
     """The channel attention module of DANet (Fu et al. 2019, section 3.3), for any N-d tensor.
 
     Each channel's whole feature map A_c (flattened) is compared with every other's:
@@ -221,21 +175,21 @@ class ChannelAttention(nn.Module):
 
     def __init__(self, dim: int, num_dimensions: int = 2, dim_index: int = 1) -> None:
         super().__init__()
-        self.dim, self.num_dimensions = dim, num_dimensions
-        self.dim_index = feature_axis(dim_index, num_dimensions)
+        self.set_layout(dim, num_dimensions, dim_index)
         self.beta = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [B, ...] with `dim` features on axis `dim_index` -> the same shape."""
-        check_input(x, self.dim, self.dim_index, self.num_dimensions)
+        self.check(x)
         a = x.movedim(self.dim_index, -1).flatten(1, -2)  # (B, positions, C)
         affinity = torch.softmax(a.transpose(1, 2) @ a, dim=-1)  # (B, C, C), rows sum to 1
         mixed = (a @ affinity.transpose(1, 2)).view(x.movedim(self.dim_index, -1).shape)
         return x + self.beta * mixed.movedim(-1, self.dim_index)
 
 
-class AxialAttentionBlock(nn.Module):
-    """A pre-norm transformer block with axial attention, for use between conv stages.
+class AxialAttentionBlock(FeatureMapLayer, AxialBlock):
+    """The model's pre-norm block (`AxialBlock`: its norms and residual dropout) with axial
+    attention and an MLP with exact GELU, for use between conv stages.
 
     Takes and returns the CNN's own layout ([B, C, H, W] by default):
         x = x + attn(norm(x))          sum_axes=True: every axis in parallel, one residual
@@ -246,47 +200,50 @@ class AxialAttentionBlock(nn.Module):
     along its masked axes.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        heads: int,
-        num_dimensions: int = 2,
-        dim_index: int = 1,
-        causal: bool | Sequence[bool] = False,
-        sum_axes: bool = True,
-        mlp_ratio: float = 4.0,
-        dropout: float = 0.0,
-        channel_attention: bool = False,
-    ) -> None:
-        super().__init__()
-        causal = causal_per_axis(causal, num_dimensions)
-        if channel_attention and any(causal):
-            raise ValueError("channel attention pools over every position: it cannot be causal")
-        self.dim, self.num_dimensions = dim, num_dimensions
-        self.dim_index = feature_axis(dim_index, num_dimensions)
+    def __init__(self, dim: int, heads: int, num_dimensions: int = 2, dim_index: int = 1,
+                 causal: bool | Sequence[bool] = False, sum_axes: bool = True,
+                 mlp_ratio: float = 4.0, dropout: float = 0.0,
+                 channel_attention: bool = False) -> None:
         # Inside the block the features are last; the block moves them once on the way in and out.
-        self.attn = AxialAttention(dim, heads, num_dimensions, -1, causal, sum_axes)
-        self.attn_norms = nn.ModuleList(
-            nn.LayerNorm(dim) for _ in range(1 if sum_axes else num_dimensions)
+        attn = AxialAttention(dim, heads, num_dimensions, -1, causal, sum_axes)
+        if channel_attention and any(attn.causal):
+            raise ValueError("channel attention pools over every position: it cannot be causal")
+        super().__init__(dim, attn, mlp_ratio, dropout)
+        self.set_layout(dim, num_dimensions, dim_index)
+        # In sequence, attn_norm is the first axis's norm; each later axis has its own.
+        self.later_norms = nn.ModuleList(
+            nn.LayerNorm(dim) for _ in attn.axes[1:] if not sum_axes
         )
         self.channel_attention = (
             ChannelAttention(dim, num_dimensions, -1) if channel_attention else None
         )
+        # Exact GELU, as the layers have always had (the model's MLP is the official code's
+        # sigmoid approximation): saved blocks keep computing the same function.
         hidden = max(1, round(dim * mlp_ratio))
-        self.mlp_norm = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
-        self.dropout = nn.Dropout(dropout)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        # Blocks saved before they became the model's block named their attention norms
+        # attn_norms.0, attn_norms.1, ...: the first is attn_norm, the others later_norms.
+        old = f"{prefix}attn_norms."
+        for key in [k for k in state_dict if k.startswith(old)]:
+            index, name = key[len(old):].split(".", 1)
+            new = "attn_norm" if index == "0" else f"later_norms.{int(index) - 1}"
+            state_dict[f"{prefix}{new}.{name}"] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [B, ...] with `dim` features on axis `dim_index` -> the same shape and layout."""
-        check_input(x, self.dim, self.dim_index, self.num_dimensions)
-        x = x.movedim(self.dim_index, -1).contiguous()  # (B, *S, D)
-        if self.attn.sum_axes:
-            x = x + self.dropout(self.attn(self.attn_norms[0](x)))
-        else:
-            for norm, axis_attention in zip(self.attn_norms, self.attn.axes, strict=True):
-                x = x + self.dropout(axis_attention(norm(x)))
-        if self.channel_attention is not None:
-            x = self.channel_attention(x)
-        x = x + self.dropout(self.mlp(self.mlp_norm(x)))
+        self.check(x)
+        x = super().forward(x.movedim(self.dim_index, -1).contiguous())  # (B, *S, D)
         return x.movedim(-1, self.dim_index).contiguous()
+
+    def attention(self, x: Tensor, cache: None = None, position: None = None) -> Tensor:
+        """x plus the attention branches (and the channel attention), features last."""
+        if self.attn.sum_axes:
+            x = super().attention(x)
+        else:
+            norms = [self.attn_norm, *self.later_norms]
+            for norm, axis_attention in zip(norms, self.attn.axes, strict=True):
+                x = x + self.residual(axis_attention(layer_norm(x, norm)))
+        return x if self.channel_attention is None else self.channel_attention(x)

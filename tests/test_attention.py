@@ -5,9 +5,10 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from axial_transformer.model import attention
 from axial_transformer.model.attention import (
     AxialSelfAttention,
-    chunked_sdpa,
+    attend,
     decoding_positions,
     explicit_attention,
 )
@@ -33,10 +34,11 @@ def test_explicit_attention_in_bf16_is_close_to_fp32():
     assert torch.allclose(out.float(), expected, atol=5e-2)
 
 
-def test_chunked_sdpa_matches_one_call():
+def test_chunked_sdpa_matches_one_call(monkeypatch):
     q, k, v = qkv()
     expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    assert torch.allclose(chunked_sdpa(q, k, v, True, max_folded=4), expected, atol=1e-12)
+    monkeypatch.setattr(attention, "MAX_FOLDED_BATCH", 4)  # 2 heads: pieces of 2 of the 5
+    assert torch.allclose(attend(q, k, v, True, "sdpa"), expected, atol=1e-12)
 
 
 @pytest.mark.parametrize("axis", ["row", "column"])
@@ -130,8 +132,6 @@ def test_matmul_path_forward_and_backward_match_sdpa(axis, causal, shape):
 
 def test_matmul_path_check_catches_a_missing_mask(monkeypatch):
     # Negative control: the plain-matmul path without its causal mask.
-    from axial_transformer.model import attention
-
     monkeypatch.setattr(attention, "causal_bias", lambda t_q, t_k, like: like.new_zeros(t_q, t_k))
     assert not matmul_path_matches_sdpa("row", True)
 

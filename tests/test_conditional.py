@@ -67,6 +67,23 @@ def test_cached_sampler_equals_naive_sampler_with_labels(guidance, attention_pat
                                         guidance=guidance))
 
 
+def test_batches_draw_their_share_of_the_request():
+    """batch_size splits the images with their noise, labels and known pixels: the cached
+    sampler in batches of 2 draws what the naive one draws in one batch."""
+    model = conditional_model()
+    known = torch.randint(0, 256, (3, 3, 3, 4), generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros_like(known, dtype=torch.bool)
+    mask[:, :, 0] = True  # the top row of every channel given
+    request = dict(noise=gumbel_noise((3, 3, 3, 4, 256)), labels=torch.tensor([0, 2, 1]),
+                   known=known, known_mask=mask, guidance=2.0)
+    whole = sample_naive(model, 3, **request)
+    assert torch.equal(sample(model, 3, batch_size=2, **request), whole)
+    assert torch.equal(whole[:, :, 0], known[:, :, 0].to(torch.uint8))
+    # Negative control: a batch drawn with the first images' share is not the last image.
+    first_share = {k: v[:1] for k, v in request.items() if k != "guidance"}
+    assert not torch.equal(sample(model, 1, guidance=2.0, **first_share), whole[2:])
+
+
 def test_guidance_combines_the_conditional_and_unconditional_logits():
     model = conditional_model(channels=1)
     seen = {}

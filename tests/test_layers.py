@@ -2,10 +2,12 @@
 
 import itertools
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
 from axial_transformer.layers import (
@@ -16,6 +18,7 @@ from axial_transformer.layers import (
     ChannelAttention,
 )
 
+GOLDEN = Path(__file__).parent / "golden"
 # (spatial shape, dim_index): 2-D and 3-D, channels first, channels last and in between
 LAYOUTS = [((4, 5), 1), ((4, 5), -1), ((3, 4, 5), 1), ((3, 4, 5), -1), ((3, 4, 5), 2)]
 
@@ -277,6 +280,25 @@ def test_cnn_with_the_block_trains(channel_attention):
     assert losses[-1] < 0.5 * losses[0], losses
     if channel_attention:
         assert model.attn.channel_attention.beta.grad is not None
+
+
+def test_blocks_saved_by_earlier_versions_compute_the_same_function():
+    """tests/golden/layers_v1.safetensors: a block of each kind with its input and output, saved
+    when the layers had their own attention (fused rows [heads, 3, e], norms attn_norms.k,
+    exact GELU). Loaded now, each gives the same output; loaded as the model's [3, heads, e]
+    rows, it would not (the negative control)."""
+    saved = load_file(GOLDEN / "layers_v1.safetensors")
+    for name, kw in {"parallel": dict(sum_axes=True),
+                     "sequence": dict(sum_axes=False, causal=(True, False))}.items():
+        state = {k.removeprefix(f"{name}."): v for k, v in saved.items()
+                 if k.startswith(f"{name}.") and k != f"{name}.output"}
+        block = AxialAttentionBlock(16, heads=4, **kw).eval()
+        block.load_state_dict(state)
+        with torch.no_grad():
+            torch.testing.assert_close(block(saved["input"]), saved[f"{name}.output"])
+            for axis in block.attn.axes:  # read as the model reads its own rows
+                axis.qkv_parameters = lambda a=axis: (a.to_qkv.weight, a.to_qkv.bias)
+            assert not torch.allclose(block(saved["input"]), saved[f"{name}.output"], atol=1e-3)
 
 
 def test_export_block():

@@ -2,6 +2,7 @@
 
 import itertools
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -129,6 +130,34 @@ def test_paper_presets_have_the_papers_size(preset, expected):
     with torch.device("meta"):
         model = AxialTransformer(AxialTransformerConfig.from_preset(preset))
     assert model.num_parameters() == pytest.approx(expected, rel=0.01)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("imagenet32", ((32, 32), 1536, 16, 8, 0.04)),  # the paper's (official config_imagenet32.py)
+    ("imagenet64", ((64, 64), 2048, 16, 8, 0.0)),
+    ("cifar10", ((32, 32), 512, 8, 8, 0.1)),  # the imagenet32 preset, its own keys over it
+    ("demo", ((16, 16), 64, 4, 2, 0.0)),
+])
+def test_shipped_configs_name_their_preset_and_what_differs(name, expected):
+    from axial_transformer.training.config import load_config
+
+    m = load_config(Path(__file__).parents[1] / "configs" / f"{name}.yaml").model
+    layers = {m.encoder_layers, m.outer_layers, m.inner_layers}
+    assert (m.image_size, m.dim, m.heads, *layers, m.dropout) == expected
+    assert (m.channels, m.mlp_ratio, m.levels, m.num_classes) == (3, 1.0, 256, 0)
+
+
+def test_a_model_section_overrides_its_preset_and_an_unknown_one_is_refused(tmp_path):
+    from axial_transformer.training.config import load_config
+
+    path = tmp_path / "config.yaml"
+    path.write_text("model:\n  preset: small\n  dim: 64\n")
+    cfg = load_config(path, ["model.heads=4"]).model
+    assert cfg == AxialTransformerConfig.from_preset("small", dim=64, heads=4)
+    assert (cfg.dim, cfg.heads, cfg.inner_layers) == (64, 4, 4)
+    path.write_text("model:\n  preset: imagenet128\n")
+    with pytest.raises(ValueError, match="unknown preset 'imagenet128'"):
+        load_config(path)
 
 
 def test_overfits_two_images():

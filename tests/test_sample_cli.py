@@ -14,6 +14,7 @@ from PIL import Image
 
 from axial_transformer import AxialTransformer, AxialTransformerConfig, cpu_speedups
 from axial_transformer.cli import sample as sample_cli
+from axial_transformer.sampling import Request
 
 
 def export_tiny_model(directory: Path) -> Path:
@@ -151,21 +152,24 @@ def test_compiled_sampling_reports_its_compilation_apart(conditional_export, tmp
     assert np.array_equal(np.load(tmp_path / "eager.npy"), np.load(tmp_path / "compiled.npy"))
 
 
-class TimedRequest:
-    """A request whose two-row timings are given: eager and compiled seconds per call."""
+def timed_two_rows(monkeypatch, eager: float, compiled: float) -> list[int]:
+    """Two-row timings that are given, eager and compiled seconds per call, for a request of
+    10 images in batches of 4, 4 and 2 -> the list that counts the compiled calls."""
+    calls = []
 
-    def __init__(self, eager: float, compiled: float) -> None:
-        self.seconds = {False: eager, True: compiled}
-        self.batch_sizes, self.compiled_calls = [4, 4, 2], 0
-        self.model = AxialTransformer(AxialTransformerConfig(
-            image_size=(4, 3), channels=1, dim=8, heads=2, encoder_layers=2, outer_layers=2,
-            inner_layers=1))
+    def two_rows(model, request, n, compile):
+        assert request.num_samples == 10 and n in (4, 2)
+        if compile:
+            calls.append(n)
+        return compiled if compile else eager
 
-    def two_rows(self, n: int, compile: bool) -> float:
-        self.compiled_calls += compile
-        return self.seconds[compile]
+    monkeypatch.setattr(sample_cli, "two_rows", two_rows)
+    return calls
 
-    estimate = sample_cli.Request.estimate
+
+TIMED_MODEL = AxialTransformer(AxialTransformerConfig(
+    image_size=(4, 3), channels=1, dim=8, heads=2, encoder_layers=2, outer_layers=2,
+    inner_layers=1))
 
 
 @pytest.mark.parametrize("eager, compiled, chosen, says", [
@@ -173,16 +177,18 @@ class TimedRequest:
     (10.0, 20.0, False, "no faster here"),  # compiled, measured slower: falls back
     (10.0, 1.0, True, "compiled against"),
 ])
-def test_compile_only_when_it_pays(eager, compiled, chosen, says, capsys):
-    request = TimedRequest(eager, compiled)
-    assert sample_cli.choose_compiled(request) is chosen
+def test_compile_only_when_it_pays(eager, compiled, chosen, says, capsys, monkeypatch):
+    compiled_calls = timed_two_rows(monkeypatch, eager, compiled)
+    request = Request(10, batch_size=4)
+    assert sample_cli.choose_compiled(TIMED_MODEL, request) is chosen
     assert says in capsys.readouterr().out
-    assert (request.compiled_calls == 0) == (eager < 1)  # nothing compiled under the floor
+    assert (len(compiled_calls) == 0) == (eager < 1)  # nothing compiled under the floor
 
 
-def test_request_estimate_multiplies_out_two_rows():
-    request = TimedRequest(0.5, 0.1)  # 0.5 s per two rows; 4 rows (1 channel) per batch
-    assert request.estimate(compile=False) == pytest.approx(3 * 0.5 * 4 / 2)
+def test_request_estimate_multiplies_out_two_rows(monkeypatch):
+    timed_two_rows(monkeypatch, 0.5, 0.1)  # 0.5 s per two rows; 4 rows (1 channel) per batch
+    estimate = sample_cli.estimate(TIMED_MODEL, Request(10, batch_size=4), compile=False)
+    assert estimate == pytest.approx(3 * 0.5 * 4 / 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,7 +303,7 @@ def test_unwritable_outputs_are_refused_before_the_compute(run_dir, tmp_path, ca
     def no_drawing(*args, **kwargs):
         raise AssertionError("sampled before the output was checked")
 
-    monkeypatch.setattr(sample_cli.Request, "draw", no_drawing)
+    monkeypatch.setattr(sample_cli, "draw", no_drawing)
     (tmp_path / "folder.png").mkdir()
     (tmp_path / "file").write_text("")
     cases = [

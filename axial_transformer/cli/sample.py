@@ -16,17 +16,18 @@ shows original | given rows | completions. `--class all` draws one labelled row 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import re
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..model.transformer import AxialTransformer
+from ..sampling.sampler import Request, draw, sample
 from .common import (
     CLIError,
     check_output,
@@ -199,68 +200,45 @@ def output_name(args: argparse.Namespace, label: str | None, per_class: int,
     return f"completion_{safe(image)}_k{args.rows_given}_{settings}.png"
 
 
-@dataclass
-class Request:
-    """What is drawn: batches of these sizes, their labels (class after class), and the rest of
-    `sample`'s arguments (temperature, guidance, known, known_mask)."""
-
-    model: AxialTransformer
-    batch_sizes: list[int]
-    labels: torch.Tensor | None
-    options: dict
-
-    def draw(self, generator, compile: bool) -> torch.Tensor:
-        """Every batch in turn -> uint8 [N, C, H, W] on the CPU."""
-        from ..sampling.sampler import sample
-
-        batches, first = [], 0
-        for n in self.batch_sizes:
-            labels = None if self.labels is None else self.labels[first:first + n]
-            batches.append(sample(self.model, n, generator=generator, progress=True,
-                                  compile=compile, labels=labels, **self.options).cpu())
-            first += n
-        return torch.cat(batches)
-
-    def two_rows(self, n: int, compile: bool) -> float:
-        """Seconds to draw the first two rows of the first channel of a batch of n (every other
-        pixel given): 2 / (C H) of the batch's work, to time the sampler by."""
-        from ..sampling.sampler import sample
-
-        c, (h, w) = self.model.config.channels, self.model.config.image_size
-        mask = torch.ones((1, c, h, w), dtype=torch.bool)
-        mask[:, 0, :2] = False
-        labels = None if self.labels is None else self.labels[:n]
-        start = time.perf_counter()
-        sample(self.model, n, known=torch.zeros((1, c, h, w), dtype=torch.uint8),
-               known_mask=mask, labels=labels, guidance=self.options["guidance"],
-               compile=compile)
-        return time.perf_counter() - start
-
-    def estimate(self, compile: bool) -> float:
-        """Seconds the whole request takes, from the faster of two timings of two rows per batch
-        size (the first call of a size also allocates what the later ones reuse)."""
-        c, (h, _) = self.model.config.channels, self.model.config.image_size
-        per_size = {n: min(self.two_rows(n, compile) for _ in range(2)) * c * h / 2
-                    for n in set(self.batch_sizes)}
-        return sum(per_size[n] for n in self.batch_sizes)
+def two_rows(model: AxialTransformer, request: Request, n: int, compile: bool) -> float:
+    """Seconds to draw the first two rows of the first channel of a batch of n (every other
+    pixel given): 2 / (C H) of the batch's work, to time the sampler by."""
+    c, (h, w) = model.config.channels, model.config.image_size
+    mask = torch.ones((1, c, h, w), dtype=torch.bool)
+    mask[:, 0, :2] = False
+    labels = None if request.labels is None else request.labels[:n]
+    start = time.perf_counter()
+    sample(model, n, known=torch.zeros((1, c, h, w), dtype=torch.uint8), known_mask=mask,
+           labels=labels, guidance=request.guidance, compile=compile)
+    return time.perf_counter() - start
 
 
-def choose_compiled(request: Request) -> bool:
+def estimate(model: AxialTransformer, request: Request, compile: bool) -> float:
+    """Seconds the whole request takes, from the faster of two timings of two rows per batch
+    size (the first call of a size also allocates what the later ones reuse)."""
+    c, (h, _) = model.config.channels, model.config.image_size
+    sizes = [batch.num_samples for batch in request.batches()]
+    per_size = {n: min(two_rows(model, request, n, compile) for _ in range(2)) * c * h / 2
+                for n in set(sizes)}
+    return sum(per_size[n] for n in sizes)
+
+
+def choose_compiled(model: AxialTransformer, request: Request) -> bool:
     """Whether compiled decoding pays, saying why: not when eager sampling is done sooner than a
     compilation can be, nor when the compiled steps are no faster than the eager ones."""
-    eager = request.estimate(compile=False)
+    eager = estimate(model, request, compile=False)
     if eager < COMPILE_FLOOR_S:
         print(f"--compile: sampling eagerly takes about {eager:.1f} s here, less than a "
               f"compilation takes ({COMPILE_FLOOR_S:.0f} s or more): sampling eagerly", flush=True)
         return False
-    sizes = ", ".join(map(str, sorted(set(request.batch_sizes))))
+    sizes = sorted({batch.num_samples for batch in request.batches()})
     print(f"--compile: about {eager:.0f} s eagerly; compiling the decoding steps for batch size "
-          f"{sizes} (once per model and batch size)...", flush=True)
+          f"{', '.join(map(str, sizes))} (once per model and batch size)...", flush=True)
     start = time.perf_counter()
-    for n in set(request.batch_sizes):
-        request.two_rows(n, compile=True)
+    for n in sizes:
+        two_rows(model, request, n, compile=True)
     print(f"compiled in {time.perf_counter() - start:.0f} s", flush=True)
-    compiled = request.estimate(compile=True)
+    compiled = estimate(model, request, compile=True)
     if compiled >= eager:
         print(f"--compile: the compiled steps are no faster here (about {compiled:.0f} s "
               f"against {eager:.0f} s eagerly): sampling eagerly", flush=True)
@@ -302,15 +280,15 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     model.to(device).eval()
     labels = None if classes is None else torch.tensor(classes).repeat_interleave(per_class)
-    sizes = [min(args.batch_size, num_samples - first)
-             for first in range(0, num_samples, args.batch_size)]
-    request = Request(model, sizes, labels, dict(temperature=args.temperature, known=known,
-                                                 known_mask=known_mask, guidance=args.guidance))
+    request = Request(num_samples, temperature=args.temperature, known=known,
+                      known_mask=known_mask, labels=labels, guidance=args.guidance,
+                      batch_size=args.batch_size, progress=True,
+                      generator=torch.Generator(device).manual_seed(args.seed))
     if image is not None and c > 1:
         print(f"warning: {COMPLETION_CAVEAT}", file=sys.stderr)
-    compiled = args.compile and choose_compiled(request)
+    compiled = args.compile and choose_compiled(model, request)
     start = time.perf_counter()
-    samples = request.draw(torch.Generator(device).manual_seed(args.seed), compiled)
+    samples = draw(model, dataclasses.replace(request, compile=compiled)).cpu()
     seconds = time.perf_counter() - start
     # The figures first: a disk that fails the write below does not take them with it.
     print(f"{num_samples} images of {c}x{h}x{w} in {seconds:.1f} s "

@@ -41,23 +41,18 @@ class MLP(nn.Sequential):
 
 
 class AxialBlock(nn.Module):
-    """Pre-LN transformer block whose attention runs along one axis (official axial/nn.py)."""
+    """Pre-LN transformer block (official axial/nn.py):
+        x = x + drop(attn(attn_norm(x)))
+        x = x + drop(mlp(mlp_norm(x)))
+    In the model `attn` runs along one axis; the CNN layers' `AxialAttentionBlock` (layers.py)
+    is this block with attention along every axis of a feature map."""
 
-    def __init__(
-        self,
-        dim: int,
-        heads: int,
-        axis: Axis,
-        causal: bool,
-        mlp_ratio: float,
-        dropout: float,
-    ) -> None:
+    def __init__(self, dim: int, attn: nn.Module, mlp_ratio: float, dropout: float) -> None:
         super().__init__()
-        hidden = max(1, round(dim * mlp_ratio))
         self.attn_norm = nn.LayerNorm(dim)
-        self.attn = AxialSelfAttention(dim, heads, axis, causal)
+        self.attn = attn
         self.mlp_norm = nn.LayerNorm(dim)
-        self.mlp = MLP(dim, hidden)
+        self.mlp = MLP(dim, max(1, round(dim * mlp_ratio)))
         self.dropout = dropout
 
     def forward(
@@ -65,13 +60,19 @@ class AxialBlock(nn.Module):
     ) -> Tensor:
         """x [B, H, W, D] -> [B, H, W, D]; with a key/value `cache`, one decoding step at
         `position` (see `AxialSelfAttention.forward`)."""
-        attn, mlp = self.attn, self.mlp
-        if cache is not None:
-            # A decoding step: at batch 1, nn.Module's call machinery costs more than the
-            # sublayers' arithmetic.
-            attn, mlp = attn.forward, mlp.forward
-        x = x + self.residual(attn(layer_norm(x, self.attn_norm), cache, position))
+        x = self.attention(x, cache, position)
+        # A decoding step: at batch 1, nn.Module's call machinery costs more than the
+        # sublayers' arithmetic.
+        mlp = self.mlp if cache is None else self.mlp.forward
         return x + self.residual(mlp(layer_norm(x, self.mlp_norm)))
+
+    def attention(
+        self, x: Tensor, cache: Tensor | None = None, position: Position | None = None
+    ) -> Tensor:
+        """x plus the attention branch (the step before the MLP)."""
+        h = layer_norm(x, self.attn_norm)
+        return x + self.residual(self.attn(h) if cache is None
+                                 else self.attn.forward(h, cache, position))
 
     def residual(self, branch: Tensor) -> Tensor:
         """Dropout on a residual branch in training (the paper's); nothing to call otherwise."""
@@ -93,7 +94,8 @@ class AxialStack(nn.Module):
     ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
-            AxialBlock(dim, heads, axis, causal, mlp_ratio, dropout) for axis, causal in axes
+            AxialBlock(dim, AxialSelfAttention(dim, heads, axis, causal), mlp_ratio, dropout)
+            for axis, causal in axes
         )
         self.gradient_checkpointing = False  # AxialTransformer.set_gradient_checkpointing
 

@@ -104,9 +104,7 @@ class AxialTransformerConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> AxialTransformerConfig:
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
+        return cls(**with_preset({"preset": name, **overrides}))
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "config") -> AxialTransformerConfig:
@@ -129,6 +127,18 @@ class AxialTransformerConfig:
         d["image_size"] = list(self.image_size)
         d["class_names"] = list(self.class_names)
         return d
+
+
+def with_preset(values: dict) -> dict:
+    """Model settings that may name a `preset` -> that preset's settings, updated by the others
+    (a YAML `model:` section of `preset: imagenet32` plus what differs)."""
+    if "preset" not in values:
+        return values
+    values = dict(values)
+    name = values.pop("preset")
+    if not isinstance(name, str) or name not in PRESETS:
+        raise ValueError(f"unknown preset {shown(name)}; choose one of {sorted(PRESETS)}")
+    return {**PRESETS[name], **values}
 
 
 # Run-time choices that older versions saved with the model (model.set_gradient_checkpointing,

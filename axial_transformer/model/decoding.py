@@ -1,10 +1,10 @@
-"""The model's order, one subpixel at a time: the loop that the sampler and the codec share.
+"""The model's order, one subpixel at a time: the sampler's decoding loop.
 
 `decode` runs the model's cached decoding steps (`AxialTransformer.outer_step`, `inner_step`)
 over an image canvas in the order of the factorisation, and asks a `Choice` for the value of
-each subpixel given its logits: a Gumbel-max draw when sampling, a range decoder when
-decompressing, the known value when compressing. Its arithmetic is that of one teacher-forced
-forward pass over the image:
+each subpixel given its logits: a Gumbel-max draw when sampling, or a range coder over the float
+logits (bench/codec_bench.py; the codec itself runs the same steps in exact arithmetic,
+codec/exact_model.py). Its arithmetic is that of one teacher-forced forward pass over the image:
 
   per channel c:   ctx = channel_encoder(x[<c])                           once
   per row i:       u[i] = outer_step(row i-1), masked column layers cached over rows

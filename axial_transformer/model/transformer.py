@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..hub import HubMixin
 from .attention import ATTENTION_PATHS, AttentionPath, AxialSelfAttention, Position
-from .blocks import AxialStack, layer_norm
+from .blocks import AxialBlock, AxialStack, layer_norm
 from .config import AxialTransformerConfig
 
 __all__ = ["AxialTransformer", "AxialTransformerConfig", "shift_down", "shift_right"]
@@ -38,6 +38,11 @@ def shift_down(x: Tensor) -> Tensor:
 def shift_right(x: Tensor) -> Tensor:
     """[B, H, W, D]: column j takes column j-1, a zero column on the left."""
     return F.pad(x, (0, 0, 1, 0))[:, :, :-1]
+
+
+def channel_of(x: Tensor, channel: Tensor) -> Tensor:
+    """Channel `channel[b]` of each image: [B, C, H, W], [B] -> [B, H, W]."""
+    return x.gather(1, channel[:, None, None, None].expand(-1, 1, *x.shape[2:]))[:, 0]
 
 
 def at_least_fp32(logits: Tensor) -> Tensor:
@@ -104,8 +109,7 @@ class AxialTransformer(nn.Module, HubMixin):
             if isinstance(module, (nn.Linear, nn.Conv2d)):
                 variance_scaling(module.weight, 1.0)
                 nn.init.zeros_(module.bias)
-        for block in [*self.channel_encoder.blocks, *self.outer_decoder.blocks,
-                      *self.inner_decoder.blocks]:
+        for block in (m for m in self.modules() if isinstance(m, AxialBlock)):
             variance_scaling(block.attn.to_out.weight, 1e-10)
             variance_scaling(block.mlp[-1].weight, 1e-10)
         variance_scaling(self.to_logits.weight, 1e-10)
@@ -161,20 +165,12 @@ class AxialTransformer(nn.Module, HubMixin):
             ctx = ctx + self.class_embedding(labels % (self.config.num_classes + 1))[:, None, None]
         return self.channel_encoder(ctx)
 
-    def decode(self, x_c: Tensor, ctx: Tensor) -> Tensor:
-        """Teacher-forced logits of one channel: x_c [B, H, W], ctx [B, H, W, D] -> [B, H, W, V]."""
-        h = self.pixel_embedding(x_c.long())
-        pos = self.positions()
-        u = shift_down(self.outer_decoder(h + pos + ctx))
-        r = self.inner_decoder(shift_right(h) + u + pos + ctx)
-        return self.logits(r)
-
     def logits(self, r: Tensor) -> Tensor:
         return F.linear(layer_norm(r, self.final_norm), self.to_logits.weight, self.to_logits.bias)
 
     # ----------------------------------------------------------------------------------------
     # Decoding one row and one subpixel at a time, through the blocks' own forward with
-    # key/value caches: the steps of the sampler's and the codec's loop (decoding.decode).
+    # key/value caches: the steps of the sampler's loop (decoding.decode).
 
     def new_caches(self, batch: int, like: Tensor) -> tuple[list, list]:
         """Zeroed key/value caches of the outer decoder (over rows, for each column of each
@@ -195,9 +191,14 @@ class AxialTransformer(nn.Module, HubMixin):
         return self.logits(r[:, 0, 0])
 
     def slice_logits(self, x: Tensor, channel: Tensor, labels: Tensor | None = None) -> Tensor:
-        """Logits of channel `channel[b]` of each image: [B, C, H, W], [B] -> [B, H, W, V]."""
-        x_c = x.gather(1, channel[:, None, None, None].expand(-1, 1, *x.shape[2:]))[:, 0]
-        return self.decode(x_c, self.channel_context(x, channel, labels))
+        """Teacher-forced logits of channel `channel[b]` of each image: [B, C, H, W], [B] ->
+        [B, H, W, V]."""
+        ctx = self.channel_context(x, channel, labels)
+        h = self.pixel_embedding(channel_of(x, channel).long())
+        pos = self.positions()
+        u = shift_down(self.outer_decoder(h + pos + ctx))
+        r = self.inner_decoder(shift_right(h) + u + pos + ctx)
+        return self.logits(r)
 
     # ----------------------------------------------------------------------------------------
     # Public API.
@@ -250,8 +251,8 @@ class AxialTransformer(nn.Module, HubMixin):
                                     device=generator.device if generator else "cpu")
         channel = channel.to(x.device)
         logits = at_least_fp32(self.slice_logits(x, channel, labels))
-        target = x.gather(1, channel[:, None, None, None].expand(-1, 1, *x.shape[2:]))[:, 0]
-        nats = F.cross_entropy(rearrange(logits, "b h w v -> b v h w"), target.long())
+        nats = F.cross_entropy(rearrange(logits, "b h w v -> b v h w"),
+                               channel_of(x, channel).long())
         return nats / math.log(2)
 
     @torch.no_grad()

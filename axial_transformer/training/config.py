@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ..model.config import AxialTransformerConfig, is_int, without_run_time_keys
+from ..model.config import AxialTransformerConfig, is_int, with_preset, without_run_time_keys
 
 
 @dataclass
@@ -241,6 +241,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {section} is not a section")
         node[name] = Override(raw.strip())
+    if isinstance(tree.get("model"), dict):  # `preset: NAME` and the settings that differ
+        tree["model"] = with_preset(tree["model"])
     return _build(RunConfig, tree)
 
 
