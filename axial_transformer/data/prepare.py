@@ -1,7 +1,7 @@
-"""`prepare`: convert a source once into the uint8 .npy [N, H, W, C] that training memory-maps,
-with `X_labels.npy` and `X_classes.json` beside `X.npy` where the source has labels. Each output
-is written to a temporary file, and all are renamed into place only once every one is complete:
-a failed run leaves the previous outputs as they were."""
+"""`prepare`: convert a source once into the uint8 .npy [N, H, W, C] (clips: [N, T, H, W, C])
+that training memory-maps, with `X_labels.npy` and `X_classes.json` beside `X.npy` where the
+source has labels. Each output is written to a temporary file, and all are renamed into place
+only once every one is complete: a failed run leaves the previous outputs as they were."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..files import atomic_write
+from .clips import BUILTIN_CLIPS, decode_clip, is_clip_source, open_clip_source
 from .image_files import CorruptImageError, decode_image, resize_box
 from .labels import classes_path, labels_path
 from .npy_rows import RowWriter
@@ -57,16 +58,20 @@ def prepare_holdout(source: str | Path, out_dir: str | Path, fraction: float,
 
 def convert(
     source: str | Path, outputs: list[Path], holdout: float, *, format: str = "auto",
-    split: str = "train", image_size: tuple[int, int] | None = None, channels: int = 3,
+    split: str = "train", image_size: tuple[int, int] | None = None, channels: int | None = None,
     on_error: str = "skip", resize: bool = False, skip_damaged: bool = False,
-    progress: bool = True,
+    progress: bool = True, frames: int | None = None, count: int | None = None,
 ) -> list[int]:
     """Decode `source` once into outputs[0], or with `holdout` into outputs = [train, test];
     returns the number of images of each (docs/data.md). Every image must be `image_size` (None:
     the first one's size), or with `resize` is box-resized to it; image files are converted to
     RGB (`channels` 3) or grayscale (1); an image file that cannot be decoded or is too large is
     skipped with a warning (`on_error` "skip") or stops the run ("raise"); a damaged archive
-    stops it unless `skip_damaged`, which prepares the images before the break."""
+    stops it unless `skip_damaged`, which prepares the images before the break. Clips (with
+    `frames`, or from a clip source: clips.py) keep their first `frames` frames, each resized
+    frame by frame, and a video file with fewer frames is skipped like an undecodable one;
+    `count` is the number of moving digits to make. `channels` None is 1 for the grayscale
+    moving digits and 3 otherwise."""
     if on_error not in ("skip", "raise"):
         raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
     if image_size is not None:
@@ -75,7 +80,18 @@ def convert(
             raise ValueError(f"--image-size must be two positive numbers H W, got {image_size}")
     if resize and image_size is None:
         raise ValueError("--resize needs --image-size H W to resize to")
-    src = open_source(source, format, split)
+    clips = is_clip_source(Path(source), format, frames)
+    if channels is None:
+        channels = 1 if str(source) == BUILTIN_CLIPS else 3
+    if clips:
+        if holdout and str(source) == BUILTIN_CLIPS:
+            raise ValueError(f"{BUILTIN_CLIPS} has its own test split, of digits never seen in "
+                             f"training: prepare it with --split test instead of --holdout")
+        src, frames = open_clip_source(source, format, split, frames, image_size, count)
+    elif count is not None:
+        raise ValueError(f"--count is for {BUILTIN_CLIPS}; {source} holds the images it holds")
+    else:
+        src = open_source(source, format, split)
     if src.damage and not skip_damaged:
         raise ValueError(f"{src.damage}; pass skip_damaged=True (--skip-damaged) to prepare "
                          f"those alone")
@@ -92,17 +108,17 @@ def convert(
             tmp.unlink(missing_ok=True)
             warnings.warn(f"removed {tmp} ({size:,} bytes), left by an earlier run that was "
                           f"killed", stacklevel=3)
-    counts, skipped = [], []
+    counts, skipped, unit = [], [], "clip" if clips else "image"
 
     def write(tmps: list[Path]) -> None:
         tmp = dict(zip(files, tmps, strict=True))
         kept = write_images(src, tmp[outputs[0]], str(outputs[0]), skipped, channels,
-                            image_size, resize, on_error, progress)
+                            image_size, resize, on_error, progress, frames if clips else None)
         rows = {outputs[0]: kept}
         if holdout:  # round(holdout * N) images, drawn with a fixed seed
             held = math.floor(holdout * len(kept) + 0.5)
             if not 0 < held < len(kept):
-                raise ValueError(f"--holdout {holdout} of {len(kept)} images would leave {held} "
+                raise ValueError(f"--holdout {holdout} of {len(kept)} {unit}s would leave {held} "
                                  f"for test and {len(kept) - held} for training; both need at "
                                  f"least one")
             test = np.zeros(len(kept), dtype=bool)
@@ -125,7 +141,9 @@ def convert(
     atomic_write_all(files, write)
     if skipped:
         shown = "; ".join(skipped[:5]) + ("; ..." if len(skipped) > 5 else "")
-        warnings.warn(f"skipped {len(skipped)} unreadable image(s): {shown}", stacklevel=3)
+        unreadable = (f"clip(s) unreadable or shorter than {frames} frames" if clips
+                      else "unreadable image(s)")
+        warnings.warn(f"skipped {len(skipped)} {unreadable}: {shown}", stacklevel=3)
     paper = VAN_DEN_OORD_NAME.match(src.path.name)  # a tar or folder of the paper's data
     if paper and sum(counts) != VAN_DEN_OORD_COUNTS[paper[1]]:
         warnings.warn(f"{src.path.name} should hold {VAN_DEN_OORD_COUNTS[paper[1]]:,} images (van "
@@ -137,14 +155,17 @@ def convert(
 def write_images(
     src: Source, path: Path, name: str, skipped: list[str], channels: int,
     image_size: tuple[int, int] | None, resize: bool, on_error: str, progress: bool,
+    frames: int | None = None,
 ) -> np.ndarray:
     """Decode every record into a .npy at `path` (to become `name`) with a row for each record,
     created at the first image, whose size (unless given) sets everyone's; returns the rows
-    written, in order, and adds the messages of the images skipped to `skipped`."""
+    written, in order, and adds the messages of the images skipped to `skipped`. With `frames`
+    the records are clips [T, H, W, C] (or video files), resized frame by frame."""
     out, first = None, None
+    unit, axes = ("img", "HxWxC") if frames is None else ("clip", "TxHxWxC")
     written = np.zeros(src.count, dtype=bool)
     try:
-        for index, image_name, image in tqdm(src.records, total=src.count, unit="img",
+        for index, image_name, image in tqdm(src.records, total=src.count, unit=unit,
                                              disable=not progress,
                                              desc=f"{src.format} {src.path.name}"):
             try:
@@ -154,25 +175,28 @@ def write_images(
                     if channels not in (1, 3):
                         raise ValueError(f"image files decode to 1 (grayscale) or 3 (RGB) "
                                          f"channels, not {channels}")
-                    image = decode_image(image, image_name, "RGB" if channels == 3 else "L")
+                    mode = "RGB" if channels == 3 else "L"
+                    image = (decode_image(image, image_name, mode) if frames is None
+                             else decode_clip(image, image_name, mode, frames))
             except CorruptImageError as e:
                 if on_error == "raise":
                     raise
                 skipped.append(str(e))
                 continue
-            if image.shape[2] != channels:
-                raise ValueError(f"{image_name}: has {image.shape[2]} channels, expected "
-                                 f"{channels} (pass --channels {image.shape[2]})")
-            if image_size is not None and image.shape[:2] != image_size:
+            if image.shape[-1] != channels:
+                raise ValueError(f"{image_name}: has {image.shape[-1]} channels, expected "
+                                 f"{channels} (pass --channels {image.shape[-1]})")
+            if image_size is not None and image.shape[-3:-1] != image_size:
                 if not resize:
-                    raise ValueError(f"{image_name}: is {image.shape[0]}x{image.shape[1]}, "
+                    raise ValueError(f"{image_name}: is {image.shape[-3]}x{image.shape[-2]}, "
                                      f"expected {image_size[0]}x{image_size[1]}; pass --resize "
                                      f"to resize")
-                image = resize_box(image, image_size)
+                image = (resize_box(image, image_size) if frames is None
+                         else np.stack([resize_box(frame, image_size) for frame in image]))
             if out is None:
                 first, out = image_name, RowWriter(path, src.count, image.shape, name)
             elif image.shape != out.row_shape:
-                raise ValueError(f"{image_name}: is {'x'.join(map(str, image.shape))} (HxWxC) "
+                raise ValueError(f"{image_name}: is {'x'.join(map(str, image.shape))} ({axes}) "
                                  f"but {first} is {'x'.join(map(str, out.row_shape))}; pass "
                                  f"--image-size H W and --resize to resize them all")
             out.write(index, image[None])
@@ -181,7 +205,8 @@ def write_images(
         if out is not None:
             out.close()
     if out is None:
-        raise ValueError(f"{src.path}: no image could be read ({len(skipped)} skipped)")
+        what = "image" if frames is None else f"clip of {frames} frames"
+        raise ValueError(f"{src.path}: no {what} could be read ({len(skipped)} skipped)")
     return np.flatnonzero(written)
 
 
