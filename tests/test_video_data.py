@@ -174,6 +174,11 @@ def test_prepare_mp4_folder(tmp_path):
     train, test = quiet(prepare_holdout, tmp_path / "videos", tmp_path / "split", 0.5, frames=6,
                         channels=1)
     assert (train, test) == (1, 1)
+    (tmp_path / "videos" / "c.mp4").write_bytes(b"\0\0\0\x18ftypmp42" + b"\xff" * 200)
+    with pytest.raises(ValueError, match=r"c\.mp4: cannot decode video"):
+        quiet(prepare, tmp_path / "videos", tmp_path / "bad.npy", frames=6, on_error="raise")
+    with pytest.warns(UserWarning, match=r"skipped 1 clip.*c\.mp4"):
+        assert quiet(prepare, tmp_path / "videos", tmp_path / "bad.npy", frames=6) == 2
 
 
 def test_mp4_without_pyav_is_one_clear_error(tmp_path, monkeypatch):
