@@ -56,10 +56,13 @@ def is_clip_source(path: Path, format: str, frames: int | None) -> bool:
         return True
     if format != "auto":
         return False
-    if path.is_dir():
-        names = [p.name for p in path.rglob("*") if p.is_file()]
-        return (any(is_video_name(n) for n in names)
-                and not any(is_image_name(n) for n in names))
+    if path.is_dir():  # stops at the first image: a folder of 1.28M PNGs is not listed twice
+        videos = False
+        for file in path.rglob("*"):
+            if is_image_name(file.name) and file.is_file():
+                return False
+            videos = videos or (is_video_name(file.name) and file.is_file())
+        return videos
     if path.is_file() and path.suffix.lower() == ".npy":
         try:
             return np.load(path, mmap_mode="r", allow_pickle=False).ndim == 5
