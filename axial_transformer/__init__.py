@@ -9,6 +9,7 @@ from .layers import (
 )
 from .model.config import PRESETS, AxialTransformerConfig
 from .model.transformer import AxialTransformer
+from .model.video import VideoTransformer, build_model
 
 __all__ = [
     "PRESETS",
@@ -19,5 +20,7 @@ __all__ = [
     "AxialTransformerConfig",
     "AxisAttention",
     "ChannelAttention",
+    "VideoTransformer",
+    "build_model",
 ]
 __version__ = "0.1.0"

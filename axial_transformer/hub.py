@@ -113,13 +113,19 @@ class HubMixin(
             raise FileNotFoundError(f"{source}: no such directory, and not a Hub repository id "
                                     "(owner/name)")
         config = read_config(config_file, f"{source}/{CONFIG}")
-        check_shapes(weights, cls.parameter_shapes(config))
-        model = cls(config)
+        model_class = cls.model_class_for(config)
+        check_shapes(weights, model_class.parameter_shapes(config))
+        model = model_class(config)
         try:
             model.load_state_dict(read_tensors(weights))
         except ValueError as e:
             raise ValueError(f"{weights}: {e}") from None
         return model.to(map_location).eval()
+
+    @classmethod
+    def model_class_for(cls, config: AxialTransformerConfig) -> type:
+        """The class to build for a saved config (a ValueError if this class cannot load it)."""
+        return cls
 
     @classmethod
     def parameter_shapes(cls, config: AxialTransformerConfig) -> dict[str, tuple[int, ...]]:

@@ -15,10 +15,15 @@ from .attention import ATTENTION_PATHS
 # than tensor sizes can count, nor take minutes to lay out before its weights are checked.
 MAX_SIDE = 2**16
 MAX_MLP_RATIO = 1024
+# The video fields' defaults; an image model (frames 0) leaves them out of its saved config, so
+# that image configs and checkpoints stay those of earlier versions.
+FRAME_LAYERS = 3
+VIDEO_DEFAULTS = {"frames": 0, "frame_layers": FRAME_LAYERS}
 INT_RANGES = {
     "channels": (1, 1024), "dim": (1, 2**16), "heads": (1, 2**16),
     "encoder_layers": (1, 256), "outer_layers": (1, 256), "inner_layers": (1, 256),
-    "levels": (1, 2**16), "num_classes": (0, 2**20),
+    "levels": (1, 2**16), "num_classes": (0, 2**20), "frames": (0, MAX_SIDE),
+    "frame_layers": (1, 255),
 }
 
 
@@ -63,6 +68,12 @@ class AxialTransformerConfig:
     num_classes: int = 0
     # Their names, in label order (empty: numbers only); training takes them from the data.
     class_names: tuple[str, ...] = ()
+    # Frames per clip of a video model (0: an image model). A video is modelled frame after
+    # frame, each frame as an image given a context computed from the frames before it.
+    frames: int = 0
+    # Frame encoder blocks of a video model, cycling unmasked row, unmasked column and masked
+    # time attention (a positive multiple of 3, so that every axis gets its share).
+    frame_layers: int = FRAME_LAYERS
 
     def __post_init__(self) -> None:
         if isinstance(self.image_size, int) and not isinstance(self.image_size, bool):
@@ -97,10 +108,24 @@ class AxialTransformerConfig:
             raise ValueError(f"class_names must be a list of strings, got "
                              f"{shown(self.class_names)}")
         self.class_names = tuple(self.class_names)
+        self.check_video_fields()
         if self.class_names:
             if len(self.class_names) != self.num_classes:
                 raise ValueError(f"class_names has {len(self.class_names)} names for "
                                  f"num_classes={self.num_classes}")
+
+    def check_video_fields(self) -> None:
+        if self.frames == 0:
+            if self.frame_layers != FRAME_LAYERS:
+                raise ValueError(f"frame_layers ({self.frame_layers}) applies to video models "
+                                 "only: set frames > 0 as well")
+            return
+        if self.frame_layers % 3:
+            raise ValueError(f"frame_layers must be a positive multiple of 3 (row, column and "
+                             f"time blocks), got {self.frame_layers}")
+        if self.num_classes:
+            raise ValueError(f"class-conditional video models are not supported: num_classes "
+                             f"must be 0 when frames > 0, got {self.num_classes}")
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> AxialTransformerConfig:
@@ -126,6 +151,9 @@ class AxialTransformerConfig:
         d = dataclasses.asdict(self)
         d["image_size"] = list(self.image_size)
         d["class_names"] = list(self.class_names)
+        if self.frames == 0:  # an image model's config is what it was before video models
+            for key in VIDEO_DEFAULTS:
+                del d[key]
         return d
 
 

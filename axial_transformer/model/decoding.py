@@ -53,12 +53,15 @@ def decode(
     on_logits: LogitsHook | None = None,
     progress: bool = False,
     compile: bool = False,
+    frame_context: Tensor | None = None,
 ) -> Tensor:
     """Fill x [B, C, H, W] (long, on the model's device) in the model's order, in place: each
     subpixel's value is `choose(logits, column, x_row)` given everything before it (and the
     images' classes `labels` [B] in a class-conditional model). Rows with skip[c][i] True are
     left as they are (their pixels must already be in x). With `compile`, each outer-decoder row
-    and each subpixel run as one compiled graph. Run it inside `decoding_mode`."""
+    and each subpixel run as one compiled graph. A video model decodes each frame with its
+    `frame_context` [B, H, W, D] (`AxialTransformer.channel_context`). Run it inside
+    `decoding_mode`."""
     b, c, h, w = x.shape
     like = model.pos_h
     if torch.is_autocast_enabled(x.device.type):
@@ -79,7 +82,8 @@ def decode(
             if skip is not None and all(skip[ci][i:]):  # nothing left to decode in this channel
                 continue
             if ctx is None:
-                ctx = model.channel_context(x, torch.full((b,), ci, device=x.device), labels)
+                ctx = model.channel_context(x, torch.full((b,), ci, device=x.device), labels,
+                                            frame_context)
             if i > 0:
                 above = model.pixel_embedding(x[:, ci, i - 1]) + pos[i - 1] + ctx[:, i - 1]
                 with cpu_speedups.skip_guard_checks(compile and outer_checked):

@@ -50,6 +50,15 @@ def at_least_fp32(logits: Tensor) -> Tensor:
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
+def variance_scaling(weight: Tensor, scale: float) -> None:
+    """The official `variance_scaling` init (axial/nn.py): truncated normal of variance
+    scale / fan_in."""
+    fan_in = weight[0].numel()
+    # TF's truncated normal keeps +-2 std; 0.8796... restores the intended variance.
+    std = math.sqrt(scale / fan_in) / 0.87962566103423978
+    nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
+
+
 class AxialTransformer(nn.Module, HubMixin):
     """The model; `save_pretrained`, `from_pretrained` and `push_to_hub` come from `HubMixin`."""
 
@@ -99,12 +108,6 @@ class AxialTransformer(nn.Module, HubMixin):
         distribution (8 bits per subpixel).
         """
 
-        def variance_scaling(weight: Tensor, scale: float) -> None:
-            fan_in = weight[0].numel()
-            # TF's truncated normal keeps +-2 std; 0.8796... restores the intended variance.
-            std = math.sqrt(scale / fan_in) / 0.87962566103423978
-            nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
-
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Conv2d)):
                 variance_scaling(module.weight, 1.0)
@@ -147,9 +150,12 @@ class AxialTransformer(nn.Module, HubMixin):
     def positions(self) -> Tensor:
         return self.pos_h + self.pos_w  # (H, W, D)
 
-    def channel_context(self, x: Tensor, channel: Tensor, labels: Tensor | None = None) -> Tensor:
+    def channel_context(self, x: Tensor, channel: Tensor, labels: Tensor | None = None,
+                        frame_context: Tensor | None = None) -> Tensor:
         """ctx for modelling channel `channel[b]` of image `x[b]` (of class `labels[b]`, -1 for
-        none, in a class-conditional model): [B, C, H, W] -> [B, H, W, D]."""
+        none, in a class-conditional model): [B, C, H, W] -> [B, H, W, D]. A video model passes
+        each frame's `frame_context` [B, H, W, D] (computed from the frames before it), added
+        to the encoder's input like the class, so that it too reaches both decoders."""
         planes = torch.arange(self.config.channels, device=x.device)
         known = (planes[None, :] < channel[:, None])[:, :, None, None]  # channels < c
         values = (x.to(self.encoder_input.weight.dtype) / (self.config.levels - 1)) * known
@@ -163,6 +169,8 @@ class AxialTransformer(nn.Module, HubMixin):
         if self.class_embedding is not None:
             # -1 ("no class") takes the last row.
             ctx = ctx + self.class_embedding(labels % (self.config.num_classes + 1))[:, None, None]
+        if frame_context is not None:
+            ctx = ctx + frame_context
         return self.channel_encoder(ctx)
 
     def logits(self, r: Tensor) -> Tensor:
@@ -190,10 +198,11 @@ class AxialTransformer(nn.Module, HubMixin):
         r = self.inner_decoder.step(inputs[:, None, None], caches, column)
         return self.logits(r[:, 0, 0])
 
-    def slice_logits(self, x: Tensor, channel: Tensor, labels: Tensor | None = None) -> Tensor:
+    def slice_logits(self, x: Tensor, channel: Tensor, labels: Tensor | None = None,
+                     frame_context: Tensor | None = None) -> Tensor:
         """Teacher-forced logits of channel `channel[b]` of each image: [B, C, H, W], [B] ->
-        [B, H, W, V]."""
-        ctx = self.channel_context(x, channel, labels)
+        [B, H, W, V] (`frame_context`: see `channel_context`)."""
+        ctx = self.channel_context(x, channel, labels, frame_context)
         h = self.pixel_embedding(channel_of(x, channel).long())
         pos = self.positions()
         u = shift_down(self.outer_decoder(h + pos + ctx))
@@ -308,3 +317,13 @@ class AxialTransformer(nn.Module, HubMixin):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    @classmethod
+    def model_class_for(cls, config: AxialTransformerConfig) -> type[nn.Module]:
+        """The class that `from_pretrained` builds for a saved config: AxialTransformer loads
+        image and video models alike (a video export gives a VideoTransformer)."""
+        if config.frames:
+            from .video import VideoTransformer
+
+            return VideoTransformer
+        return cls

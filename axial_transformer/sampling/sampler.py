@@ -43,8 +43,14 @@ def sample_naive(model: AxialTransformer, num_samples: int, **request) -> Tensor
 
 
 def draw(model: AxialTransformer, request: Request, naive: bool = False) -> Tensor:
-    """The images of a request, batch after batch, by the cached sampler (or the naive one)."""
-    draw_batch = draw_naive if naive else draw_cached
+    """The images of a request, batch after batch, by the cached sampler (or the naive one);
+    a video model's clips by the video samplers (video.py)."""
+    if model.config.frames:
+        from .video import draw_video_cached, draw_video_naive
+
+        draw_batch = draw_video_naive if naive else draw_video_cached
+    else:
+        draw_batch = draw_naive if naive else draw_cached
     return torch.cat([draw_batch(model, batch) for batch in request.batches()])
 
 
