@@ -1,6 +1,7 @@
 """Exact bits/dim over a whole test split, its per-pixel heatmap, and lossless-codec baselines.
 Each process scores a disjoint share of the images (each once: no padding, no dropped remainder)
-and the sums are all-reduced, so the result is the same on one process or many."""
+and the sums are all-reduced, so the result is the same on one process or many. A video model's
+clips are scored the same way, with the bits of each frame summed as well (bits/dim per frame)."""
 
 from __future__ import annotations
 
@@ -30,12 +31,15 @@ class BitSums:
     """Sums over scored images, in float64 so that 50,000 images add up exactly enough."""
 
     channel_bits: Tensor  # (C,) bits of each channel summed over images and pixels
-    pixel_bits: Tensor | None  # (C, H, W) bits of each subpixel summed over images
-    images: int
+    pixel_bits: Tensor | None  # (C, H, W) bits of each subpixel summed over images; (C, T, H, W)
+    images: int  # images, or clips
+    frame_bits: Tensor | None = None  # a video model's (T,): bits of each frame summed over clips
 
     def __add__(self, other: BitSums) -> BitSums:
         pixel = None if self.pixel_bits is None else self.pixel_bits + other.pixel_bits
-        return BitSums(self.channel_bits + other.channel_bits, pixel, self.images + other.images)
+        frame = None if self.frame_bits is None else self.frame_bits + other.frame_bits
+        return BitSums(self.channel_bits + other.channel_bits, pixel, self.images + other.images,
+                       frame)
 
 
 @torch.no_grad()
@@ -43,13 +47,15 @@ def bit_sums(model: nn.Module, dataset: Dataset, indices: range | list[int], bat
              device: torch.device | str = "cpu", bf16: bool = False, per_pixel: bool = False,
              workers: int = 0, progress: bool = False, no_class: bool = False) -> BitSums:
     """Bits of the images `dataset[i]`, i in `indices`, given their labels in a labelled split
-    (or "no class" with `no_class`)."""
+    (or "no class" with `no_class`); of a video model's clips, also per frame."""
     was_training = model.training
     model.eval()
-    c, (h, w) = model.config.channels, model.config.image_size
+    c, (h, w), frames = model.config.channels, model.config.image_size, model.config.frames
+    shape = (c, frames, h, w) if frames else (c, h, w)  # one image or clip, without the batch
     sums = BitSums(torch.zeros(c, dtype=torch.float64, device=device),
-                   torch.zeros(c, h, w, dtype=torch.float64, device=device) if per_pixel
-                   else None, 0)
+                   torch.zeros(shape, dtype=torch.float64, device=device) if per_pixel
+                   else None, 0,
+                   torch.zeros(frames, dtype=torch.float64, device=device) if frames else None)
     loader = DataLoader(Subset(dataset, list(indices)), batch_size=batch_size, shuffle=False,
                         num_workers=workers)
     # fp32 by default: bits/dim is the number reported, bf16 logits move it in the 3rd decimal.
@@ -61,27 +67,42 @@ def bit_sums(model: nn.Module, dataset: Dataset, indices: range | list[int], bat
         if labels is not None and no_class:
             labels = torch.full_like(labels, -1)
         with precision.autocast(torch.device(device).type):
-            bits = model.subpixel_bits(x, labels).double()  # (B, C, H, W)
-        sums += BitSums(bits.sum(dim=(0, 2, 3)), bits.sum(dim=0) if per_pixel else None,
-                        x.shape[0])
+            # (B, C, H, W), or a video model's (B, C, T, H, W): it takes no labels
+            bits = (model.subpixel_bits(x) if labels is None
+                    else model.subpixel_bits(x, labels)).double()
+        sums += BitSums(sum_but(bits, 1), bits.sum(dim=0) if per_pixel else None, x.shape[0],
+                        sum_but(bits, 2) if frames else None)
     model.train(was_training)
     return sums
 
 
+def sum_but(bits: Tensor, axis: int) -> Tensor:
+    """`bits` summed over every axis but `axis`."""
+    return bits.sum(dim=tuple(d for d in range(bits.ndim) if d != axis))
+
+
 def summarize(sums: BitSums, image_size: tuple[int, int]) -> dict:
+    """bits/dim of the images (or clips: "bpd" over every subpixel of the clip, comparable with
+    published video figures), per channel and, for clips, per frame ("bpd_frame", a list)."""
     if sums.images == 0:
         raise ValueError("no test images were scored")
-    per_channel = (sums.channel_bits / (sums.images * image_size[0] * image_size[1])).tolist()
-    return {"bpd": sum(per_channel) / len(per_channel), "bpd_channel": per_channel,
-            "images": sums.images}
+    pixels = sums.images * image_size[0] * image_size[1]
+    frames = 1 if sums.frame_bits is None else len(sums.frame_bits)
+    per_channel = (sums.channel_bits / (pixels * frames)).tolist()
+    metrics = {"bpd": sum(per_channel) / len(per_channel), "bpd_channel": per_channel,
+               "images": sums.images}
+    if sums.frame_bits is not None:
+        metrics["bpd_frame"] = (sums.frame_bits / (pixels * len(sums.channel_bits))).tolist()
+    return metrics
 
 
 def evaluate(model: nn.Module, dataset: Dataset, accelerator, batch_size: int,
              max_images: int = 0, bf16: bool = False, per_pixel: bool = False, workers: int = 0,
              progress: bool = False, no_class: bool = False) -> tuple[dict, Tensor | None]:
     """bits/dim of `model` over `dataset` (its first `max_images` if nonzero) on all processes,
-    and with `per_pixel` the mean bits of each subpixel (C, H, W). Give `progress` to the main
-    process; a class-conditional model is given each image's label, or none with `no_class`."""
+    and with `per_pixel` the mean bits of each subpixel (C, H, W; a clip's C, T, H, W). Give
+    `progress` to the main process; a class-conditional model is given each image's label, or
+    none with `no_class`."""
     n = len(dataset) if max_images == 0 else min(max_images, len(dataset))
     indices = shard_indices(n, accelerator.process_index, accelerator.num_processes)
     sums = bit_sums(model, dataset, indices, batch_size, accelerator.device, bf16, per_pixel,
@@ -89,7 +110,8 @@ def evaluate(model: nn.Module, dataset: Dataset, accelerator, batch_size: int,
     images = torch.tensor([sums.images], dtype=torch.float64, device=accelerator.device)
     sums = BitSums(accelerator.reduce(sums.channel_bits, "sum"),
                    accelerator.reduce(sums.pixel_bits, "sum") if per_pixel else None,
-                   int(accelerator.reduce(images, "sum").item()))
+                   int(accelerator.reduce(images, "sum").item()),
+                   None if sums.frame_bits is None else accelerator.reduce(sums.frame_bits, "sum"))
     metrics = summarize(sums, model.config.image_size)
     if metrics["images"] != n:
         raise RuntimeError(f"scored {metrics['images']} test images, expected {n}")
@@ -109,8 +131,12 @@ def channel_names(channels: int) -> list[str]:
 
 
 def heatmap_image(pixel_bits: Tensor | np.ndarray, min_side: int = 128) -> Image.Image:
-    """One panel per channel plus their mean, on a shared colour scale, labelled with bits/dim."""
+    """One panel per channel plus their mean, on a shared colour scale, labelled with bits/dim.
+    A clip's (C, T, H, W) shows its frames top to bottom in each panel."""
     bits = torch.as_tensor(pixel_bits).double().cpu().numpy()  # (C, H, W)
+    frames = bits.shape[1] if bits.ndim == 4 else 1
+    if bits.ndim == 4:  # (C, T, H, W) -> (C, T * H, W), each frame as large as an image's
+        bits, min_side = bits.reshape(len(bits), -1, bits.shape[-1]), min_side * frames
     panels = np.stack([*bits, bits.mean(axis=0)])
     # The first pixel of each channel costs ~8 bits (nothing to condition on); a scale that
     # ends at the 99th percentile keeps that one pixel from washing out the others.
@@ -120,7 +146,8 @@ def heatmap_image(pixel_bits: Tensor | np.ndarray, min_side: int = 128) -> Image
     scale = max(1, math.ceil(min_side / max(bits.shape[1:])))
     tiles = np.stack(rgb, axis=-1).round().astype(np.uint8).repeat(scale, 1).repeat(scale, 2)
     (n, h, w, _), pad, text = tiles.shape, 4, 14
-    canvas = Image.new("RGB", (n * (w + pad) + pad, h + 2 * text + pad), "white")
+    notes = 1 + (frames > 1)  # lines of text below the panels
+    canvas = Image.new("RGB", (n * (w + pad) + pad, h + (1 + notes) * text + pad), "white")
     draw = ImageDraw.Draw(canvas)
     labels = [*channel_names(len(bits)), "mean"]
     for k, (tile, panel, label) in enumerate(zip(tiles, panels, labels, strict=True)):
@@ -128,6 +155,8 @@ def heatmap_image(pixel_bits: Tensor | np.ndarray, min_side: int = 128) -> Image
         draw.text((pad + k * (w + pad), 1), f"{label}: {panel.mean():.3f} bits/dim", fill="black")
     draw.text((pad, text + h + 1), f"scale: {low:.2f} (dark) to {high:.2f}+ (yellow) bits per "
               "subpixel", fill="black")
+    if frames > 1:
+        draw.text((pad, 2 * text + h + 1), f"frames 1 to {frames}, top to bottom", fill="black")
     return canvas
 
 
@@ -169,8 +198,13 @@ def lossless_bits_per_dim(images: np.ndarray, codec: str, progress: bool = False
 
 
 def codec_baselines(test_set: Dataset, max_images: int = 0, progress: bool = False) -> dict:
+    """The codecs' bits/dim over the first `max_images` (0: all) images of `test_set`; of a
+    split of clips, over every frame of those clips, each frame encoded as an image of its own
+    (these are image codecs: they use no other frame)."""
     n = len(test_set) if max_images == 0 else min(max_images, len(test_set))
-    images = np.stack([split_batch(test_set[i])[0].permute(1, 2, 0).numpy()
-                       for i in range(n)])  # (N, H, W, C)
+    items = [split_batch(test_set[i])[0] for i in range(n)]  # [C, H, W], or clips [C, T, H, W]
+    images = np.concatenate([np.moveaxis(item.numpy(), 0, -1).reshape(-1, *item.shape[-2:],
+                                                                     len(item))
+                             for item in items])  # (N, H, W, C), or (N * T, H, W, C)
     return {f"baseline/{codec}_bpd": lossless_bits_per_dim(images, codec, progress)
             for codec in BASELINES}

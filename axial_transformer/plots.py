@@ -1,5 +1,6 @@
-"""Pictures a user looks at: sample grids big enough to see, with their rows labelled, and the
-loss curve of a run. Drawn with PIL alone (no plotting library to install)."""
+"""Pictures a user looks at: sample grids big enough to see, with their rows labelled, clips as
+animated GIF grids, and the loss curve of a run. Drawn with PIL alone (no plotting library to
+install)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,40 @@ def image_grid(images: torch.Tensor, nrow: int, levels: int = 256,
         middle = (PAD + k * (h + PAD) + h / 2) * zoom
         draw.text((6, middle), label, fill="black", anchor="lm", font=font)
     return labelled
+
+
+# A clip plays at 4 frames per second, slow enough to follow a frame's change.
+FRAME_MS = 250
+# The bar under a clip grid that shows which frame plays: given frames in blue, drawn ones in
+# orange (it also keeps two equal frames apart: Pillow merges identical GIF frames).
+GIVEN, DRAWN = (31, 119, 180), (255, 127, 14)
+
+
+def clip_grid(clips: torch.Tensor, nrow: int, levels: int = 256, given: int = 0,
+              min_side: int = MIN_SIDE) -> list[Image.Image]:
+    """uint8 clips [N, C, T, H, W] -> one `image_grid` per frame (clips side by side, `nrow` a
+    row), each with a bar below it that fills up as the clip plays, its first `given` frames
+    (known, not drawn) in another colour."""
+    frames = clips.shape[2]
+    pictures = []
+    for t in range(frames):
+        grid = image_grid(clips[:, :, t], nrow, levels, min_side=min_side)
+        bar = max(4, grid.height // 64)
+        picture = Image.new("RGB", (grid.width, grid.height + bar), "white")
+        picture.paste(grid, (0, 0))
+        draw = ImageDraw.Draw(picture)
+        for k in range(t + 1):
+            left, right = grid.width * k // frames, grid.width * (k + 1) // frames - 1
+            draw.rectangle([left, grid.height, right, grid.height + bar - 1],
+                           fill=GIVEN if k < given else DRAWN)
+        pictures.append(picture)
+    return pictures
+
+
+def save_gif(pictures: list[Image.Image], file, duration: int = FRAME_MS) -> None:
+    """An animated GIF of `pictures`, one GIF frame each, looping."""
+    pictures[0].save(file, format="GIF", save_all=True, append_images=pictures[1:],
+                     duration=duration, loop=0)
 
 
 def loss_curve(records: list[dict], size: tuple[int, int] = (720, 420)) -> Image.Image | None:

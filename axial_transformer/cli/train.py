@@ -98,11 +98,18 @@ def print_comparison(final: dict) -> None:
     """The model's test bits/dim (and per channel), beside what lossless codecs spend on the
     same images when the run computed it."""
     channels = ", ".join(f"{k.removeprefix('eval/bpd_')} {v:.3f}" for k, v in final.items()
-                         if k.startswith("eval/bpd_") and k != "eval/bpd_no_class")
-    print(f"\ntest bits/dim over {final['eval/images']} images (lower is better):")
+                         if k.startswith("eval/bpd_")
+                         and k not in ("eval/bpd_no_class", "eval/bpd_frame"))
+    frames = final.get("eval/bpd_frame")
+    items = "clips, every subpixel of each" if frames else "images"
+    print(f"\ntest bits/dim over {final['eval/images']} {items} (lower is better):")
     print(f"  {'Axial Transformer (EMA weights)':<34} {final['eval/bpd']:6.3f}  ({channels})")
+    if frames:
+        print(f"  {'  per frame':<34} {' '.join(f'{b:.3f}' for b in frames)}")
     if "eval/bpd_no_class" in final:
         print(f"  {'  the same told no class':<34} {final['eval/bpd_no_class']:6.3f}")
+    if "baseline/png_bpd" in final and frames:
+        print("  (the codecs below compress each frame as an image of its own)")
     if "baseline/png_bpd" in final:
         print(f"  {'JPEG XL lossless (effort 9)':<34} {final['baseline/jxl_bpd']:6.3f}")
         print(f"  {'WebP lossless (method 6)':<34} {final['baseline/webp_bpd']:6.3f}")

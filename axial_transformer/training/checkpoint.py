@@ -31,6 +31,7 @@ from torch import nn
 from ..files import atomic_write_text, check_shapes, read_tensors
 from ..hub import is_hub_id
 from ..model.transformer import AxialTransformer
+from ..model.video import build_model
 from .config import RunConfig, config_from_dict
 from .ema import EMA
 from .errors import CheckpointError
@@ -186,9 +187,10 @@ def run_config(run_dir: Path) -> RunConfig | None:
         raise ValueError(f"{saved}: not a run config this version can read ({problem})") from None
 
 
-def load_trained_model(path: str | Path) -> tuple[AxialTransformer, RunConfig | None]:
-    """The EMA model of a run directory, one of its checkpoints, an export directory or a Hub
-    repository id ("owner/name"), with the run's config when there is one (for its data spec)."""
+def load_trained_model(path: str | Path) -> tuple[nn.Module, RunConfig | None]:
+    """The EMA model (an AxialTransformer, or a VideoTransformer for a video run) of a run
+    directory, one of its checkpoints, an export directory or a Hub repository id
+    ("owner/name"), with the run's config when there is one (for its data spec)."""
     if is_hub_id(str(path)):
         return AxialTransformer.from_pretrained(str(path)), None
     path = Path(path)
@@ -215,8 +217,9 @@ def load_trained_model(path: str | Path) -> tuple[AxialTransformer, RunConfig | 
         except CheckpointError as e:
             raise ValueError(f"{path}: {e}") from None
         # Checked before the model is built: the file bounds what its config may allocate.
-        check_shapes(file, AxialTransformer.parameter_shapes(cfg.model))
-        ema = EMA(AxialTransformer(cfg.model), cfg.train.ema_decay)
+        model_class = AxialTransformer.model_class_for(cfg.model)  # or VideoTransformer
+        check_shapes(file, model_class.parameter_shapes(cfg.model))
+        ema = EMA(build_model(cfg.model), cfg.train.ema_decay)
         try:
             ema.model.load_state_dict(read_tensors(file))
         except ValueError as e:

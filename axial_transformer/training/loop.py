@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from ..evaluation import codec_baselines, evaluate, save_heatmap
 from ..model.transformer import AxialTransformer
+from ..model.video import build_model
 from .checkpoint import checkpoint_path
 from .config import RunConfig
 from .distributed import agree, replicas_in_sync
@@ -80,7 +81,8 @@ def run(cfg: RunConfig, start: Start, preemption: Preemption) -> dict:
         if main:
             bar.write(f"{f'resuming from {resumed.path}' if resumed else 'starting'}: "
                       f"{model.num_parameters():,} parameters, {len(start.train_set)} train / "
-                      f"{len(start.test_set)} test images on {accelerator.device}, batch "
+                      f"{len(start.test_set)} test {'clips' if cfg.model.frames else 'images'} "
+                      f"on {accelerator.device}, batch "
                       f"{t.batch_size} = {start.micro_batch} x {accelerator.num_processes} "
                       f"process(es) x {t.grad_accumulation} accumulation")
         # The thread count is logged: CPU results are bit-identical only under the same one.
@@ -157,7 +159,7 @@ def build(cfg: RunConfig, start: Start) -> tuple:
     loader = DataLoader(start.train_set, batch_size=start.micro_batch, shuffle=True,
                         drop_last=True, num_workers=cfg.data.workers)
     set_seed(t.seed)  # the same init on every process
-    model = AxialTransformer(cfg.model).set_gradient_checkpointing(t.gradient_checkpointing)
+    model = build_model(cfg.model).set_gradient_checkpointing(t.gradient_checkpointing)
     ema = EMA(model, t.ema_decay)
     objective, optimizer, loader = start.accelerator.prepare(
         Objective(model, t.objective), adam(model.parameters(), t), loader)

@@ -48,12 +48,30 @@ class MetricsLog:
         if "train/loss_bpd" in metrics or "eval/bpd" in metrics:  # RUN/loss_curve.png, kept current
             with naming(self.path.parent / "loss_curve.png"):
                 write_loss_curve(self.path.parent)
-        self.accelerator.log(metrics, step=step)
+        self.accelerator.log(scalars(metrics), step=step)
 
     def show(self, step: int, metrics: dict) -> None:
         if self.accelerator.is_main_process:
-            self.bar.write(" ".join(f"{k} {f'{v:.4g}' if isinstance(v, float) else v}"
-                                    for k, v in {"step": step, **metrics}.items()))
+            self.bar.write(" ".join(f"{k} {shown(v)}" for k, v in {"step": step,
+                                                                   **metrics}.items()))
+
+
+def shown(value) -> str:
+    if isinstance(value, list):  # a video model's bits/dim per frame
+        return "[" + " ".join(map(shown, value)) + "]"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def scalars(metrics: dict) -> dict:
+    """A record as trackers take it: a list (bits/dim per frame) as one key per item,
+    eval/bpd_frame/0, eval/bpd_frame/1, ..."""
+    flat = {}
+    for key, value in metrics.items():
+        if isinstance(value, list):
+            flat.update({f"{key}/{k}": v for k, v in enumerate(value)})
+        else:
+            flat[key] = value
+    return flat
 
 
 class TrainMeter:
@@ -125,15 +143,21 @@ def final_record(path: Path, steps: int) -> dict | None:
 def eval_metrics(metrics: dict, channels: int) -> dict:
     from ..evaluation import channel_names
 
-    return {"eval/bpd": metrics["bpd"], "eval/images": metrics["images"],
-            **{f"eval/bpd_{name}": bpd for name, bpd in zip(
-                channel_names(channels), metrics["bpd_channel"], strict=True)}}
+    record = {"eval/bpd": metrics["bpd"], "eval/images": metrics["images"],
+              **{f"eval/bpd_{name}": bpd for name, bpd in zip(
+                  channel_names(channels), metrics["bpd_channel"], strict=True)}}
+    if "bpd_frame" in metrics:  # a video model's: frame t's bits/dim, a list
+        record["eval/bpd_frame"] = metrics["bpd_frame"]
+    return record
 
 
 def save_samples(accelerator, ema: EMA, cfg: RunConfig, step: int) -> Path | None:
-    """An EMA sample grid in RUN/samples/step_NNNNNNN.png (main process) and on wandb."""
+    """An EMA sample grid in RUN/samples/step_NNNNNNN.png (main process) and on wandb; a video
+    model's clips as an animated GIF grid, step_NNNNNNN.gif, and their pixels beside it."""
     if not accelerator.is_main_process:
         return None
+    if cfg.model.frames:
+        return save_clip_samples(accelerator, ema, cfg, step)
     from PIL import Image
     from torchvision.utils import make_grid
 
@@ -152,6 +176,31 @@ def save_samples(accelerator, ema: EMA, cfg: RunConfig, step: int) -> Path | Non
         atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
     if cfg.log.wandb:
         accelerator.get_tracker("wandb").log_images({"samples": [picture]}, step=step)
+    return path
+
+
+def save_clip_samples(accelerator, ema: EMA, cfg: RunConfig, step: int) -> Path:
+    """RUN/samples/step_NNNNNNN.gif (clips side by side, a GIF frame per frame) and .npy (uint8
+    [N, T, H, W, C]). Sampled eagerly (the cached video sampler is not compiled); not sent to
+    wandb, which would need a video encoder to show a clip."""
+    import numpy as np
+
+    from ..plots import clip_grid, save_gif
+
+    g = torch.Generator(accelerator.device).manual_seed(cfg.train.seed + step)
+    clips = ema.model.sample(cfg.log.num_samples, generator=g).cpu()  # (N, C, T, H, W) uint8
+    pictures = clip_grid(clips, math.ceil(math.sqrt(len(clips))), cfg.model.levels)
+    path = Path(cfg.run_dir) / "samples" / f"step_{step:07d}.gif"
+    pixels = np.ascontiguousarray(clips.permute(0, 2, 3, 4, 1).numpy())
+
+    def save_pixels(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # np.save would append .npy to a temporary name
+            np.save(f, pixels, allow_pickle=False)
+
+    for file, write in ((path.with_suffix(".npy"), save_pixels),
+                        (path, lambda tmp: save_gif(pictures, tmp))):
+        with naming(file):
+            atomic_write(file, write)
     return path
 
 
@@ -182,7 +231,8 @@ def run_outputs(run_dir: str | Path) -> dict[str, Path]:
     found = {"metrics": run_dir / "metrics.jsonl", "loss_curve": run_dir / "loss_curve.png",
              "export": run_dir / "export", "heatmap": run_dir / "heatmap.png",
              "checkpoint": (checkpoint_dirs(run_dir) or [None])[-1],
-             "samples": (sorted((run_dir / "samples").glob("step_*.png")) or [None])[-1]}
+             "samples": (sorted((run_dir / "samples").glob("step_*.png"))
+                         or sorted((run_dir / "samples").glob("step_*.gif")) or [None])[-1]}
     return {kind: path for kind, path in found.items() if path is not None and path.exists()}
 
 

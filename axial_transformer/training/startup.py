@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..model.transformer import AxialTransformer
+from ..model.video import build_model
 from .checkpoint import run_config
 from .config import RunConfig, save_config
 from .distributed import agree, build_accelerator
@@ -92,13 +92,14 @@ def check_inputs(cfg: RunConfig) -> tuple[Dataset, Dataset, nn.Module]:
 
     mc = cfg.model
     train_set, test_set = (open_split(cfg.data.spec, split, mc.image_size, mc.channels,
-                                      mc.num_classes) for split in ("train", "test"))
+                                      mc.num_classes, frames=mc.frames)
+                           for split in ("train", "test"))
     if mc.num_classes and not mc.class_names:  # the data's names travel with the model
         mc.class_names = tuple(class_names(cfg.data.spec, "train") or ())
         mc.__post_init__()
     check_writable(cfg.run_dir)
     with torch.device("meta"):  # shapes and the parameter count without allocating weights
-        like = AxialTransformer(mc)
+        like = build_model(mc)
     check_disk_space(cfg.run_dir, like.num_parameters(), cfg.checkpoint.keep)
     return train_set, test_set, like
 

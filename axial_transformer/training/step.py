@@ -78,14 +78,16 @@ def optimizer_step(
     """One optimizer step over `t.grad_accumulation` micro-batches."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    channels = accelerator.unwrap_model(objective).model.config.channels
+    config = accelerator.unwrap_model(objective).model.config
+    # One channel per image, or per frame of a clip (VideoTransformer.loss takes [B, T]).
+    channels, frames = config.channels, (config.frames,) if config.frames else ()
     loss_sum, grad_norm = torch.zeros((), device=accelerator.device), torch.zeros(())
     skipped = stop = False
     for k in range(t.grad_accumulation):
         x, labels = split_batch(next(batches))
         seed = position_seed(t.seed, step * t.grad_accumulation + k, accelerator.process_index)
         torch.manual_seed(seed)  # dropout
-        channel = torch.randint(channels, (x.shape[0],),
+        channel = torch.randint(channels, (x.shape[0], *frames),
                                 generator=torch.Generator().manual_seed(seed + 1))
         if labels is not None and t.label_dropout:
             dropped = torch.rand(len(labels), generator=torch.Generator().manual_seed(seed + 2))
