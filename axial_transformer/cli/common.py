@@ -147,4 +147,7 @@ def load_model(args: argparse.Namespace):
     if device.type not in ("cpu", "cuda"):
         raise CLIError(f"--device {device}: the codec runs on cpu or cuda")
     model, _ = load_trained_model(args.checkpoint)
+    if model.config.frames:
+        raise CLIError(f"{args.checkpoint}: the codec compresses images; this is a video model "
+                       f"(clips of {model.config.frames} frames)")
     return model.to(device)

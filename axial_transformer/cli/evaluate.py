@@ -5,6 +5,11 @@
     python evaluate.py --checkpoint runs/in32/checkpoints/step_0100000 --heatmap bits.png
     python evaluate.py --checkpoint runs/in32/export --data data/imagenet32 --baselines
     torchrun --standalone --nproc_per_node 8 evaluate.py --checkpoint runs/in64
+    python evaluate.py --checkpoint runs/video-demo           # a video model: also per frame
+
+A video model's bits/dim is the mean over every subpixel of each clip (the figure video papers
+report), printed with each frame's; its heatmap shows the frames top to bottom, and the codec
+baselines encode each frame as an image of its own.
 """
 
 from __future__ import annotations
@@ -58,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     c = model.config
     if args.no_class and not c.num_classes:
         raise CLIError("--no-class needs a class-conditional model")
-    dataset = open_split(spec, args.split, c.image_size, c.channels, c.num_classes, trained=True)
+    dataset = open_split(spec, args.split, c.image_size, c.channels, c.num_classes, trained=True,
+                         frames=c.frames)
     if args.heatmap is not None:  # before the compute, not after it
         check_output(Path(args.heatmap), "--heatmap")
 
@@ -81,9 +87,14 @@ def run(args: argparse.Namespace) -> int:
     else:
         per_channel = ", ".join(f"{n} {b:.4f}" for n, b in zip(
             channel_names(c.channels), metrics["bpd_channel"], strict=True))
-        print(f"{args.split} bits/dim {metrics['bpd']:.4f} over {metrics['images']} images of "
+        items = f"clips of {c.frames} frames" if c.frames else "images"
+        print(f"{args.split} bits/dim {metrics['bpd']:.4f} over {metrics['images']} {items} of "
               f"{spec} ({per_channel}){' [bf16]' if args.bf16 else ''}, conditioned on "
               f"{metrics['conditioned_on']}")
+        if c.frames:
+            print(f"  per frame: {' '.join(f'{b:.4f}' for b in metrics['bpd_frame'])}")
+            if args.baselines:
+                print("  the codecs compress each frame as an image of its own:")
         for codec in ("jxl", "webp", "png"):
             if f"baseline/{codec}_bpd" in metrics:
                 print(f"  {codec} lossless: {metrics[f'baseline/{codec}_bpd']:.4f} bits/dim")
