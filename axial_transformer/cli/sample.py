@@ -1,16 +1,21 @@
-"""Draw images from a trained Axial Transformer, or complete the bottom of a real one.
+"""Draw images from a trained Axial Transformer, or complete the bottom of a real one; draw
+clips from a video model, or predict the rest of a real clip from its first frames.
 
     python sample.py --checkpoint runs/demo --num-samples 64
     python sample.py --checkpoint runs/demo --complete photo.png --rows-given 8 --resize
     python sample.py --checkpoint runs/demo --complete data/cifar10/test.npy:7 --rows-given 16
     python sample.py --checkpoint runs/digits --class 7 --guidance 3
     python sample.py --checkpoint runs/cifar --class all --num-samples 8
+    python sample.py --checkpoint runs/video-demo --num-samples 16
+    python sample.py --checkpoint runs/video-demo --complete moving-digits:0 --frames-given 2
 
 Writes a PNG grid (enlarged to at least 512 pixels) and the pixels beside it (.npy: uint8
 [N, H, W, C]) into the run's samples/ folder, or to --out, and prints the time per image. The
 names carry every setting that changes the images, and an existing output is replaced only with
 --overwrite. A completion keeps the top K rows of a real image and samples the rest; its grid
 shows original | given rows | completions. `--class all` draws one labelled row per class.
+A video model's clips go to an animated GIF grid (a GIF frame per frame) and a .npy (uint8
+[N, T, H, W, C]); a prediction's GIF shows original | predictions, sampled eagerly.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.clips import BUILTIN_CLIPS
 from ..model.transformer import AxialTransformer
 from ..sampling.sampler import Request, draw, sample
 from .common import (
@@ -48,18 +54,22 @@ COMPLETION_CAVEAT = (
 # Compiling the decoding steps took 24 to 91 s on a 2-core CPU (docs/sampling.md): a request that
 # eager sampling finishes in less than this is sampled eagerly, as compiling could not pay.
 COMPILE_FLOOR_S = 20.0
+# A video model's default: 16 clips of the demo's 8 frames draw 128 frames, twice the 64 images.
+VIDEO_SAMPLES = 16
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = command_parser(__doc__)
     add = parser.add_argument
     add("--num-samples", type=int,
-        help="images to draw (default 64; 8 completions; 8 per class with --class all)")
-    add("--out", help="PNG to write (default: RUN/samples/NAME, NAME carrying the settings); "
-        "the pixels go to the same name with .npy")
+        help="images to draw (default 64; 8 completions; 8 per class with --class all); a video "
+        f"model's clips (default {VIDEO_SAMPLES}; 8 predictions)")
+    add("--out", help="PNG to write (a GIF for a video model; default: RUN/samples/NAME, NAME "
+        "carrying the settings); the pixels go to the same name with .npy")
     add("--overwrite", action="store_true", help="replace outputs of the same name")
     add("--per-image", action="store_true",
-        help="also write each image as a PNG of its own, in a folder named as the grid")
+        help="also write each image as a PNG of its own (each clip as a GIF), in a folder named "
+        "as the grid")
     add("--temperature", type=float, default=1.0,
         help="divides the logits: < 1 sharper, > 1 more diverse (must be > 0)")
     add("--seed", type=int, default=0, help="the same seed and settings draw the same images")
@@ -78,12 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
         "needs a model trained with train.label_dropout)")
     add("--complete", metavar="IMAGE",
         help="a PNG/JPEG of the model's size, or PATH.npy:INDEX of a prepared split: keep its "
-        "top --rows-given rows and sample the rest. " + COMPLETION_CAVEAT)
+        "top --rows-given rows and sample the rest. " + COMPLETION_CAVEAT + " For a video "
+        "model, a clip: PATH.npy:INDEX of prepared clips, moving-digits:INDEX (the built-in "
+        "test split's) or a GIF/MP4/WebM/AVI file: keep its first --frames-given frames and "
+        "predict the rest (exact: they are a prefix of the model's order)")
     add("--rows-given", type=int, metavar="K",
         help="rows of --complete kept (top K, less than the image height)")
+    add("--frames-given", type=int, metavar="K",
+        help="a video model's: frames of the clip of --complete given (the first K, 1 to T-1)")
     add("--resize", action="store_true",
-        help="box-resize the image of --complete to the model's size (the aspect ratio is not "
-        "kept)")
+        help="box-resize the image (each frame of the clip) of --complete to the model's size "
+        "(the aspect ratio is not kept)")
     return parser
 
 
@@ -95,8 +110,17 @@ def check_args(args: argparse.Namespace) -> None:
     if not 0 < args.temperature < math.inf:
         raise CLIError(f"--temperature must be a positive number, got {args.temperature}")
     check_positive(args, "--num-samples", "--batch-size")
-    if (args.complete is None) != (args.rows_given is None):
+    if args.frames_given is not None and args.complete is None:
+        raise CLIError("--frames-given K needs --complete CLIP (the clip whose first K frames "
+                       "are given)")
+    if args.rows_given is not None and args.frames_given is not None:
+        raise CLIError("--rows-given is for image models, --frames-given for video models; "
+                       "pass one")
+    if args.complete is None and args.rows_given is not None:
         raise CLIError("--complete IMAGE and --rows-given K go together")
+    if args.complete is not None and args.rows_given is None and args.frames_given is None:
+        raise CLIError("--complete needs --rows-given K (an image model) or --frames-given K "
+                       "(a video model)")
     if args.resize and args.complete is None:
         raise CLIError("--resize resizes the image of --complete; it needs --complete IMAGE")
     if args.rows_given is not None and args.rows_given < 0:
@@ -106,8 +130,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise CLIError(f"--guidance must be a finite number, got {args.guidance}")
     if args.guidance != 1 and args.class_ is None:
         raise CLIError("--guidance needs --class (classifier-free guidance toward a class)")
-    if args.out is not None and Path(args.out).suffix.lower() != ".png":
-        raise CLIError(f"--out {args.out}: expected a .png file (the pixels go beside it as .npy)")
+    if args.out is not None and Path(args.out).suffix.lower() not in (".png", ".gif"):
+        raise CLIError(f"--out {args.out}: expected a .png file (a .gif for a video model; the "
+                       "pixels go beside it as .npy)")
     parse_device(args.device)
 
 
@@ -178,7 +203,7 @@ def default_out(checkpoint: Path, name: str) -> Path:
 
 
 def output_name(args: argparse.Namespace, label: str | None, per_class: int,
-                num_samples: int) -> str:
+                num_samples: int, video: bool = False) -> str:
     """A name carrying every setting that changes the images, so that two different requests
     never share a file. _b4: batches of 4 split the request (the noise is drawn batch by batch)."""
 
@@ -193,11 +218,15 @@ def output_name(args: argparse.Namespace, label: str | None, per_class: int,
     settings += f"_{device}" if device != "cpu" else ""
     if label is not None:
         return f"sample_class_{safe(label)}_{settings}.png"
+    suffix = ".gif" if video else ".png"
     if args.complete is None:
-        return f"sample_{settings}.png"
+        return f"sample_{settings}{suffix}"
     path, _, index = args.complete.rpartition(":")
-    image = f"{Path(path).stem}_{index}" if path.endswith(".npy") else Path(args.complete).stem
-    return f"completion_{safe(image)}_k{args.rows_given}_{settings}.png"
+    indexed = (path.endswith(".npy") or path == BUILTIN_CLIPS) and index.isdigit()
+    image = f"{Path(path).stem}_{index}" if indexed else Path(args.complete).stem
+    if args.frames_given is not None:
+        return f"completion_{safe(image)}_f{args.frames_given}_{settings}{suffix}"
+    return f"completion_{safe(image)}_k{args.rows_given}_{settings}{suffix}"
 
 
 def two_rows(model: AxialTransformer, request: Request, n: int, compile: bool) -> float:
@@ -253,6 +282,15 @@ def run(args: argparse.Namespace) -> int:
 
     check_args(args)
     model, _ = load_trained_model(args.checkpoint)
+    if model.config.frames:
+        from .sample_video import run_video
+
+        return run_video(args, model)
+    if args.frames_given is not None:
+        raise CLIError("--frames-given is for video models; this image model completes an "
+                       "image from its top rows: --rows-given K")
+    if args.out is not None and Path(args.out).suffix.lower() != ".png":
+        raise CLIError(f"--out {args.out}: an image model writes a .png grid")
     config = model.config
     c, (h, w) = config.channels, config.image_size
     classes = class_labels(args.class_, config)
