@@ -12,7 +12,7 @@ from PIL import Image, ImageSequence
 
 from .image_files import DECODE_ERRORS, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, CorruptImageError
 from .moving_digits import CANVAS, FRAMES, moving_digits
-from .sources import PREPARE_HINT, Source, array_source, is_image_name
+from .sources import PREPARE_HINT, Source, array_source, is_image_name, memory_map
 
 VIDEO_SUFFIXES = (".gif", ".mp4", ".webm", ".avi")
 PYAV_HINT = "pip install 'axial-transformer[video]'"
@@ -39,13 +39,7 @@ def check_clip_array(array: np.ndarray, name: str) -> np.ndarray:
 
 def load_clip_array(path: str | Path) -> np.ndarray:
     """Memory-map a prepared uint8 .npy of clips [N, T, H, W, C]."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such clip array; {PREPARE_HINT} --frames T")
-    try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:  # object arrays, damaged or foreign files
-        raise ValueError(f"{path}: not a uint8 .npy clip array ({e})") from None
+    path, array = memory_map(path, "clip", f"{PREPARE_HINT} --frames T")
     return check_clip_array(array, str(path))
 
 

@@ -412,15 +412,20 @@ def check_image_array(array: np.ndarray, name: str) -> np.ndarray:
     return array[..., None] if array.ndim == 3 else array
 
 
-def load_array(path: str | Path) -> np.ndarray:
-    """Memory-map a prepared uint8 .npy of images as [N, H, W, C] ([N, H, W] gets C = 1)."""
+def memory_map(path: str | Path, kind: str, hint: str = PREPARE_HINT) -> tuple[Path, np.ndarray]:
+    """A prepared .npy of `kind` ("image", "clip"), memory-mapped, never unpickled."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such image array; {PREPARE_HINT}")
+        raise FileNotFoundError(f"{path}: no such {kind} array; {hint}")
     try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
+        return path, np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:  # object arrays, damaged or foreign files
-        raise ValueError(f"{path}: not a uint8 .npy image array ({e})") from None
+        raise ValueError(f"{path}: not a uint8 .npy {kind} array ({e})") from None
+
+
+def load_array(path: str | Path) -> np.ndarray:
+    """Memory-map a prepared uint8 .npy of images as [N, H, W, C] ([N, H, W] gets C = 1)."""
+    path, array = memory_map(path, "image")
     return check_image_array(array, str(path))
 
 
