@@ -51,13 +51,13 @@ class Demo:
 
     image_size: int = 16
     frames: int = 8
-    dim: int = 64
+    dim: int = 32
     heads: int = 4
     layers: int = 2  # each of the channel encoder, the outer and the inner decoder
     frame_layers: int = 3
-    batch: int = 8  # clips per step; the image model takes their frames, batch * frames images
-    lr: float = 3e-3
-    warmup: int = 50  # steps of linear warm-up; then cosine decay to 0 over the CPU seconds
+    batch: int = 2  # clips per step; the image model takes their frames, batch * frames images
+    lr: float = 5e-3
+    warmup: int = 20  # steps of linear warm-up; then cosine decay to 0 over the CPU seconds
 
     def config(self, frames: int, dim: int | None = None) -> AxialTransformerConfig:
         return AxialTransformerConfig(
