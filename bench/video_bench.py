@@ -188,7 +188,8 @@ def continuation(args: argparse.Namespace, demo: Demo, video: nn.Module, image: 
         rearrange(unconditional, "(n t) c h w -> n c t h w", n=n))
     print(f"\nContinuation of {n} test clips, frames 0-{GIVEN - 1} given: mean absolute error "
           "against the true frames (pixel values 0-255)\n")
-    table(["prediction", "all", *(f"frame {t}" for t in range(GIVEN, demo.frames))],
+    table(["prediction", f"frames {GIVEN}-{demo.frames - 1}",
+           *(f"frame {t}" for t in range(GIVEN, demo.frames))],
           [[name, f"{e.mean():.1f}", *(f"{v:.1f}" for v in e.tolist())]
            for name, e in rows.items()])
     if args.gif:
@@ -318,7 +319,7 @@ def steps_part(args: argparse.Namespace, demo: Demo) -> None:
         speedup = "" if variant == "axial" or "error" in axial else \
             f"{r['seconds'] / axial['seconds']:.2f}x"
         rows.append([variant, frames, f"{tokens:,}", f"{r['parameters']:,}",
-                     f"{r['seconds'] * 1e3:.0f}", f"{r['flops'] / 1e9:.1f}",
+                     f"{r['seconds'] * 1e3:,.0f}", f"{r['flops'] / 1e9:.1f}",
                      f"{r['peak_mib']:.0f}", speedup])
     table(["model", "frames", "tokens", "parameters", "step ms", "GFLOP", "peak MiB",
            "/ axial"], rows)
