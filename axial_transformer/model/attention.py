@@ -174,3 +174,12 @@ class AxialSelfAttention(nn.Module):
         """Keys and values of `length` positions for a folded batch, [2, N, heads, T, e], zeros:
         positions not written yet are masked, and their weight 0 must not meet a NaN."""
         return like.new_zeros((2, folded_batch, self.heads, length, self.head_dim))
+
+
+def set_attention_path(model: nn.Module, path: AttentionPath) -> None:
+    """How every attention layer of `model` computes: a run-time choice, never saved."""
+    if path not in ATTENTION_PATHS:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION_PATHS)}, got {path!r}")
+    for module in model.modules():
+        if isinstance(module, AxialSelfAttention):
+            module.path = path

@@ -23,7 +23,7 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from ..hub import HubMixin
-from .attention import ATTENTION_PATHS, AttentionPath, AxialSelfAttention, Position
+from .attention import AttentionPath, Position, set_attention_path
 from .blocks import AxialBlock, AxialStack, layer_norm
 from .config import AxialTransformerConfig
 
@@ -136,12 +136,7 @@ class AxialTransformer(nn.Module, HubMixin):
 
     def set_attention(self, path: AttentionPath) -> AxialTransformer:
         """How attention is computed: "sdpa", "matmul" or "auto" (attention.py)."""
-        if path not in ATTENTION_PATHS:
-            raise ValueError(f"attention must be one of {', '.join(ATTENTION_PATHS)}, got "
-                             f"{path!r}")
-        for module in self.modules():
-            if isinstance(module, AxialSelfAttention):
-                module.path = path
+        set_attention_path(self, path)
         return self
 
     # ----------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from ..hub import HubMixin
-from .attention import ATTENTION_PATHS, AttentionPath, AxialSelfAttention, Position
+from .attention import AttentionPath, Position, set_attention_path
 from .blocks import AxialBlock, AxialStack
 from .config import FRAME_LAYERS, AxialTransformerConfig
 from .transformer import AxialTransformer, at_least_fp32, variance_scaling
@@ -103,12 +103,7 @@ class VideoTransformer(nn.Module, HubMixin):
         return self
 
     def set_attention(self, path: AttentionPath) -> VideoTransformer:
-        if path not in ATTENTION_PATHS:
-            raise ValueError(f"attention must be one of {', '.join(ATTENTION_PATHS)}, got "
-                             f"{path!r}")
-        for module in self.modules():
-            if isinstance(module, AxialSelfAttention):
-                module.path = path
+        set_attention_path(self, path)
         return self
 
     # ----------------------------------------------------------------------------------------
