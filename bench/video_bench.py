@@ -21,7 +21,9 @@ It prints, each as a markdown table under the machine it ran on:
 3. steps: a training step (forward + backward) of the video model against a model of the same
    width and depth whose attention is full causal self-attention over the T*H*W subpixels of the
    clip, at several clip lengths: time, FLOPs and peak memory (`ru_maxrss`, a fresh process per
-   case).
+   case);
+4. motion: how well two frames predict the next in the data itself, by copying or shifting
+   frame t-1 (no model): what a frame encoder could learn from frames t-1 and t-2.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from machine import machine_line, sampler_precision, seconds, table
 from model_bench import CPU_FLASH_FLOPS, PixelGPT, in_fresh_process, rss_mib
@@ -328,13 +331,40 @@ def steps_part(args: argparse.Namespace, demo: Demo) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
+def motion_part(args: argparse.Namespace, demo: Demo) -> None:
+    """How far the data lets two frames predict the next: frame t from frame t-1 by copying it,
+    by the best shift within +-2 pixels chosen with frame t in view (what motion-compensated
+    copying could reach if the shift were known), and by the shift under which frame t-2 best
+    matches frame t-1 (constant velocity, the shift a model can infer from two frames). Each
+    pixel takes its own shift, matched over its 5x5 neighbourhood; mean absolute error 0-255."""
+    x = clips("test", demo, args.test_clips or 64).float()[:, 0]  # [N, T, H, W]
+    before, last, now = (x[:, k:x.shape[1] - 2 + k].flatten(0, 1)[:, None] for k in range(3))
+    n, (h, w) = len(now), now.shape[-2:]
+    shifted = F.unfold(last, 5, padding=2).view(n, 25, h, w)  # last at p + o, o in the window
+    twice = F.unfold(before, 5, dilation=2, padding=4).view(n, 25, h, w)  # before at p + 2o
+
+    def error_of(mismatch: Tensor) -> float:  # copy each pixel from the best-matching shift
+        pick = F.avg_pool2d(mismatch, 5, 1, 2).argmin(1, keepdim=True)
+        return float((shifted.gather(1, pick) - now).abs().mean())
+
+    copy = float((last - now).abs().mean())
+    inferred, best = error_of((shifted - twice).abs()), error_of((shifted - now).abs())
+    print(f"\n## How predictable the motion is ({len(x)} test clips, frames 2-{x.shape[1] - 1})\n")
+    print(machine_line("fp32"))
+    table(["prediction of frame t", "mean absolute error"], [
+        ["copy frame t-1", f"{copy:.1f}"],
+        ["shift from frames t-1 and t-2 (constant velocity)", f"{inferred:.1f}"],
+        ["best shift, chosen with frame t in view", f"{best:.1f}"],
+    ])
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="tiny models, a few CPU seconds of training: checks that it runs")
-    parser.add_argument("--parts", nargs="+", default=["bits", "sampling", "steps"],
-                        choices=["bits", "sampling", "steps"])
+    parser.add_argument("--parts", nargs="+", default=["bits", "sampling", "steps", "motion"],
+                        choices=["bits", "sampling", "steps", "motion"])
     parser.add_argument("--seconds", type=float,
                         help="CPU seconds of training for each model (default 300; --quick 3)")
     for field in dataclasses.fields(Demo):
@@ -378,6 +408,8 @@ def main() -> None:
         sampling_part(args, args.demo, model)
     if "steps" in args.parts:
         steps_part(args, args.demo)
+    if "motion" in args.parts:
+        motion_part(args, args.demo)
 
 
 if __name__ == "__main__":
