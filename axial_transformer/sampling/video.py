@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from ..model.attention import decoding_positions
 from ..model.decoding import decode, decoding_mode
@@ -53,7 +54,10 @@ def draw_video_cached(model: VideoTransformer, r: Request) -> Tensor:
         if torch.is_autocast_enabled(x.device.type):
             like = like.to(torch.get_autocast_dtype(x.device.type))
         caches = model.new_frame_caches(len(x), like)
-        for t, time in enumerate(decoding_positions(model.config.frames, like)):
+        times = decoding_positions(model.config.frames, like)
+        # One bar over the frames, not one over the rows of each frame.
+        for t, time in enumerate(tqdm(times, desc="decoding", unit="frame",
+                                      disable=not r.progress)):
             context = model.frame_step(x, t, caches, time)  # frames < t are in x already
             choose = GumbelMax(rows, r.temperature, None if mask is None else mask[:, :, t],
                                x.device)
@@ -62,7 +66,7 @@ def draw_video_cached(model: VideoTransformer, r: Request) -> Tensor:
             if r.on_logits is not None:
                 on_logits = lambda ci, i, j, logits, t=t: r.on_logits(t, ci, i, j, logits)
             # x[:, :, t] is a view: decode writes frame t's pixels into the clip canvas.
-            decode(model.image, x[:, :, t], choose, None, frame_skip, on_logits, r.progress,
+            decode(model.image, x[:, :, t], choose, None, frame_skip, on_logits,
                    frame_context=context)
     return pixels(x, model.config.levels)
 
