@@ -12,7 +12,14 @@ from PIL import Image, ImageSequence
 
 from .image_files import DECODE_ERRORS, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, CorruptImageError
 from .moving_digits import CANVAS, FRAMES, moving_digits
-from .sources import PREPARE_HINT, Source, array_source, is_image_name, memory_map
+from .sources import (
+    PREPARE_HINT,
+    Source,
+    array_source,
+    check_uint8_array,
+    is_image_name,
+    memory_map,
+)
 
 VIDEO_SUFFIXES = (".gif", ".mp4", ".webm", ".avi")
 PYAV_HINT = "pip install 'axial-transformer[video]'"
@@ -25,11 +32,7 @@ class ShortClipError(CorruptImageError):
 
 def check_clip_array(array: np.ndarray, name: str) -> np.ndarray:
     """A uint8 [N, T, H, W, C] array (no copy)."""
-    if not isinstance(array, np.ndarray):
-        raise ValueError(f"{name}: expected a numpy array saved as .npy, got "
-                         f"{type(array).__name__}")
-    if array.dtype != np.uint8:
-        raise ValueError(f"{name}: expected uint8 pixels 0..255, got dtype {array.dtype}")
+    check_uint8_array(array, name)
     if array.ndim != 5:
         images = " (images [N, H, W, C]? then set model.frames=0)" * (array.ndim in (3, 4))
         raise ValueError(f"{name}: expected clips of shape [N, T, H, W, C], got "

@@ -399,13 +399,18 @@ def read_mnist(path: Path, split: str) -> Source:
 # ---- arrays ----
 
 
-def check_image_array(array: np.ndarray, name: str) -> np.ndarray:
-    """A uint8 [N, H, W, C] or [N, H, W] array as [N, H, W, C] (no copy)."""
+def check_uint8_array(array: np.ndarray, name: str) -> None:
+    """What image and clip arrays share: a numpy array of uint8 pixels."""
     if not isinstance(array, np.ndarray):
         raise ValueError(f"{name}: expected a numpy array saved as .npy, got "
                          f"{type(array).__name__}")
     if array.dtype != np.uint8:
         raise ValueError(f"{name}: expected uint8 pixels 0..255, got dtype {array.dtype}")
+
+
+def check_image_array(array: np.ndarray, name: str) -> np.ndarray:
+    """A uint8 [N, H, W, C] or [N, H, W] array as [N, H, W, C] (no copy)."""
+    check_uint8_array(array, name)
     if array.ndim not in (3, 4):
         raise ValueError(f"{name}: expected shape [N, H, W, C] or [N, H, W], got "
                          f"{list(array.shape)}")

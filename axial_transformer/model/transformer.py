@@ -45,6 +45,12 @@ def channel_of(x: Tensor, channel: Tensor) -> Tensor:
     return x.gather(1, channel[:, None, None, None].expand(-1, 1, *x.shape[2:]))[:, 0]
 
 
+def bits_of(logits: Tensor, x: Tensor) -> Tensor:
+    """-log2 of each value's probability: logits [..., V] (fp32 or more), x [...] -> [...]."""
+    nats = F.cross_entropy(logits.movedim(-1, 1), x.long(), reduction="none")
+    return nats / math.log(2)
+
+
 def at_least_fp32(logits: Tensor) -> Tensor:
     """The softmax cross-entropy is taken in fp32 (or fp64) even when the logits come in bf16."""
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
@@ -221,10 +227,7 @@ class AxialTransformer(nn.Module, HubMixin):
 
     def subpixel_bits(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         """-log2 p(x[c,i,j] | past) of each subpixel: [B, C, H, W] -> [B, C, H, W], fp32 or more."""
-        logits = at_least_fp32(self(x, labels))
-        nats = F.cross_entropy(rearrange(logits, "b c h w v -> b v c h w"), x.long(),
-                               reduction="none")
-        return nats / math.log(2)
+        return bits_of(at_least_fp32(self(x, labels)), x)
 
     def bits_per_dim(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         """Exact bits/dim of each image, every channel scored: [B, C, H, W] -> [B]."""

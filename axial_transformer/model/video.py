@@ -29,7 +29,7 @@ from ..hub import HubMixin
 from .attention import AttentionPath, Position, set_attention_path
 from .blocks import AxialBlock, AxialStack
 from .config import FRAME_LAYERS, AxialTransformerConfig
-from .transformer import AxialTransformer, at_least_fp32, variance_scaling
+from .transformer import AxialTransformer, at_least_fp32, bits_of, variance_scaling
 
 __all__ = ["VideoTransformer", "build_model"]
 
@@ -170,10 +170,7 @@ class VideoTransformer(nn.Module, HubMixin):
 
     def subpixel_bits(self, x: Tensor) -> Tensor:
         """-log2 p(x[c,t,i,j] | past): [B, C, T, H, W] -> [B, C, T, H, W], fp32 or more."""
-        logits = at_least_fp32(self(x))
-        nats = F.cross_entropy(rearrange(logits, "b c t h w v -> b v c t h w"), x.long(),
-                               reduction="none")
-        return nats / math.log(2)
+        return bits_of(at_least_fp32(self(x)), x)
 
     def bits_per_dim(self, x: Tensor) -> Tensor:
         """Exact bits/dim of each clip, every subpixel scored: [B, C, T, H, W] -> [B]."""
