@@ -17,6 +17,7 @@ from .sources import (
     Source,
     array_source,
     check_uint8_array,
+    folder_source,
     is_image_name,
     memory_map,
 )
@@ -119,18 +120,7 @@ def read_video_folder(path: Path, frames: int | None) -> Source:
     if frames is None:
         raise ValueError(f"{path}: pass --frames T, the number of frames each clip keeps (the "
                          f"first T of each file)")
-    files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
-    videos = [name for name in files if is_video_name(name)]
-    if not videos:
-        raise ValueError(f"{path}: no clips ({', '.join(VIDEO_SUFFIXES)} files) in this folder")
-    source = Source("videos", path, len(videos),
-                    ((i, str(path / name), path / name) for i, name in enumerate(videos)))
-    others = [name for name in files if not is_video_name(name)]
-    if others:
-        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
-        source.note = (f"{path}: skipped {len(others)} file(s) that are not "
-                       f"{', '.join(VIDEO_SUFFIXES)}: {shown}")
-    return source
+    return folder_source("videos", path, VIDEO_SUFFIXES, "clips")[0]
 
 
 def decode_clip(path: Path, name: str, mode: str, frames: int) -> np.ndarray:

@@ -207,21 +207,30 @@ def read_tar(path: Path, split: str) -> Source:
     return Source("tar", path, len(members), records(), note=note, damage=damage)
 
 
+def folder_source(format: str, path: Path, suffixes: tuple[str, ...],
+                  kind: str) -> tuple[Source, list[str]]:
+    """The files under `path` whose names end in `suffixes`, and their relative names, sorted
+    by relative path (the order never depends on how the file system lists them); any other
+    file is said in the note, not silently left out (a .gif among photos, a README)."""
+    files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+    wanted = [name for name in files if name.lower().endswith(suffixes)]
+    if not wanted:
+        raise ValueError(f"{path}: no {kind} ({', '.join(suffixes)} files) in this folder")
+    source = Source(format, path, len(wanted),
+                    ((i, str(path / name), path / name) for i, name in enumerate(wanted)))
+    others = [name for name in files if not name.lower().endswith(suffixes)]
+    if others:
+        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        source.note = (f"{path}: skipped {len(others)} file(s) that are not "
+                       f"{', '.join(suffixes)}: {shown}")
+    return source, wanted
+
+
 def read_folder(path: Path, split: str) -> Source:
     """Image files anywhere under `path`, sorted by relative path. When every one lies inside a
     sub-folder and there are at least two, the sorted sub-folders are the classes (torchvision's
     ImageFolder layout)."""
-    files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
-    relative = [name for name in files if is_image_name(name)]
-    if not relative:
-        raise ValueError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)} files) in this folder")
-    source = Source("folder", path, len(relative),
-                    ((i, str(path / name), path / name) for i, name in enumerate(relative)))
-    others = [name for name in files if not is_image_name(name)]
-    if others:  # a .gif, a .webp or a README: said, not silently left out
-        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
-        source.note = (f"{path}: skipped {len(others)} file(s) that are not "
-                       f"{', '.join(IMAGE_SUFFIXES)}: {shown}")
+    source, relative = folder_source("folder", path, IMAGE_SUFFIXES, "images")
     folders = [name.split("/")[0] if "/" in name else None for name in relative]
     if None not in folders:
         classes, labels = np.unique(folders, return_inverse=True)
