@@ -10,6 +10,7 @@ from axial_transformer.data import open_split, prepare, prepare_holdout
 from axial_transformer.data.__main__ import main
 from axial_transformer.data.clips import PYAV_HINT
 from axial_transformer.data.moving_digits import (
+    DIRECTIONS,
     bounce,
     digit_images,
     load_digits,
@@ -96,6 +97,18 @@ def test_a_single_digit_keeps_all_its_ink_in_every_frame(monkeypatch):
     ink = {i: int(d.astype(np.int64).sum()) for i, d in zip(index, digits, strict=True)}
     sums = clips.astype(np.int64).sum(axis=(2, 3, 4))
     np.testing.assert_array_equal(sums, np.array([[ink[u]] * 10 for u in used[:, 0]]))
+
+
+def test_digits_move_a_whole_pixel_a_frame(monkeypatch):
+    """With one digit a clip, each frame is the one before shifted by one pixel in one of the 8
+    directions, exactly (bounces included): no rounding jitter, so two frames tell the next."""
+    from axial_transformer.data import moving_digits as md
+
+    monkeypatch.setattr(md, "DIGITS_PER_CLIP", 1)
+    clips = moving_digits("train", count=50, frames=10)[..., 0]
+    for clip in clips:
+        for before, after in zip(clip[:-1], clip[1:], strict=True):
+            assert any(np.array_equal(np.roll(before, tuple(d), (0, 1)), after) for d in DIRECTIONS)
 
 
 def test_moving_digits_are_fast():

@@ -17,7 +17,7 @@ from axial_transformer import (
     VideoTransformer,
     build_model,
 )
-from axial_transformer.model.video import TIME
+from axial_transformer.model.video import TIME, motion_compensated
 from axial_transformer.sampling import given_frames, sample, sample_naive
 
 UNCHANGED, CHANGED = 1e-10, 1e-6  # in float64 the two are many orders of magnitude apart
@@ -161,6 +161,20 @@ def test_random_channel_loss_is_unbiased():
     loss = model.train().loss(x, generator=torch.Generator().manual_seed(0))
     loss.backward()
     assert model.frame_input.weight.grad.abs().sum() > 0
+
+
+def test_motion_compensated_guess_follows_constant_motion():
+    """A random pattern moving one pixel a frame diagonally is guessed exactly (away from the
+    edges, which the shifts leave empty), and a still one is copied."""
+    frame = torch.rand(1, 2, 16, 16, generator=torch.Generator().manual_seed(0))
+
+    def at(t: int) -> torch.Tensor:  # the pattern after t frames of (+1, -1) pixels a frame
+        return torch.roll(frame, (t, -t), (2, 3))[..., 4:-4, 4:-4]
+
+    moved = motion_compensated(torch.roll(frame, (1, -1), (2, 3)), frame)[..., 4:-4, 4:-4]
+    torch.testing.assert_close(moved, at(2), rtol=0, atol=0)
+    assert not torch.equal(at(1), at(2))  # copying frame t-1 would fail the check above
+    torch.testing.assert_close(motion_compensated(frame, frame), frame, rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------------------------

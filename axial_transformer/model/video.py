@@ -5,7 +5,8 @@ A clip is generated frame after frame, each frame as the image model generates a
 
   p(x) = prod_t prod_c prod_i prod_j p(x[c,t,i,j] | x[:,<t], x[<c,t], x[c,t,<i,:], x[c,t,i,<j])
 
-  f_t    = frame_input(x[:, t-1], x[:, t-2]) + pos_t + pos_h + pos_w    from earlier frames only
+  g_t    = motion_compensated(x[:, t-1], x[:, t-2])    a guess of frame t under constant motion
+  f_t    = frame_input(x[:, t-1], x[:, t-2], g_t) + pos_t + pos_h + pos_w    earlier frames only
   c      = frame_encoder(f)        unmasked row/column blocks in each frame, masked time blocks
   frame t is decoded by the image model with c_t added to its channel encoder's input
 
@@ -39,6 +40,12 @@ PAST_FRAMES = 2
 # The input conv's kernel: slot t sees motion of up to one pixel per frame directly, the row
 # and column attention any further; 3x3 is also the channel encoder's conv (official models.py).
 FRAME_KERNEL = 3
+# The motion-compensated guess (`motion_compensated`): offsets of up to MOTION_RADIUS pixels a
+# frame along each axis, each judged over a MATCH_WINDOW x MATCH_WINDOW neighbourhood, about the
+# size of a stroke; 5 matched the moving digits' next frames best (mean absolute error 11.3 at 5,
+# 13.5 at 3, 11.4 at 7, 12.0 at 9; copying frame t-1: 29.3).
+MOTION_RADIUS = 1
+MATCH_WINDOW = 5
 # The axes of a frame encoder map [B, T, H, W, D] (a row attends along W, a column along H).
 TIME, COLUMN, ROW = 0, 1, 2
 
@@ -68,7 +75,7 @@ class VideoTransformer(nn.Module, HubMixin):
         # clip starts), so slot t is causal by construction: after the masked time blocks, which
         # see slots <= t, it still holds only frames < t, and no shift is needed (unlike the
         # decoders, whose input holds the current pixel).
-        self.frame_input = nn.Conv2d(PAST_FRAMES * c.channels, dim, FRAME_KERNEL,
+        self.frame_input = nn.Conv2d((PAST_FRAMES + 1) * c.channels, dim, FRAME_KERNEL,
                                      padding=FRAME_KERNEL // 2)
         self.frame_pos_t = nn.Parameter(torch.empty(c.frames, 1, 1, dim))
         self.frame_pos_h = nn.Parameter(torch.empty(height, 1, dim))
@@ -122,8 +129,11 @@ class VideoTransformer(nn.Module, HubMixin):
                 for k in range(1, PAST_FRAMES + 1)]
         return torch.cat(past, 1)
 
-    def frame_inputs(self, planes: Tensor) -> Tensor:
-        """[N, K * C, H, W] -> the conv's output [N, H, W, D] plus the row/column positions."""
+    def frame_inputs(self, past: Tensor) -> Tensor:
+        """Frames t-1, t-2 [N, K * C, H, W] -> the conv's output over them and frame t's
+        motion-compensated guess, [N, H, W, D], plus the row/column positions."""
+        last, before = past.split(self.config.channels, 1)
+        planes = torch.cat([past, motion_compensated(last, before)], 1)
         f = self.frame_input(planes.contiguous(memory_format=torch.channels_last))
         return rearrange(f, "n d h w -> n h w d") + self.frame_pos_h + self.frame_pos_w
 
@@ -233,3 +243,23 @@ class VideoTransformer(nn.Module, HubMixin):
             raise ValueError("this is an image model (frames=0): load it with "
                              "AxialTransformer.from_pretrained")
         return cls
+
+
+def motion_compensated(last: Tensor, before: Tensor) -> Tensor:
+    """A guess of frame t from frames t-1 and t-2 [N, C, H, W] under constant motion, as a video
+    codec's block matching makes one: pixel p copies frame t-1 at p + o, for the offset o (each
+    axis within MOTION_RADIUS) along which the two frames agree best around p, frame t-1 at
+    p + o against frame t-2 at p + 2o, by mean absolute difference over the channels and a
+    MATCH_WINDOW square. Standing still (o = 0) wins ties, so still and empty parts are copied.
+    Built from frames < t only, like the rest of slot t's input; it gives the frame encoder the
+    shift of each pixel directly, which its 3x3 conv alone learned slowly (docs/model.md)."""
+    n, c, h, w = last.shape
+    k = 2 * MOTION_RADIUS + 1
+    shifted = F.unfold(last, k, padding=MOTION_RADIUS).view(n, c, k * k, h, w)  # last at p + o
+    twice = F.unfold(before, k, dilation=2, padding=2 * MOTION_RADIUS).view(n, c, k * k, h, w)
+    mismatch = (shifted - twice).abs().mean(1)  # [N, k*k, H, W]
+    cost = F.avg_pool2d(mismatch, MATCH_WINDOW, 1, MATCH_WINDOW // 2, count_include_pad=False)
+    still = k * k // 2
+    best = cost.min(1, keepdim=True)
+    pick = torch.where(cost[:, still : still + 1] == best.values, still, best.indices)
+    return shifted.gather(2, pick[:, None].expand(n, c, 1, h, w))[:, :, 0]
