@@ -211,6 +211,17 @@ def test_cached_sampler_equals_naive_sampler(known, attention_path):
         assert torch.equal(cached[mask], kw["known"].expand_as(cached)[mask].to(torch.uint8))
 
 
+def test_compiled_sampler_equals_naive_sampler():
+    """compile=True decodes every frame with the image model's compiled steps: one compilation
+    serves all frames, with and without known first frames, and draws what the reference draws."""
+    model = video_model().float()
+    b = 2
+    noise = gumbel_noise((b, 2, 3, 4, 5, 256)).float()
+    for kw in ({}, given_frames(first_frame(b), frames=3)):
+        assert torch.equal(sample(model, b, noise=noise, compile=True, **kw),
+                           sample_naive(model, b, noise=noise, **kw))
+
+
 def test_same_seed_and_temperature_give_the_same_clips_in_both_samplers():
     model = video_model()
     draw = [fn(2, temperature=0.7, generator=torch.Generator().manual_seed(s))

@@ -15,7 +15,7 @@ names carry every setting that changes the images, and an existing output is rep
 --overwrite. A completion keeps the top K rows of a real image and samples the rest; its grid
 shows original | given rows | completions. `--class all` draws one labelled row per class.
 A video model's clips go to an animated GIF grid (a GIF frame per frame) and a .npy (uint8
-[N, T, H, W, C]); a prediction's GIF shows original | predictions, sampled eagerly.
+[N, T, H, W, C]); a prediction's GIF shows original | predictions; --compile compiles as asked.
 """
 
 from __future__ import annotations

@@ -105,14 +105,11 @@ def run_video(args: argparse.Namespace, model: VideoTransformer) -> int:
     for path in outputs:  # before the compute: a result that cannot be written is refused now
         check_output(path, "--out", c * frames * h * w * num_samples, replace=args.overwrite,
                      folder=path.suffix == "")
-    if args.compile:
-        print("--compile: video models are sampled eagerly (compiled decoding steps are for "
-              "image models)", flush=True)
-
     device = torch.device(args.device)
     model.to(device).eval()
     request = Request(num_samples, temperature=args.temperature, batch_size=args.batch_size,
                       progress=True, generator=torch.Generator(device).manual_seed(args.seed),
+                      compile=args.compile,
                       **(given or {}))
     start = time.perf_counter()
     samples = draw(model, request).cpu()  # (N, C, T, H, W) uint8

@@ -6,8 +6,9 @@ subpixel by Gumbel-max from the noise of `Request.gumbel_rows` in (frame, channe
 from the same noise or seed they return IDENTICAL clips. The cached sampler costs about one
 teacher-forced forward pass: per frame t, the frame encoder advances by one slot (its row and
 column blocks on frame t alone, its masked time blocks through key/value caches over the
-frames), and `decoding.decode` decodes frame t with that context. Known frames are encoded, not
-decoded.
+frames), and `decoding.decode` decodes frame t with that context, eagerly or (compile=True) with
+the image model's compiled steps, one pair of graphs for every frame. Known frames are encoded,
+not decoded.
 """
 
 from __future__ import annotations
@@ -42,14 +43,12 @@ def given_frames(first: Tensor, frames: int) -> dict[str, Tensor]:
 
 
 def draw_video_cached(model: VideoTransformer, r: Request) -> Tensor:
-    if r.compile:
-        raise ValueError("compile=True is not supported for video models yet")
     x, mask, rows, _, autocast = r.start(model)  # x [B, C, T, H, W]
     # Rows whose every pixel is known are not decoded (as for images): a known frame costs only
     # its frame-encoder slot.
     skip = None if mask is None or r.on_logits is not None else mask.all(0).all(-1).tolist()
     c = model.config.channels
-    with decoding_mode(model, x, autocast):
+    with decoding_mode(model, x, autocast, r.compile):
         like = model.frame_pos_t
         if torch.is_autocast_enabled(x.device.type):
             like = like.to(torch.get_autocast_dtype(x.device.type))
@@ -59,15 +58,18 @@ def draw_video_cached(model: VideoTransformer, r: Request) -> Tensor:
         for t, time in enumerate(tqdm(times, desc="decoding", unit="frame",
                                       disable=not r.progress)):
             context = model.frame_step(x, t, caches, time)  # frames < t are in x already
-            choose = GumbelMax(rows, r.temperature, None if mask is None else mask[:, :, t],
-                               x.device)
+            keep = None if mask is None else mask[:, :, t]
+            if r.compile:  # one graph for every frame: always a contiguous mask (draw_cached)
+                keep = (torch.zeros_like(x[:, :, t], dtype=torch.bool) if keep is None
+                        else keep.contiguous())
+            choose = GumbelMax(rows, r.temperature, keep, x.device)
             frame_skip = None if skip is None else [skip[ci][t] for ci in range(c)]
             on_logits = None
             if r.on_logits is not None:
                 on_logits = lambda ci, i, j, logits, t=t: r.on_logits(t, ci, i, j, logits)
             # x[:, :, t] is a view: decode writes frame t's pixels into the clip canvas.
             decode(model.image, x[:, :, t], choose, None, frame_skip, on_logits,
-                   frame_context=context)
+                   compile=r.compile, frame_context=context)
     return pixels(x, model.config.levels)
 
 
