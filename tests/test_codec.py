@@ -386,16 +386,28 @@ def test_without_its_checks_the_codec_returns_wrong_pixels(small_file, monkeypat
     another model, decode to wrong pixels; with the file's checksum or the fingerprint gone,
     each image's checksum still refuses them; with those gone too, they come back silently."""
     model, images, data = small_file
-    damaged = bytearray(data)
-    damaged[-10] ^= 0x10  # in the payload
-    other = tiny_model(seed=1)
+
+    def flipped(offset: int) -> bytes:  # a bit changed near the payload's end
+        damaged = bytearray(data)
+        damaged[-offset] ^= 0x10
+        return bytes(damaged)
+
+    def silently_wrong(case_model: AxialTransformer, case_data: bytes) -> bool:
+        try:
+            return not torch.equal(decompress(case_model, case_data), images)
+        except ValueError:
+            return False
+
     without_checks(monkeypatch, "check_integrity", "check_same_model")
-    for case_model, case_data in ((model, bytes(damaged)), (other, data)):
+    for case_model, case_data in ((model, flipped(10)), (tiny_model(seed=1), data)):
         with pytest.raises(ValueError, match="does not decode to the pixels"):
             decompress(case_model, case_data)
     without_checks(monkeypatch, "check_pixels")
-    for case_model, case_data in ((model, bytes(damaged)), (other, data)):
-        assert not torch.equal(decompress(case_model, case_data), images)
+    # A changed byte or another model may also lead the range decoder off its data, so that it
+    # refuses on its own, checks or not. Which ones do depends on the payload's bytes, and so on
+    # the CPU's kernels through the sampled images: some must decode silently to wrong pixels.
+    assert any(silently_wrong(model, flipped(offset)) for offset in range(10, 42))
+    assert any(silently_wrong(tiny_model(seed=seed), data) for seed in range(1, 9))
 
 
 def test_bad_input_raises_clear_errors():
