@@ -3,6 +3,7 @@ exact distribution, a cached sampler that reproduces the naive one, saving and l
 checks, and image models left as they were. Property checks run on randomised weights, each with
 a negative control that breaks the model and shows the check sees it."""
 
+import functools
 import json
 import math
 
@@ -16,6 +17,7 @@ from axial_transformer import (
     AxialTransformerConfig,
     VideoTransformer,
     build_model,
+    cpu_speedups,
 )
 from axial_transformer.model.video import TIME, motion_compensated
 from axial_transformer.sampling import given_frames, sample, sample_naive
@@ -211,9 +213,12 @@ def test_cached_sampler_equals_naive_sampler(known, attention_path):
         assert torch.equal(cached[mask], kw["known"].expand_as(cached)[mask].to(torch.uint8))
 
 
-def test_compiled_sampler_equals_naive_sampler():
+def test_compiled_sampler_equals_naive_sampler(monkeypatch):
     """compile=True decodes every frame with the image model's compiled steps: one compilation
-    serves all frames, with and without known first frames, and draws what the reference draws."""
+    serves all frames, with and without known first frames, and draws what the reference draws.
+    Without the GEMM autotuning, whose search takes a minute (the image test has it)."""
+    monkeypatch.setattr(cpu_speedups, "frozen_weights_compilation",
+                        functools.partial(cpu_speedups.frozen_weights_compilation, autotune=False))
     model = video_model().float()
     b = 2
     noise = gumbel_noise((b, 2, 3, 4, 5, 256)).float()
