@@ -42,8 +42,8 @@ PAST_FRAMES = 2
 FRAME_KERNEL = 3
 # The motion-compensated guess (`motion_compensated`): offsets of up to MOTION_RADIUS pixels a
 # frame along each axis, each judged over a MATCH_WINDOW x MATCH_WINDOW neighbourhood, about the
-# size of a stroke; 5 matched the moving digits' next frames best (mean absolute error 11.3 at 5,
-# 13.5 at 3, 11.4 at 7, 12.0 at 9; copying frame t-1: 29.3).
+# size of a stroke: of 3, 5, 7 and 9, 5 guessed the moving digits' next frames best
+# (`bench/video_bench.py --parts motion`: 11.5 mean absolute error, copying frame t-1 29.4).
 MOTION_RADIUS = 1
 MATCH_WINDOW = 5
 # The axes of a frame encoder map [B, T, H, W, D] (a row attends along W, a column along H).

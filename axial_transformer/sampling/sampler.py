@@ -56,12 +56,7 @@ def draw(model: AxialTransformer, request: Request, naive: bool = False) -> Tens
 
 def draw_cached(model: AxialTransformer, r: Request) -> Tensor:
     x, mask, rows, labels, autocast = r.start(model)
-    # Eager, no mask is no work. Compiled steps always take a contiguous mask, whatever the
-    # caller's layout, so that every call (a warm-up with known pixels too) uses one graph.
-    keep = mask
-    if r.compile:
-        keep = torch.zeros_like(x, dtype=torch.bool) if keep is None else keep.contiguous()
-    choose = GumbelMax(rows, r.temperature, keep, x.device, r.guidance)
+    choose = GumbelMax(rows, r.temperature, kept(mask, x, r.compile), x.device, r.guidance)
     on_logits = r.on_logits
     if r.guidance != 1:
         x = x.repeat(2, 1, 1, 1)  # the second half is told "no class"
@@ -95,6 +90,15 @@ def draw_naive(model: AxialTransformer, r: Request) -> Tensor:
                         drawn = torch.where(mask[:, ci, i, j], x[:, ci, i, j], drawn)
                     x[:, ci, i, j] = drawn
     return pixels(x, model.config.levels)
+
+
+def kept(mask: Tensor | None, x: Tensor, compile: bool) -> Tensor | None:
+    """The known-pixel mask `GumbelMax` takes for the canvas x. Eager, no mask is no work.
+    Compiled steps always take a contiguous mask, whatever the caller's layout, so that every
+    call (a warm-up with known pixels too, every frame of a clip) uses one graph."""
+    if not compile:
+        return mask
+    return torch.zeros_like(x, dtype=torch.bool) if mask is None else mask.contiguous()
 
 
 def pixels(x: Tensor, levels: int) -> Tensor:

@@ -22,7 +22,7 @@ from ..model.decoding import decode, decoding_mode
 from ..model.transformer import at_least_fp32
 from ..model.video import VideoTransformer
 from .request import Request
-from .sampler import GumbelMax, pixels
+from .sampler import GumbelMax, kept, pixels
 
 __all__ = ["draw_video_cached", "draw_video_naive", "given_frames"]
 
@@ -58,10 +58,7 @@ def draw_video_cached(model: VideoTransformer, r: Request) -> Tensor:
         for t, time in enumerate(tqdm(times, desc="decoding", unit="frame",
                                       disable=not r.progress)):
             context = model.frame_step(x, t, caches, time)  # frames < t are in x already
-            keep = None if mask is None else mask[:, :, t]
-            if r.compile:  # one graph for every frame: always a contiguous mask (draw_cached)
-                keep = (torch.zeros_like(x[:, :, t], dtype=torch.bool) if keep is None
-                        else keep.contiguous())
+            keep = kept(None if mask is None else mask[:, :, t], x[:, :, t], r.compile)
             choose = GumbelMax(rows, r.temperature, keep, x.device)
             frame_skip = None if skip is None else [skip[ci][t] for ci in range(c)]
             on_logits = None
