@@ -3,7 +3,8 @@
 bf16 autocast pays only where the hardware multiplies bf16 natively: CUDA GPUs that support it,
 x86 CPUs with AVX512-BF16 or AMX. Elsewhere torch emulates it through fp32, about 1 GFLOP/s
 against 75-90 on AVX2. "auto" picks bf16 there, or on a CPU whose bf16 matmul beats fp32 in a
-short check; "bf16" forces it (warning once where emulated); "no" is fp32.
+short check, and on a CPU only for a model at least CPU_BF16_MIN_WIDTH wide; "bf16" forces it
+(warning once where emulated); "no" is fp32.
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ MIN_CPU_SPEEDUP = 1.2
 # The check's matmul: [256, 256] @ [256, 256], 34 MFLOP, well under 0.1 s even emulated.
 CHECK_SIZE = 256
 CHECK_REPEATS = 5
+# On a CPU, bf16 autocast costs a narrow model more than its matmuls gain: its casts and the
+# rest of the step are a larger share than in a wide one. `python bench/precision_bench.py`
+# (training steps of a 16x16 RGB model, fp32 and bf16 in turn; AVX512 with AVX512-BF16,
+# 2026-12-08): bf16 ran 0.83x as fast as fp32 at width 32, 1.03x at 64, 0.72x at 128; 1.41x at
+# 256 and 1.92x at 512.
+CPU_BF16_MIN_WIDTH = 256
 
 
 @dataclass(frozen=True)
@@ -42,7 +49,9 @@ class Precision:
         return f"{'bf16' if self.bf16 else 'fp32'} ({self.reason})"
 
 
-def choose_precision(setting: Setting, device: torch.device | str) -> Precision:
+def choose_precision(setting: Setting, device: torch.device | str,
+                     width: int | None = None) -> Precision:
+    """`setting` on `device`, for a model `width` wide (the model's dim; None: any)."""
     device = torch.device(device)
     if setting == "no":
         return Precision(False, "asked for fp32")
@@ -50,6 +59,9 @@ def choose_precision(setting: Setting, device: torch.device | str) -> Precision:
         raise ValueError(f"precision must be 'auto', 'bf16' or 'no', got {setting!r}")
     fast, why = bf16_is_fast(device)
     if setting == "auto":
+        if fast and device.type == "cpu" and width is not None and width < CPU_BF16_MIN_WIDTH:
+            return Precision(False, f"auto: {why}, but at width {width} (under "
+                             f"{CPU_BF16_MIN_WIDTH}) bf16 autocast runs slower than fp32 on a CPU")
         return Precision(fast, f"auto: {why}")
     if not fast and device.type == "cpu":
         warn_emulated_bf16(why)

@@ -190,7 +190,7 @@ def main() -> None:
     tile_rows = mosaic(array).shape[0] // h
     command = " ".join(["python", "bench/codec_bench.py", *sys.argv[1:]])
     print(f"# Codec benchmark: `{command}`")
-    precision = f"fp32 in the codec, {sampler_precision()} in the sampler"
+    precision = f"fp32 in the codec, {sampler_precision(model.config.dim)} in the sampler"
     print(f"# {machine_line(precision)} (the codec: {torch.get_num_threads()} threads at batch "
           "64, 1 at batch 1, as the sampler)")
     print(f"# model {checkpoint} ({model.num_parameters():,} parameters); built-in test split, "

@@ -111,7 +111,7 @@ def main() -> None:
     shuffled = np.random.default_rng(3).permutation(y_train)
 
     print(f"# Class-conditional digits, "
-          f"{machine_line(f'fp32 training, {sampler_precision()} sampling')}; "
+          f"{machine_line(f'fp32 training, {sampler_precision(args.dim)} sampling')}; "
           f"{len(x_train)} train / {len(x_test)} test digits, 8x8, 17 levels; width {args.dim}, "
           f"layers 2/2/{args.inner_layers}, dropout {args.dropout}, {args.steps} steps of "
           f"{args.batch_size}, label dropout {args.label_dropout}")

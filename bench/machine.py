@@ -31,9 +31,9 @@ def machine_line(precision: str, threads: int | str | None = None) -> str:
             f"{threads or torch.get_num_threads()} threads, precision {precision}")
 
 
-def sampler_precision(device: torch.device | str = "cpu") -> str:
-    """The precision `sample` picks by default on `device`, and why."""
-    return str(choose_precision("auto", device))
+def sampler_precision(width: int, device: torch.device | str = "cpu") -> str:
+    """The precision `sample` picks by default for a model `width` wide on `device`, and why."""
+    return str(choose_precision("auto", device, width))
 
 
 def table(header: list[str], rows: Iterable[list]) -> None:

@@ -126,13 +126,14 @@ def main() -> None:
         preset, sizes, batches, naive_steps, official_rows = "small", (16, 32), (1, 64), 4, 2
     run_time = args.min_run_time if args.min_run_time is not None else 0 if args.quick else 3
     timed = lambda fn: seconds(fn, run_time)
-    autocast = choose_precision("auto", device).bf16  # what `sample` does by default
+    width = AxialTransformerConfig.from_preset(preset).dim
+    autocast = choose_precision("auto", device, width).bf16  # what `sample` does by default
 
     if args.quick:
         tiny = AxialTransformerConfig.from_preset(preset, image_size=(sizes[0], sizes[0] + 1))
         check_agreement(AxialTransformer(tiny).to(device).double().eval(), device)
-    print(f"# Sampling benchmark, {machine_line(sampler_precision(device))}, device {device}, "
-          f"preset {preset!r}")
+    print(f"# Sampling benchmark, {machine_line(sampler_precision(width, device))}, "
+          f"device {device}, preset {preset!r}")
     print("# seconds per image; * = timed over the first steps and multiplied out; compiled: "
           "torch.compiler.reset() before each case, so that no case runs with another's graphs "
           "(what a fresh process per case was once for)\n")

@@ -41,6 +41,24 @@ def test_auto_takes_bf16_on_a_cpu_that_reports_it_without_timing(monkeypatch):
     assert chosen.bf16 and "amx_bf16" in chosen.reason
 
 
+@pytest.mark.parametrize("flags, speedup", [(("avx512_bf16",), 0.25), ((), 2.0)])
+def test_auto_keeps_a_narrow_model_in_fp32_on_a_fast_cpu(monkeypatch, flags, speedup):
+    cpu(monkeypatch, speedup, flags)
+    narrow = choose_precision("auto", "cpu", precision.CPU_BF16_MIN_WIDTH - 1)
+    assert not narrow.bf16 and f"width {precision.CPU_BF16_MIN_WIDTH - 1}" in narrow.reason
+    # The negative control: at the threshold, or with no width given, the CPU decides.
+    assert choose_precision("auto", "cpu", precision.CPU_BF16_MIN_WIDTH).bf16
+    assert choose_precision("auto", "cpu").bf16
+    # A forced bf16 is taken at any width.
+    assert choose_precision("bf16", "cpu", 32).bf16
+
+
+def test_the_width_rule_is_for_cpus_only(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU X")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert choose_precision("auto", "cuda", 32).bf16
+
+
 def test_auto_on_cuda_asks_the_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU X")
     for supported in (True, False):

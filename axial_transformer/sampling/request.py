@@ -108,7 +108,7 @@ class Request:
             labels = torch.cat([labels, torch.full_like(labels, -1)])
         autocast = self.autocast
         if autocast is None:
-            autocast = choose_precision("auto", param.device).bf16
+            autocast = choose_precision("auto", param.device, model.config.dim).bf16
         noise_dtype = torch.promote_types(param.dtype, torch.float32)
         return x, known_mask, self.gumbel_rows(model, param.device, noise_dtype), labels, autocast
 

@@ -30,7 +30,7 @@ def build_accelerator(cfg: RunConfig):
     try:
         state = PartialState(cpu=cpu_only())  # the process group, for the processes to agree
         precision = agreed_precision(state, choose_precision(cfg.train.mixed_precision,
-                                                             state.device))
+                                                             state.device, cfg.model.dim))
         if state.is_main_process:
             print(f"precision: {precision}; {torch.get_num_threads()} CPU thread(s) "
                   f"(train.threads), CPU capability {torch.backends.cpu.get_cpu_capability()}",
