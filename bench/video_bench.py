@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import statistics
 import time
 from pathlib import Path
 
@@ -38,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from machine import machine_line, seconds, table
+from machine import in_turn, machine_line, ratio, seconds, table
 from model_bench import CPU_FLASH_FLOPS, PixelGPT, in_fresh_process, rss_mib
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -246,25 +247,28 @@ def sampling_part(args: argparse.Namespace, demo: Demo, model: nn.Module | None)
         start = time.perf_counter()
         sampler(True)()  # compiles the decoding steps for this model and batch
         compiling = time.perf_counter() - start
-        times = {name: seconds(fn, args.min_run_time) for name, fn in
-                 (("eager", sampler(False)), ("compiled", sampler(True)), ("forward", forward))}
+        # In turn: a process's forward pass alone has run at 1.1 s and at 1.8 s on the same
+        # machine, so a ratio is taken within a round, never across processes or minutes.
+        times = in_turn({"eager": sampler(False), "compiled": sampler(True), "forward": forward},
+                        args.rounds, args.min_run_time)
         for name in ("eager", "compiled"):
-            worst[name] = max(worst.get(name, 0.0), times[name] / times["forward"])
-        rows.append([threads, f"{times['eager']:.2f}", f"{times['compiled']:.2f}",
-                     f"{compiling:.0f}", f"{times['forward']:.3f}",
-                     f"{times['eager'] / times['forward']:.2f}",
-                     f"{times['compiled'] / times['forward']:.2f}"])
+            worst[name] = max(worst.get(name, 0.0), statistics.median(
+                s / f for s, f in zip(times[name], times["forward"], strict=True)))
+        rows.append([threads, *(f"{statistics.median(times[n]):.2f}" for n in times),
+                     f"{compiling:.0f}", ratio(times["forward"], times["eager"]),
+                     ratio(times["forward"], times["compiled"])])
     torch.set_num_threads(1)
     print(machine_line("fp32", " and ".join(map(str, args.threads))))
     print(f"video model of {model.num_parameters():,} parameters, {demo.frames} frames of "
           f"{demo.image_size}x{demo.image_size}, clips of the test split; sampling FLOPs / "
           f"forward FLOPs: {flops['sample'] / 1e9:.2f} / {flops['forward'] / 1e9:.2f} G = "
-          f"{flops['sample'] / flops['forward']:.3f}\n")
-    table(["threads", "eager s", "compiled s", "compiling s", "forward s", "eager / forward",
+          f"{flops['sample'] / flops['forward']:.3f}; the three calls timed in turn for "
+          f"{args.rounds} rounds: medians, and each ratio's median over rounds (range)\n")
+    table(["threads", "eager s", "compiled s", "forward s", "compiling s", "eager / forward",
            "compiled / forward"], rows)
-    for name, ratio in worst.items():
+    for name, r in worst.items():
         print(f"\ntarget: {name} sampling at batch 64 <= 1.3 forward passes: "
-              f"{'met' if ratio <= 1.3 else 'NOT met'} (worst {ratio:.2f})")
+              f"{'met' if r <= 1.3 else 'NOT met'} (median {r:.2f})")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -386,6 +390,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--step-batch", type=int, help="clips per training step (default 4)")
     parser.add_argument("--min-run-time", type=float, default=None,
                         help="seconds of timing per case (default 5; --quick 0)")
+    parser.add_argument("--rounds", type=int, help="rounds of the sampling timings (default 5; "
+                        "--quick 1)")
     parser.add_argument("--case-timeout", type=float, default=1200.0)
     args = parser.parse_args()
     quick = args.quick
@@ -395,6 +401,7 @@ def parse_args() -> argparse.Namespace:
     args.sample_batch = args.sample_batch or (2 if quick else 64)
     args.step_frames = args.step_frames or ([2, 3] if quick else [4, 8, 16])
     args.step_batch = args.step_batch or (1 if quick else 4)
+    args.rounds = args.rounds or (1 if quick else 5)
     args.min_run_time = args.min_run_time if args.min_run_time is not None else (
         0.0 if quick else 5.0)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Demo)
