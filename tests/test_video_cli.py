@@ -11,8 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import error_line
 from PIL import Image
+from safetensors.torch import load_file
 
 from axial_transformer.cli import compress as compress_cli
 from axial_transformer.cli import evaluate as evaluate_cli
@@ -67,14 +69,27 @@ def test_training_reports_bits_per_clip_and_per_frame(run):
     assert json.loads((run / "export" / "config.json").read_text())["frames"] == FRAMES
 
 
-def test_a_video_run_resumes(run, tmp_path):
+def test_a_video_run_resumes_bit_for_bit(run, tmp_path):
+    """Two steps, then a resume for the third, against three steps in one go: the same losses
+    and the same weights (the third step moved them: the two-step export differs)."""
+    rest = ["train.steps=3", "eval.heatmap=false", "eval.baselines=false",
+            "data.spec=moving-digits", "model.channels=1"]
     resumed = tmp_path / "run"
     shutil.copytree(run, resumed)
-    records = train(resumed, *TINY, "train.steps=3", "eval.heatmap=false",
-                    "eval.baselines=false", "data.spec=moving-digits", "model.channels=1")
+    records = train(resumed, *TINY, *rest)
     starts = [r for r in records if "start" in r]
     assert [(r["step"], r["start"]) for r in starts] == [(0, "fresh"), (2, "resume")]
     assert records[-1]["final"] and records[-1]["step"] == 3
+    straight = train(tmp_path / "straight", *TINY, *rest)
+    losses = lambda records: [(r["step"], r["train/loss_bpd"], r["train/grad_norm"])
+                              for r in records if "train/loss_bpd" in r]
+    assert losses(records) == losses(straight)
+    weights = {name: load_file(path / "export" / "model.safetensors")
+               for name, path in (("two", run), ("resumed", resumed),
+                                  ("straight", tmp_path / "straight"))}
+    same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
+    assert same(weights["resumed"], weights["straight"])
+    assert not same(weights["two"], weights["straight"])
 
 
 def test_evaluate_prints_bits_per_clip_and_per_frame(run, tmp_path, capsys):
