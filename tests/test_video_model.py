@@ -136,7 +136,8 @@ def test_probabilities_of_all_clips_sum_to_one():
 
 def test_sum_check_catches_a_leaky_model(monkeypatch):
     def present(self, x, t=None):  # slot t built from frame t itself, twice: a leak
-        return rearrange(x.double().repeat(1, 2, 1, 1, 1), "b k t h w -> (b t) k h w")
+        values = x.double() / (self.config.levels - 1)
+        return rearrange(values.repeat(1, 2, 1, 1, 1), "b k t h w -> (b t) k h w")
 
     monkeypatch.setattr(VideoTransformer, "past_frames", present)
     assert abs(total_probability(tiny_exact_model()) - 1.0) > 1e-3
@@ -177,6 +178,22 @@ def test_motion_compensated_guess_follows_constant_motion():
     torch.testing.assert_close(moved, at(2), rtol=0, atol=0)
     assert not torch.equal(at(1), at(2))  # copying frame t-1 would fail the check above
     torch.testing.assert_close(motion_compensated(frame, frame), frame, rtol=0, atol=0)
+
+
+def test_the_guess_prior_raises_each_guessed_value_of_its_own_frame():
+    """guess_prior[t, d] is added to frame t's logit of every value d levels from the guess:
+    raising it at distance 0 for frame 1 moves frame 1's logits at the guessed values by exactly
+    that, and no other logit. An unwired prior would move none."""
+    model = video_model()
+    x = torch.randint(0, 256, (2, 2, 3, 4, 5), generator=torch.Generator().manual_seed(1))
+    base = model(x)
+    guess = model.frame_context(x)[1]  # [B, C, T, H, W]
+    with torch.no_grad():
+        model.guess_prior[1, 0] += 100.0
+    moved = model(x) - base
+    torch.testing.assert_close(moved[:, :, 1], 100.0 * torch.nn.functional.one_hot(
+        guess[:, :, 1], 256).double(), rtol=0, atol=1e-9)
+    assert moved[:, :, [0, 2]].abs().max() == 0
 
 
 # ------------------------------------------------------------------------------------------------

@@ -54,14 +54,15 @@ def decode(
     progress: bool = False,
     compile: bool = False,
     frame_context: Tensor | None = None,
+    frame_prior: Callable[[int, int], Tensor] | None = None,
 ) -> Tensor:
     """Fill x [B, C, H, W] (long, on the model's device) in the model's order, in place: each
     subpixel's value is `choose(logits, column, x_row)` given everything before it (and the
     images' classes `labels` [B] in a class-conditional model). Rows with skip[c][i] True are
     left as they are (their pixels must already be in x). With `compile`, each outer-decoder row
     and each subpixel run as one compiled graph. A video model decodes each frame with its
-    `frame_context` [B, H, W, D] (`AxialTransformer.channel_context`). Run it inside
-    `decoding_mode`."""
+    `frame_context` [B, H, W, D] (`AxialTransformer.channel_context`), and `frame_prior(c, i)`
+    [B, W, V] added to the logits of row i of channel c. Run it inside `decoding_mode`."""
     b, c, h, w = x.shape
     like = model.pos_h
     if torch.is_autocast_enabled(x.device.type):
@@ -92,13 +93,14 @@ def decode(
             if skip is not None and skip[ci][i]:
                 continue
             row_inputs = u + pos[i] + ctx[:, i]  # (B, W, D): all but shift_right(h)
+            prior = None if frame_prior is None else frame_prior(ci, i)
             h_left = pos.new_zeros((b, model.config.dim))  # shift_right's zero column
             x_row = x[:, ci, i]
             # The stance is global: user code (on_logits) must not run inside it.
             with cpu_speedups.skip_guard_checks(compile and pixel_checked and on_logits is None):
                 for j in range(w):
                     h_left, logits = pixel_step(model, choose, h_left, row_inputs, inner_caches,
-                                                columns[j], x_row)
+                                                columns[j], x_row, prior)
                     if on_logits is not None:
                         on_logits(ci, i, j, at_least_fp32(logits))
             pixel_checked = True
@@ -114,12 +116,15 @@ def _pixel(
     caches: list,
     column: Position,
     x_row: Tensor,
+    prior: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One subpixel: its logits, its value written into x_row [B, W], and the value's embedding
     for the pixel on its right -> (embedding [B, D], logits [B, V]). Whole rows go in and the
     column is a tensor, so that one compiled graph serves every column."""
     j = column.index
     logits = model.inner_step(h_left + row_inputs.index_select(1, j)[:, 0], caches, column)
+    if prior is not None:  # a video frame's, [B, W, V]
+        logits = logits + prior.index_select(1, j)[:, 0]
     value = choose(logits, j, x_row)
     x_row.index_copy_(1, j, value[:, None])
     return F.embedding(value, model.pixel_embedding.weight), logits

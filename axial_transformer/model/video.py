@@ -8,7 +8,8 @@ A clip is generated frame after frame, each frame as the image model generates a
   g_t    = motion_compensated(x[:, t-1], x[:, t-2])    a guess of frame t under constant motion
   f_t    = frame_input(x[:, t-1], x[:, t-2], g_t) + pos_t + pos_h + pos_w    earlier frames only
   c      = frame_encoder(f)        unmasked row/column blocks in each frame, masked time blocks
-  frame t is decoded by the image model with c_t added to its channel encoder's input
+  frame t is decoded by the image model with c_t added to its channel encoder's input, and
+  guess_prior[t, |v - g_t|] added to the logits of each subpixel's values v
 
 The paper applies its construction to video (BAIR Robot Pushing); this frame encoder, which
 gives each frame its context the way the channel encoder gives each channel its, is this
@@ -46,6 +47,11 @@ FRAME_KERNEL = 3
 # (`bench/video_bench.py --parts motion`: 11.5 mean absolute error, copying frame t-1 29.4).
 MOTION_RADIUS = 1
 MATCH_WINDOW = 5
+# The guess's prior on frame t's logits: a learned weight per frame for each distance |v - g|
+# between a value v and the guessed value g, up to this many levels apart (farther ones share
+# the last weight). It lets the model copy the guess from its first steps, where reaching the
+# logits through the frame encoder and both decoders is learned slowly (docs/model.md).
+PRIOR_DISTANCES = 32
 # The axes of a frame encoder map [B, T, H, W, D] (a row attends along W, a column along H).
 TIME, COLUMN, ROW = 0, 1, 2
 
@@ -78,6 +84,8 @@ class VideoTransformer(nn.Module, HubMixin):
         self.frame_input = nn.Conv2d((PAST_FRAMES + 1) * c.channels, dim, FRAME_KERNEL,
                                      padding=FRAME_KERNEL // 2)
         self.frame_pos_t = nn.Parameter(torch.empty(c.frames, 1, 1, dim))
+        # Zeros: an untrained model's logits are the image model's alone.
+        self.guess_prior = nn.Parameter(torch.zeros(c.frames, PRIOR_DISTANCES))
         self.frame_pos_h = nn.Parameter(torch.empty(height, 1, dim))
         self.frame_pos_w = nn.Parameter(torch.empty(1, width, dim))
         self.frame_encoder = AxialStack(
@@ -129,20 +137,37 @@ class VideoTransformer(nn.Module, HubMixin):
                 for k in range(1, PAST_FRAMES + 1)]
         return torch.cat(past, 1)
 
-    def frame_inputs(self, past: Tensor) -> Tensor:
+    def frame_inputs(self, past: Tensor) -> tuple[Tensor, Tensor]:
         """Frames t-1, t-2 [N, K * C, H, W] -> the conv's output over them and frame t's
-        motion-compensated guess, [N, H, W, D], plus the row/column positions."""
+        motion-compensated guess, [N, H, W, D], plus the row/column positions; and the guess
+        as pixel values [N, C, H, W] (long)."""
         last, before = past.split(self.config.channels, 1)
-        planes = torch.cat([past, motion_compensated(last, before)], 1)
+        guess = motion_compensated(last, before)
+        planes = torch.cat([past, guess], 1)
         f = self.frame_input(planes.contiguous(memory_format=torch.channels_last))
-        return rearrange(f, "n d h w -> n h w d") + self.frame_pos_h + self.frame_pos_w
+        values = (guess * (self.config.levels - 1)).round().long()
+        return rearrange(f, "n d h w -> n h w d") + self.frame_pos_h + self.frame_pos_w, values
 
-    def frame_context(self, x: Tensor) -> Tensor:
-        """The context of every frame from the frames before it: [B, C, T, H, W] ->
-        [B, T, H, W, D]."""
-        f = rearrange(self.frame_inputs(self.past_frames(x)), "(b t) h w d -> b t h w d",
-                      b=x.shape[0])
-        return self.frame_encoder(f + self.frame_pos_t)
+    def prior(self, guess: Tensor, t: Tensor | int) -> Tensor:
+        """Frame t's prior on the logits from its guessed values: guess [...] (long) ->
+        [..., V], `guess_prior[t]` at each value's distance from the guess. `t` broadcasts
+        against guess (an int, or frame indices shaped like it)."""
+        levels = self.config.levels
+        values = torch.arange(levels, device=guess.device)
+        distance = (values - values[:, None]).abs().clamp(max=PRIOR_DISTANCES - 1)
+        # A table of every (frame, guessed value) pair's prior row, [T * V, V], then one row per
+        # subpixel: an embedding lookup, whose backward is cheap where indexing the distances
+        # of every subpixel's values took a fifth of a training step.
+        table = self.guess_prior[:, distance].flatten(0, 1)
+        return F.embedding(guess + levels * torch.as_tensor(t, device=guess.device), table)
+
+    def frame_context(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The context of every frame from the frames before it, and each frame's guess:
+        [B, C, T, H, W] -> [B, T, H, W, D], [B, C, T, H, W] (long)."""
+        f, guess = self.frame_inputs(self.past_frames(x))
+        f = rearrange(f, "(b t) h w d -> b t h w d", b=x.shape[0])
+        guess = rearrange(guess, "(b t) c h w -> b c t h w", b=x.shape[0])
+        return self.frame_encoder(f + self.frame_pos_t), guess
 
     def new_frame_caches(self, batch: int, like: Tensor) -> list:
         """Key/value caches of the masked time blocks, over the frames, for each (row, column)
@@ -150,19 +175,27 @@ class VideoTransformer(nn.Module, HubMixin):
         height, width = self.config.image_size
         return self.frame_encoder.new_caches(batch * height * width, self.config.frames, like)
 
-    def frame_step(self, x: Tensor, t: int, caches: list, time: Position) -> Tensor:
-        """Frame t's context [B, H, W, D] from the frames before it in the canvas x: its row and
-        column blocks run on that one slot, its time blocks attend through the caches."""
-        f = self.frame_inputs(self.past_frames(x, t)) + self.frame_pos_t[t]
-        return self.frame_encoder.step(f[:, None], caches, time)[:, 0]
+    def frame_step(self, x: Tensor, t: int, caches: list, time: Position
+                   ) -> tuple[Tensor, Tensor]:
+        """Frame t's context [B, H, W, D] and guess [B, C, H, W] from the frames before it in
+        the canvas x: its row and column blocks run on that one slot, its time blocks attend
+        through the caches."""
+        f, guess = self.frame_inputs(self.past_frames(x, t))
+        return self.frame_encoder.step((f + self.frame_pos_t[t])[:, None], caches, time)[:, 0], \
+            guess
 
     def frame_slice_logits(self, x: Tensor, channel: Tensor) -> Tensor:
         """Teacher-forced logits of channel `channel[b, t]` of each frame: [B, C, T, H, W],
         [B, T] -> [B, T, H, W, V]."""
-        context = rearrange(self.frame_context(x), "b t h w d -> (b t) h w d")
+        b, frames = x.shape[0], x.shape[2]
+        context, guess = self.frame_context(x)
         images = rearrange(x, "b c t h w -> (b t) c h w")
-        logits = self.image.slice_logits(images, channel.flatten(), None, context)
-        return rearrange(logits, "(b t) h w v -> b t h w v", b=x.shape[0])
+        logits = self.image.slice_logits(images, channel.flatten(), None,
+                                         rearrange(context, "b t h w d -> (b t) h w d"))
+        logits = rearrange(logits, "(b t) h w v -> b t h w v", b=b)
+        guessed = guess.gather(1, channel[:, None, :, None, None].expand(-1, 1, -1, *x.shape[3:]))
+        t = torch.arange(frames, device=x.device)[:, None, None]
+        return logits + self.prior(guessed[:, 0], t)
 
     # ----------------------------------------------------------------------------------------
     # Public API, as AxialTransformer's.
@@ -171,12 +204,14 @@ class VideoTransformer(nn.Module, HubMixin):
         """Logits of every subpixel given its past: [B, C, T, H, W] integers ->
         [B, C, T, H, W, V]. The frame encoder runs once; each frame's channel slices share it."""
         self.check_images(x)
-        b, c = x.shape[:2]
-        context = repeat(self.frame_context(x), "b t h w d -> (b t k) h w d", k=c)
+        b, c, frames = x.shape[:3]
+        context, guess = self.frame_context(x)
+        context = repeat(context, "b t h w d -> (b t k) h w d", k=c)
         images = repeat(x, "b c t h w -> (b t k) c h w", k=c)  # one copy per slice
         channel = torch.arange(c, device=x.device).repeat(len(images) // c)
         logits = self.image.slice_logits(images, channel, None, context)
-        return rearrange(logits, "(b t c) h w v -> b c t h w v", b=b, c=c)
+        logits = rearrange(logits, "(b t c) h w v -> b c t h w v", b=b, c=c)
+        return logits + self.prior(guess, torch.arange(frames, device=x.device)[:, None, None])
 
     def subpixel_bits(self, x: Tensor) -> Tensor:
         """-log2 p(x[c,t,i,j] | past): [B, C, T, H, W] -> [B, C, T, H, W], fp32 or more."""

@@ -57,7 +57,8 @@ def draw_video_cached(model: VideoTransformer, r: Request) -> Tensor:
         # One bar over the frames, not one over the rows of each frame.
         for t, time in enumerate(tqdm(times, desc="decoding", unit="frame",
                                       disable=not r.progress)):
-            context = model.frame_step(x, t, caches, time)  # frames < t are in x already
+            context, guess = model.frame_step(x, t, caches, time)  # frames < t are in x
+            prior = lambda ci, i, t=t, guess=guess: model.prior(guess[:, ci, i], t)
             keep = kept(None if mask is None else mask[:, :, t], x[:, :, t], r.compile)
             choose = GumbelMax(rows, r.temperature, keep, x.device)
             frame_skip = None if skip is None else [skip[ci][t] for ci in range(c)]
@@ -66,7 +67,7 @@ def draw_video_cached(model: VideoTransformer, r: Request) -> Tensor:
                 on_logits = lambda ci, i, j, logits, t=t: r.on_logits(t, ci, i, j, logits)
             # x[:, :, t] is a view: decode writes frame t's pixels into the clip canvas.
             decode(model.image, x[:, :, t], choose, None, frame_skip, on_logits,
-                   compile=r.compile, frame_context=context)
+                   compile=r.compile, frame_context=context, frame_prior=prior)
     return pixels(x, model.config.levels)
 
 
