@@ -148,18 +148,22 @@ class VideoTransformer(nn.Module, HubMixin):
         values = (guess * (self.config.levels - 1)).round().long()
         return rearrange(f, "n d h w -> n h w d") + self.frame_pos_h + self.frame_pos_w, values
 
-    def prior(self, guess: Tensor, t: Tensor | int) -> Tensor:
-        """Frame t's prior on the logits from its guessed values: guess [...] (long) ->
-        [..., V], `guess_prior[t]` at each value's distance from the guess. `t` broadcasts
-        against guess (an int, or frame indices shaped like it)."""
-        levels = self.config.levels
-        values = torch.arange(levels, device=guess.device)
+    def prior_table(self) -> Tensor:
+        """Every (frame t, guessed value g) pair's prior over the values, [T * V, V]: row
+        t * V + g holds `guess_prior[t]` at each value's distance from g."""
+        values = torch.arange(self.config.levels, device=self.guess_prior.device)
         distance = (values - values[:, None]).abs().clamp(max=PRIOR_DISTANCES - 1)
-        # A table of every (frame, guessed value) pair's prior row, [T * V, V], then one row per
-        # subpixel: an embedding lookup, whose backward is cheap where indexing the distances
-        # of every subpixel's values took a fifth of a training step.
-        table = self.guess_prior[:, distance].flatten(0, 1)
-        return F.embedding(guess + levels * torch.as_tensor(t, device=guess.device), table)
+        return self.guess_prior[:, distance].flatten(0, 1)
+
+    def prior(self, guess: Tensor, t: Tensor | int, table: Tensor | None = None) -> Tensor:
+        """Frame t's prior on the logits from its guessed values: guess [...] (long) ->
+        [..., V]. `t` broadcasts against guess (an int, or frame indices shaped like it);
+        `table` is `prior_table()`, made once by a caller that asks row by row."""
+        table = self.prior_table() if table is None else table
+        # One table row per subpixel: an embedding lookup, whose backward is cheap where indexing
+        # the distances of every subpixel's values took a fifth of a training step.
+        t = torch.as_tensor(t, device=guess.device)
+        return F.embedding(guess + self.config.levels * t, table)
 
     def frame_context(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The context of every frame from the frames before it, and each frame's guess:

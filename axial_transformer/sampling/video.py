@@ -54,11 +54,12 @@ def draw_video_cached(model: VideoTransformer, r: Request) -> Tensor:
             like = like.to(torch.get_autocast_dtype(x.device.type))
         caches = model.new_frame_caches(len(x), like)
         times = decoding_positions(model.config.frames, like)
+        table = model.prior_table()
         # One bar over the frames, not one over the rows of each frame.
         for t, time in enumerate(tqdm(times, desc="decoding", unit="frame",
                                       disable=not r.progress)):
             context, guess = model.frame_step(x, t, caches, time)  # frames < t are in x
-            prior = lambda ci, i, t=t, guess=guess: model.prior(guess[:, ci, i], t)
+            prior = lambda ci, i, t=t, guess=guess: model.prior(guess[:, ci, i], t, table)
             keep = kept(None if mask is None else mask[:, :, t], x[:, :, t], r.compile)
             choose = GumbelMax(rows, r.temperature, keep, x.device)
             frame_skip = None if skip is None else [skip[ci][t] for ci in range(c)]
