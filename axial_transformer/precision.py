@@ -61,7 +61,7 @@ def choose_precision(setting: Setting, device: torch.device | str,
     if setting == "auto":
         if fast and device.type == "cpu" and width is not None and width < CPU_BF16_MIN_WIDTH:
             return Precision(False, f"auto: {why}, but at width {width} (under "
-                             f"{CPU_BF16_MIN_WIDTH}) bf16 autocast runs slower than fp32 on a CPU")
+                             f"{CPU_BF16_MIN_WIDTH}) bf16 autocast gains nothing on a CPU")
         return Precision(fast, f"auto: {why}")
     if not fast and device.type == "cpu":
         warn_emulated_bf16(why)
