@@ -21,6 +21,7 @@ from axial_transformer import (
 )
 from axial_transformer.model.video import TIME, motion_compensated
 from axial_transformer.sampling import given_frames, sample, sample_naive
+from axial_transformer.sampling import video as video_sampling
 
 UNCHANGED, CHANGED = 1e-10, 1e-6  # in float64 the two are many orders of magnitude apart
 
@@ -264,6 +265,16 @@ def test_sampler_check_catches_a_forgetful_time_cache(monkeypatch):
     naive = sample_naive(model, 3, noise=noise)
     monkeypatch.setattr(VideoTransformer, "frame_step", forgetful)
     assert not torch.equal(sample(model, 3, noise=noise), naive)
+
+
+def test_sampler_check_catches_a_sampler_without_the_guess_prior(monkeypatch):
+    """Negative control: a cached sampler that decodes every frame without the guess's prior."""
+    decode = video_sampling.decode
+    monkeypatch.setattr(video_sampling, "decode",
+                        lambda *a, **k: decode(*a, **{**k, "frame_prior": None}))
+    model = video_model()
+    noise = gumbel_noise((3, 2, 3, 4, 5, 256))
+    assert not torch.equal(sample(model, 3, noise=noise), sample_naive(model, 3, noise=noise))
 
 
 def test_sampler_rejects_image_shaped_known_pixels():

@@ -31,7 +31,7 @@ from ..hub import HubMixin
 from .attention import AttentionPath, Position, set_attention_path
 from .blocks import AxialBlock, AxialStack
 from .config import FRAME_LAYERS, AxialTransformerConfig
-from .transformer import AxialTransformer, at_least_fp32, bits_of, variance_scaling
+from .transformer import AxialTransformer, at_least_fp32, bits_of, channel_of, variance_scaling
 
 __all__ = ["VideoTransformer", "build_model"]
 
@@ -193,13 +193,13 @@ class VideoTransformer(nn.Module, HubMixin):
         [B, T] -> [B, T, H, W, V]."""
         b, frames = x.shape[0], x.shape[2]
         context, guess = self.frame_context(x)
-        images = rearrange(x, "b c t h w -> (b t) c h w")
-        logits = self.image.slice_logits(images, channel.flatten(), None,
+        by_frame = lambda y: rearrange(y, "b c t h w -> (b t) c h w")
+        channel = channel.flatten()
+        logits = self.image.slice_logits(by_frame(x), channel, None,
                                          rearrange(context, "b t h w d -> (b t) h w d"))
-        logits = rearrange(logits, "(b t) h w v -> b t h w v", b=b)
-        guessed = guess.gather(1, channel[:, None, :, None, None].expand(-1, 1, -1, *x.shape[3:]))
-        t = torch.arange(frames, device=x.device)[:, None, None]
-        return logits + self.prior(guessed[:, 0], t)
+        t = torch.arange(frames, device=x.device).repeat(b)[:, None, None]
+        logits = logits + self.prior(channel_of(by_frame(guess), channel), t)
+        return rearrange(logits, "(b t) h w v -> b t h w v", b=b)
 
     # ----------------------------------------------------------------------------------------
     # Public API, as AxialTransformer's.
