@@ -188,6 +188,8 @@ def continuation(args: argparse.Namespace, demo: Demo, video: nn.Module, image: 
 
     rows = {name: error(clip[:, :, later]) for name, clip in drawn.items()}
     rows[f"copy frame {GIVEN - 1}"] = error(copy)
+    rows["motion-compensated guess, repeated"] = error(extrapolated(truth[:, :, :GIVEN],
+                                                                    demo.frames)[:, :, later])
     unconditional = image.sample(n * (demo.frames - GIVEN), generator=generator)
     rows["image model, unconditional"] = error(
         rearrange(unconditional, "(n t) c h w -> n c t h w", n=n))
@@ -199,6 +201,15 @@ def continuation(args: argparse.Namespace, demo: Demo, video: nn.Module, image: 
            for name, e in rows.items()])
     if args.gif:
         save_gif(args.gif, truth, next(iter(drawn.values())))
+
+
+def extrapolated(first: Tensor, frames: int) -> Tensor:
+    """Clips [N, C, T, H, W] whose frames after `first` [N, C, k, H, W] (k >= 2) are each the
+    motion-compensated guess from the two before: constant motion, with no model."""
+    x = [f.float() / 255 for f in first.unbind(2)]
+    while len(x) < frames:
+        x.append(motion_compensated(x[-1], x[-2]))
+    return (torch.stack(x, 2) * 255).round().to(torch.uint8)
 
 
 def save_gif(path: Path, truth: Tensor, predicted: Tensor, clips: int = 8, scale: int = 4) -> None:

@@ -54,15 +54,16 @@ def decode(
     progress: bool = False,
     compile: bool = False,
     frame_context: Tensor | None = None,
-    frame_prior: Callable[[int, int], Tensor] | None = None,
+    frame_prior: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Fill x [B, C, H, W] (long, on the model's device) in the model's order, in place: each
     subpixel's value is `choose(logits, column, x_row)` given everything before it (and the
     images' classes `labels` [B] in a class-conditional model). Rows with skip[c][i] True are
     left as they are (their pixels must already be in x). With `compile`, each outer-decoder row
     and each subpixel run as one compiled graph. A video model decodes each frame with its
-    `frame_context` [B, H, W, D] (`AxialTransformer.channel_context`), and `frame_prior(c, i)`
-    [B, W, V] added to the logits of row i of channel c. Run it inside `decoding_mode`."""
+    `frame_context` [B, H, W, D] (`AxialTransformer.channel_context`), and its prior on the
+    logits, `frame_prior` = (rows [B, C, H, W], table [R, V]): each subpixel's logits gain
+    table[rows[b, c, i, j]] (`VideoTransformer.prior`). Run it inside `decoding_mode`."""
     b, c, h, w = x.shape
     like = model.pos_h
     if torch.is_autocast_enabled(x.device.type):
@@ -93,7 +94,7 @@ def decode(
             if skip is not None and skip[ci][i]:
                 continue
             row_inputs = u + pos[i] + ctx[:, i]  # (B, W, D): all but shift_right(h)
-            prior = None if frame_prior is None else frame_prior(ci, i)
+            prior = None if frame_prior is None else (frame_prior[0][:, ci, i], frame_prior[1])
             h_left = pos.new_zeros((b, model.config.dim))  # shift_right's zero column
             x_row = x[:, ci, i]
             # The stance is global: user code (on_logits) must not run inside it.
@@ -116,15 +117,16 @@ def _pixel(
     caches: list,
     column: Position,
     x_row: Tensor,
-    prior: Tensor | None = None,
+    prior: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One subpixel: its logits, its value written into x_row [B, W], and the value's embedding
     for the pixel on its right -> (embedding [B, D], logits [B, V]). Whole rows go in and the
     column is a tensor, so that one compiled graph serves every column."""
     j = column.index
     logits = model.inner_step(h_left + row_inputs.index_select(1, j)[:, 0], caches, column)
-    if prior is not None:  # a video frame's, [B, W, V]
-        logits = logits + prior.index_select(1, j)[:, 0]
+    if prior is not None:  # a video frame's: the table row of each pixel of the row [B, W]
+        rows, table = prior
+        logits = logits + F.embedding(rows.index_select(1, j)[:, 0], table)
     value = choose(logits, j, x_row)
     x_row.index_copy_(1, j, value[:, None])
     return F.embedding(value, model.pixel_embedding.weight), logits

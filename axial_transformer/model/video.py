@@ -162,8 +162,11 @@ class VideoTransformer(nn.Module, HubMixin):
         table = self.prior_table() if table is None else table
         # One table row per subpixel: an embedding lookup, whose backward is cheap; indexing
         # guess_prior by every subpixel's value distances made a training step 12% slower.
-        t = torch.as_tensor(t, device=guess.device)
-        return F.embedding(guess + self.config.levels * t, table)
+        return F.embedding(self.prior_rows(guess, t), table)
+
+    def prior_rows(self, guess: Tensor, t: Tensor | int) -> Tensor:
+        """The `prior_table` row of each guessed value of frame t: guess [...] (long) -> [...]."""
+        return guess + self.config.levels * torch.as_tensor(t, device=guess.device)
 
     def frame_context(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The context of every frame from the frames before it, and each frame's guess:

@@ -59,7 +59,7 @@ def draw_video_cached(model: VideoTransformer, r: Request) -> Tensor:
         for t, time in enumerate(tqdm(times, desc="decoding", unit="frame",
                                       disable=not r.progress)):
             context, guess = model.frame_step(x, t, caches, time)  # frames < t are in x
-            prior = lambda ci, i, t=t, guess=guess: model.prior(guess[:, ci, i], t, table)
+            prior = (model.prior_rows(guess, t), table)
             keep = kept(None if mask is None else mask[:, :, t], x[:, :, t], r.compile)
             choose = GumbelMax(rows, r.temperature, keep, x.device)
             frame_skip = None if skip is None else [skip[ci][t] for ci in range(c)]
