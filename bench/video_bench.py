@@ -4,6 +4,7 @@ training step cost (issue #25).
     python bench/video_bench.py                   # the three tables: ~15 CPU minutes, one thread
     python bench/video_bench.py --quick           # tiny models, seconds of training: checks it runs
     python bench/video_bench.py --parts bits --seconds 300 --gif /tmp/video_bench/continuation.gif
+    python bench/video_bench.py --parts bits --checkpoint runs/video-demo   # a trained run
     python bench/video_bench.py --parts sampling steps --threads 1 2
 
 It prints, each as a markdown table under the machine it ran on:
@@ -13,8 +14,9 @@ It prints, each as a markdown table under the machine it ran on:
    the moving digits' training clips, the image model on their frames one at a time; both scored
    exactly on every subpixel of the test clips, with the video model's bits/dim frame by frame.
    Then a continuation: the first two frames of test clips given, the rest drawn
-   (`sampling.given_frames`), against the truth, beside copying the last given frame and the
-   image model's unconditional frames (mean absolute pixel error), and as a GIF with --gif;
+   (`sampling.given_frames`), against the truth, beside copying the last given frame, repeating
+   the motion-compensated guess and the image model's unconditional frames (mean absolute pixel
+   error), and as a GIF with --gif. With --checkpoint, a trained run's bits and continuation;
 2. sampling: `model.sample(batch)` of the video model, eager and compiled (`compile=True`,
    the compilation timed apart), against one teacher-forced forward pass of the same batch, in
    seconds (torch.utils.benchmark) and in FLOPs (torch.utils.flop_counter.FlopCounterMode);
@@ -48,6 +50,7 @@ from axial_transformer import AxialTransformerConfig, build_model
 from axial_transformer.data.moving_digits import moving_digits
 from axial_transformer.model.video import motion_compensated
 from axial_transformer.sampling import given_frames
+from axial_transformer.training.checkpoint import load_trained_model
 
 
 @dataclasses.dataclass
@@ -170,9 +173,24 @@ def bits_part(args: argparse.Namespace, demo: Demo) -> nn.Module:
     return video
 
 
+def trained_part(args: argparse.Namespace, demo: Demo) -> nn.Module:
+    """--checkpoint: a trained video run's test bits/dim frame by frame, and its continuation."""
+    video = load_trained_model(args.checkpoint)[0].eval()
+    c = video.config
+    demo = dataclasses.replace(demo, image_size=c.image_size[0], frames=c.frames)
+    test_clips = clips("test", demo, args.test_clips)
+    bits = test_bits(video, test_clips).mean((0, 1, 3, 4))
+    print(f"\n## {args.checkpoint}: test bits/dim of {len(test_clips)} clips\n")
+    print(machine_line("fp32", 1))
+    table(["clip", *(f"frame {t}" for t in range(demo.frames))],
+          [[f"{bits.mean():.3f}", *(f"{b:.3f}" for b in bits.tolist())]])
+    continuation(args, demo, video, None, test_clips)
+    return video
+
+
 @torch.inference_mode()
-def continuation(args: argparse.Namespace, demo: Demo, video: nn.Module, image: nn.Module,
-                 test_clips: Tensor) -> None:
+def continuation(args: argparse.Namespace, demo: Demo, video: nn.Module,
+                 image: nn.Module | None, test_clips: Tensor) -> None:
     """Frames GIVEN.. drawn given the first GIVEN frames of test clips, against the truth."""
     truth = test_clips[: args.continuations]
     n, later = len(truth), slice(GIVEN, None)
@@ -190,9 +208,10 @@ def continuation(args: argparse.Namespace, demo: Demo, video: nn.Module, image: 
     rows[f"copy frame {GIVEN - 1}"] = error(copy)
     rows["motion-compensated guess, repeated"] = error(extrapolated(truth[:, :, :GIVEN],
                                                                     demo.frames)[:, :, later])
-    unconditional = image.sample(n * (demo.frames - GIVEN), generator=generator)
-    rows["image model, unconditional"] = error(
-        rearrange(unconditional, "(n t) c h w -> n c t h w", n=n))
+    if image is not None:
+        unconditional = image.sample(n * (demo.frames - GIVEN), generator=generator)
+        rows["image model, unconditional"] = error(
+            rearrange(unconditional, "(n t) c h w -> n c t h w", n=n))
     print(f"\nContinuation of {n} test clips, frames 0-{GIVEN - 1} given: mean absolute error "
           "against the true frames (pixel values 0-255)\n")
     table(["prediction", f"frames {GIVEN}-{demo.frames - 1}",
@@ -388,6 +407,8 @@ def parse_args() -> argparse.Namespace:
     for field in dataclasses.fields(Demo):
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=field.type == "float"
                             and float or int, help=f"demo setting (default {field.default})")
+    parser.add_argument("--checkpoint", type=Path,
+                        help="bits: score and continue this trained video run, training nothing")
     parser.add_argument("--test-clips", type=int, help="test clips scored (default: all 512)")
     parser.add_argument("--continuations", type=int, default=64,
                         help="test clips continued from their first frames")
@@ -424,7 +445,9 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(1)  # training and scoring: the CPU time of one thread
-    model = bits_part(args, args.demo) if "bits" in args.parts else None
+    model = None
+    if "bits" in args.parts:
+        model = (trained_part if args.checkpoint else bits_part)(args, args.demo)
     if "sampling" in args.parts:
         sampling_part(args, args.demo, model)
     if "steps" in args.parts:
