@@ -155,14 +155,13 @@ class VideoTransformer(nn.Module, HubMixin):
         distance = (values - values[:, None]).abs().clamp(max=PRIOR_DISTANCES - 1)
         return self.guess_prior[:, distance].flatten(0, 1)
 
-    def prior(self, guess: Tensor, t: Tensor | int, table: Tensor | None = None) -> Tensor:
+    def prior(self, guess: Tensor, t: Tensor | int) -> Tensor:
         """Frame t's prior on the logits from its guessed values: guess [...] (long) ->
-        [..., V]. `t` broadcasts against guess (an int, or frame indices shaped like it);
-        `table` is `prior_table()`, made once by a caller that asks row by row."""
-        table = self.prior_table() if table is None else table
+        [..., V]. `t` broadcasts against guess (an int, or frame indices shaped like it). The
+        sampler looks up the same rows inside its compiled step (`decoding.decode`)."""
         # One table row per subpixel: an embedding lookup, whose backward is cheap; indexing
         # guess_prior by every subpixel's value distances made a training step 12% slower.
-        return F.embedding(self.prior_rows(guess, t), table)
+        return F.embedding(self.prior_rows(guess, t), self.prior_table())
 
     def prior_rows(self, guess: Tensor, t: Tensor | int) -> Tensor:
         """The `prior_table` row of each guessed value of frame t: guess [...] (long) -> [...]."""
